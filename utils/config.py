@@ -1,0 +1,536 @@
+"""Command-line + YAML configuration shared by every entry script.
+
+A script declares its published arguments with argparse, then calls :func:`parse_args`::
+
+    parser = create_parser('MultiMAE pre-training')          # adds -c/--config, no abbreviations
+    parser.add_argument('--batch_size', type=int, default=256)
+    add_bool_arg(parser, 'standardize_depth', False, 'truncated per-image depth standardisation')
+    add_optim_args(parser, opt_betas=[0.9, 0.95], blr=1e-4, warmup_epochs=40, layer_decay=OMIT)
+    add_checkpoint_args(parser); add_runtime_args(parser); add_dist_args(parser); add_wandb_args(parser)
+    args = parse_args(parser, validate=my_checks)             # my_checks(args) -> list[str] of errors
+    save_config(args, args.output_dir)                        # output_dir/config.yaml, feed back with -c
+
+Precedence: command line > YAML files (``-c a.yaml [b.yaml ...]``, later files win) > argparse defaults.
+Every YAML key must be a declared argument (its ``dest``); values go through the argument's ``type``,
+``choices`` and ``nargs`` (``'1e-4'`` becomes a float, ``opt_betas: [0.9, 0.95]`` a list of floats,
+booleans must be YAML booleans, ``null`` only where the default is ``None``). All problems -- unknown
+keys (with the closest valid name), wrong types, and the errors returned by ``validate`` -- are reported
+together, one line each, before anything else happens.
+
+Public API:
+    create_parser(description) -> ArgumentParser
+    add_bool_arg(parser, name, default, help='', no_name=None)      # --name / --no_name pair
+    add_optim_args / add_checkpoint_args / add_runtime_args / add_dist_args / add_wandb_args
+        (parser, **overrides): shared argument groups; an override changes a default, ``OMIT`` drops
+        an argument; optional members (default OMIT) are declared only when given a default.
+    parse_args(parser, argv=None, validate=None, exit_on_error=True) -> argparse.Namespace
+    load_yaml_config(parser, path) -> dict                          # checked + converted values
+    save_config(args, output_dir, filename='config.yaml') -> Path
+    args_to_dict(args) -> dict                                      # plain types only (weights_only safe)
+    split_list(value, sep='-') -> list[str]                         # 'rgb-depth' -> ['rgb', 'depth']
+    closest(name, candidates) -> str | None                         # difflib suggestion
+    ConfigError                                                     # raised when exit_on_error=False
+
+Published hyphen-separated list arguments (``in_domains: rgb-depth-semseg``) stay strings; use
+:func:`split_list` to read them. Every boolean is a ``--x/--no_x`` pair, including the published
+``store_true`` flags whose default is True (``--decoder_use_task_queries``...), which can now be
+turned off from the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import yaml
+
+__all__ = [
+    'OMIT', 'ConfigError', 'create_parser', 'add_bool_arg', 'add_optim_args', 'add_checkpoint_args',
+    'add_runtime_args', 'add_dist_args', 'add_wandb_args', 'parse_args', 'load_yaml_config',
+    'save_config', 'args_to_dict', 'split_list', 'closest',
+]
+
+CONFIG_DEST = 'config'
+Validator = Callable[[argparse.Namespace], Iterable[str]]
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: Sequence[str]):
+        self.errors = list(errors)
+        if len(self.errors) == 1:
+            msg = self.errors[0]
+        else:
+            msg = f'{len(self.errors)} configuration errors:\n' + '\n'.join(f'  - {e}' for e in self.errors)
+        super().__init__(msg)
+
+
+class _Omit:
+    def __repr__(self) -> str:
+        return 'OMIT'
+
+
+OMIT: Any = _Omit()
+"""Pass as an override (``add_optim_args(p, layer_decay=OMIT)``) to leave an argument out."""
+
+
+class _ResolvedArgs(argparse.Namespace):
+    # The slot keeps the list of declared arguments out of vars(args), so it never shows up in
+    # configs, checkpoints or W&B, while save_config can still tell arguments from derived values.
+    __slots__ = ('_declared',)
+
+    def __repr__(self) -> str:
+        return 'Namespace(' + ', '.join(f'{k}={v!r}' for k, v in vars(self).items()) + ')'
+
+
+# ----------------------------------------------------------------------------------------------
+# declaring arguments
+
+def create_parser(description: str = '') -> argparse.ArgumentParser:
+    """An ArgumentParser with ``-c/--config`` and without prefix abbreviations (``--lr`` must not
+    silently match ``--lr_scale``)."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    _ensure_config_arg(parser)
+    return parser
+
+
+def _ensure_config_arg(parser: argparse.ArgumentParser) -> None:
+    if '--config' not in parser._option_string_actions:
+        parser.add_argument('-c', '--config', dest=CONFIG_DEST, nargs='+', action='extend', default=[],
+                            metavar='FILE', help='YAML config file(s); later files and the command line win')
+
+
+def add_bool_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, default: bool,
+                 help: str = '', no_name: str | None = None) -> None:
+    """Declare ``--name`` (sets True) and ``--no_name`` (sets False), both writing ``args.name``.
+
+    ``no_name`` overrides the negative flag for published pairs such as
+    ``--use_mask_valid/--no_mask_valid``.
+    """
+    neg = no_name or f'no_{name}'
+    parser.add_argument(f'--{name}', dest=name, action='store_true', default=default,
+                        help=f'{help} (default: {default})'.strip())
+    parser.add_argument(f'--{neg}', dest=name, action='store_false', default=default,
+                        help=f'turn off --{name}')
+
+
+def _add_group(parser: argparse.ArgumentParser, title: str, specs: dict[str, tuple[Any, dict]],
+               overrides: dict[str, Any]) -> None:
+    unknown = sorted(set(overrides) - set(specs))
+    if unknown:
+        hint = closest(unknown[0], specs)
+        raise TypeError(f"{title} arguments: unknown override '{unknown[0]}'"
+                        + (f"; did you mean '{hint}'?" if hint else ''))
+    group = parser.add_argument_group(title)
+    for name, (default, kw) in specs.items():
+        default = overrides.get(name, default)
+        if default is OMIT:
+            continue
+        kw = dict(kw)
+        if kw.pop('bool', False):
+            add_bool_arg(group, name, bool(default), kw.get('help', ''), kw.get('no_name'))
+            continue
+        flags = [f'--{name}'] + kw.pop('aliases', [])
+        group.add_argument(*flags, dest=name, default=default, **kw)
+
+
+def add_optim_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
+    """Optimizer and schedule arguments. Pass each script's published defaults as overrides.
+
+    Always declared: opt, opt_eps, opt_betas, clip_grad, skip_grad, momentum, weight_decay,
+    weight_decay_end, decoder_decay, warmup_lr, min_lr, warmup_epochs, warmup_steps.
+    Optional (declare by giving a default): lr (absolute), blr (lr = blr * total_batch / 256),
+    layer_decay, no_lr_scale_list, scale_input_lr (bool).
+    """
+    specs = {
+        'opt': ('adamw', dict(type=str, help='optimizer (adamw, adam, sgd, momentum, nesterov, or a timm name)')),
+        'opt_eps': (1e-8, dict(type=float, help='optimizer epsilon')),
+        'opt_betas': (None, dict(type=float, nargs='+', metavar='BETA', help='optimizer betas (None: torch default)')),
+        'clip_grad': (None, dict(type=float, help='clip the gradient norm to this value (None: no clipping)')),
+        'skip_grad': (None, dict(type=float, help='skip the optimizer step when the gradient norm >= this')),
+        'momentum': (0.9, dict(type=float, help='SGD momentum')),
+        'weight_decay': (0.05, dict(type=float, help='weight decay (start of its cosine schedule)')),
+        'weight_decay_end': (None, dict(type=float, help='final weight decay (None: constant)')),
+        'decoder_decay': (None, dict(type=float, help='published, unused')),
+        'lr': (OMIT, dict(type=float, help='peak learning rate (absolute)')),
+        'blr': (OMIT, dict(type=float, help='base learning rate: lr = blr * total_batch_size / 256')),
+        'warmup_lr': (1e-6, dict(type=float, help='learning rate at the start of warm-up')),
+        'min_lr': (0.0, dict(type=float, help='final learning rate of the cosine schedule')),
+        'layer_decay': (OMIT, dict(type=float, help='layer-wise learning-rate decay (1.0: none)')),
+        'no_lr_scale_list': (OMIT, dict(type=str, help='hyphen list of parameter names exempt from layer decay')),
+        'scale_input_lr': (OMIT, dict(bool=True, help='apply layer decay to the input adapters')),
+        'warmup_epochs': (5, dict(type=int, help='linear warm-up epochs')),
+        'warmup_steps': (-1, dict(type=int, help='linear warm-up iterations (overrides warmup_epochs if > 0)')),
+    }
+    _add_group(parser, 'optimizer', specs, overrides)
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
+    """Output/checkpoint arguments: output_dir, resume, auto_resume (bool), start_epoch, save_ckpt_freq,
+    keep_last (None = keep all numbered checkpoints), save_every_steps (0 = only at epoch ends);
+    optional: save_ckpt (bool, fine-tuning)."""
+    specs = {
+        'output_dir': ('', dict(type=str, help='where checkpoints, logs and config.yaml go')),
+        'resume': ('', dict(type=str, help='checkpoint to resume from (path or https URL)')),
+        'auto_resume': (True, dict(bool=True, help='resume from the newest checkpoint in output_dir')),
+        'start_epoch': (0, dict(type=int, help='first epoch (overwritten on resume)')),
+        'save_ckpt_freq': (20, dict(type=int, help='save a checkpoint every N epochs (and at the end)')),
+        'save_ckpt': (OMIT, dict(bool=True, help='save checkpoints')),
+        'keep_last': (None, dict(type=int, help='keep only the K newest numbered checkpoints')),
+        'save_every_steps': (0, dict(type=int, help='also save checkpoint-last.pth every N steps (0: off)')),
+    }
+    _add_group(parser, 'checkpointing', specs, overrides)
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
+    """Device and execution arguments: device, seed, num_workers, pin_mem (bool), amp
+    ('bf16'|'fp16'|'none'), compile (bool), grad_ckpt (bool), print_freq, deterministic (bool),
+    show_user_warnings (bool)."""
+    specs = {
+        'device': ('cuda', dict(type=str, help="device ('cuda' falls back to cpu when unavailable)")),
+        'seed': (0, dict(type=int, help='random seed (each rank adds its rank)')),
+        'num_workers': (10, dict(type=int, help='data-loader workers per process')),
+        'pin_mem': (True, dict(bool=True, help='pin host memory for faster copies to the GPU')),
+        'amp': ('fp16', dict(type=str, choices=['bf16', 'fp16', 'none'],
+                             help='mixed precision (GradScaler only for fp16)')),
+        'compile': (False, dict(bool=True, help='torch.compile the model')),
+        'grad_ckpt': (False, dict(bool=True, help='activation (gradient) checkpointing in the encoder')),
+        'print_freq': (10, dict(type=int, help='console log line every N steps')),
+        'deterministic': (False, dict(bool=True, help='deterministic algorithms (bit-exact resume)')),
+        'show_user_warnings': (False, dict(bool=True, help='show Python UserWarnings')),
+    }
+    _add_group(parser, 'runtime', specs, overrides)
+
+
+def add_dist_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
+    """Distributed arguments: world_size, local_rank (also --local-rank), dist_on_itp (bool),
+    dist_url, dist_backend (None = nccl on CUDA, gloo otherwise), find_unused_params (bool)."""
+    specs = {
+        'world_size': (1, dict(type=int, help='number of processes (read from the launcher environment)')),
+        'local_rank': (-1, dict(type=int, aliases=['--local-rank'], help='set by torch.distributed.launch')),
+        'dist_on_itp': (False, dict(bool=True, help='read rank/world size from OpenMPI variables')),
+        'dist_url': ('env://', dict(type=str, help='process-group init method')),
+        'dist_backend': (None, dict(type=str, choices=['nccl', 'gloo'], help='default: nccl on CUDA, else gloo')),
+        'find_unused_params': (True, dict(bool=True, help='DDP find_unused_parameters')),
+    }
+    _add_group(parser, 'distributed', specs, overrides)
+
+
+def add_wandb_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
+    """Weights & Biases arguments: log_wandb (bool), wandb_project, wandb_entity, wandb_run_name,
+    wandb_group; optional: log_images_wandb (bool), log_images_freq (int)."""
+    specs = {
+        'log_wandb': (False, dict(bool=True, help='log to Weights & Biases (rank 0)')),
+        'wandb_project': (None, dict(type=str, help='W&B project')),
+        'wandb_entity': (None, dict(type=str, help='W&B entity (user or team)')),
+        'wandb_run_name': (None, dict(type=str, help='W&B run name')),
+        'wandb_group': (None, dict(type=str, help='W&B group')),
+        'log_images_wandb': (OMIT, dict(bool=True, help='log prediction images to W&B')),
+        'log_images_freq': (OMIT, dict(type=int, help='log images every N epochs')),
+    }
+    _add_group(parser, 'wandb', specs, overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML values
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (the silent 'last one wins' hides typos)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}'", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:
+    out: dict[str, list[argparse.Action]] = {}
+    for action in parser._actions:
+        if action.dest in (argparse.SUPPRESS, 'help', CONFIG_DEST) or isinstance(
+                action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        out.setdefault(action.dest, []).append(action)
+    return out
+
+
+def _type_name(type_fn: Any) -> str:
+    return getattr(type_fn, '__name__', repr(type_fn)) if type_fn is not None else 'str'
+
+
+def _convert_scalar(value: Any, type_fn: Any) -> Any:
+    """Convert one YAML scalar through an argparse ``type``; raises ValueError on mismatch."""
+    if isinstance(value, (list, dict)):
+        raise ValueError
+    if type_fn is None or type_fn is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError
+        return value if isinstance(value, str) else str(value)
+    if isinstance(value, bool):
+        # YAML booleans are never numbers or strings here (True would otherwise become 1 or 'True').
+        raise ValueError
+    if type_fn is int and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError
+        return int(value)
+    return type_fn(value)
+
+
+def _is_bool_dest(actions: list[argparse.Action]) -> bool:
+    return any(isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                              argparse.BooleanOptionalAction)) for a in actions)
+
+
+def _convert_value(key: str, value: Any, actions: list[argparse.Action], source: str) -> Any:
+    """Check/convert the YAML value of ``key``; raises ValueError with a one-line message."""
+    where = f"config key '{key}' in {source}"
+    action = actions[0]
+    if value is None:
+        if action.default is None:
+            return None
+        raise ValueError(f'{where}: null is not allowed (default is {action.default!r})')
+    if _is_bool_dest(actions):
+        if not isinstance(value, bool):
+            raise ValueError(f'{where}: expected true or false, got {value!r}')
+        return value
+    if isinstance(action, argparse._CountAction):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f'{where}: expected int, got {value!r}')
+        return value
+    if not isinstance(action, (argparse._StoreAction, argparse._AppendAction, argparse._ExtendAction)):
+        return value  # store_const & custom actions: taken as written
+    many = action.nargs in ('+', '*') or isinstance(action.nargs, int) or isinstance(
+        action, (argparse._AppendAction, argparse._ExtendAction))
+    tname = _type_name(action.type)
+    if many:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f'{where}: expected a list of {tname}, got {value!r}')
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            raise ValueError(f'{where}: expected {action.nargs} values, got {len(value)}')
+        if action.nargs == '+' and not value:
+            raise ValueError(f'{where}: expected at least one {tname}')
+        items = list(value)
+    else:
+        items = [value]
+    converted = []
+    for item in items:
+        try:
+            item = _convert_scalar(item, action.type)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise ValueError(f'{where}: expected {tname}, got {item!r}') from None
+        if action.choices is not None and item not in action.choices:
+            choices = ', '.join(repr(c) for c in action.choices)
+            raise ValueError(f'{where}: invalid choice {item!r} (choose from {choices})')
+        converted.append(item)
+    return converted if many else converted[0]
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding='utf-8') as f:
+            raw = yaml.load(f, Loader=_UniqueKeyLoader)
+    except FileNotFoundError:
+        raise ConfigError([f'config file not found: {path}']) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, 'problem_mark', None)
+        where = f' (line {mark.line + 1})' if mark is not None else ''
+        problem = getattr(exc, 'problem', None) or str(exc).splitlines()[0]
+        raise ConfigError([f'cannot parse config file {path}{where}: {problem}']) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f'config file {path} must hold a mapping of argument names to values, '
+                           f'got {type(raw).__name__}'])
+    return raw
+
+
+def _check_config(parser: argparse.ArgumentParser, raw: dict, source: str) -> tuple[dict, list[str]]:
+    actions = _actions_by_dest(parser)
+    values, errors = {}, []
+    for key, value in raw.items():
+        if not isinstance(key, str) or key not in actions:
+            hint = closest(str(key), actions)
+            errors.append(f"unknown config key '{key}' in {source}"
+                          + (f"; did you mean '{hint}'?" if hint else ''))
+            continue
+        try:
+            values[key] = _convert_value(key, value, actions[key], source)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return values, errors
+
+
+def load_yaml_config(parser: argparse.ArgumentParser, path: str | os.PathLike) -> dict:
+    """Read a YAML config and return its values checked and converted for ``parser``.
+
+    Raises ConfigError listing every unknown key / wrong value of the file.
+    """
+    values, errors = _check_config(parser, _read_yaml(str(path)), str(path))
+    if errors:
+        raise ConfigError(errors)
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+               validate: Validator | Sequence[Validator] | None = None,
+               exit_on_error: bool = True) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``) with YAML configs from ``-c/--config``.
+
+    Precedence: command line > YAML (later files win) > parser defaults. ``validate(args)`` returns a
+    list of error strings (checks across arguments, e.g. ``num_encoded_tokens`` vs. token count);
+    all errors are collected. With ``exit_on_error`` they are printed one per line and the process
+    exits with status 2, otherwise a ConfigError is raised. ``args.config`` is the list of files.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _ensure_config_arg(parser)
+    parser.allow_abbrev = False
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument('-c', '--config', dest=CONFIG_DEST, nargs='+', action='extend', default=[])
+    files = pre.parse_known_args(argv)[0].config
+
+    errors: list[str] = []
+    values: dict[str, Any] = {}
+    for path in files:
+        try:
+            file_values, file_errors = _check_config(parser, _read_yaml(path), path)
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+            continue
+        values.update(file_values)
+        errors.extend(file_errors)
+
+    args = _parse_with_defaults(parser, argv, values)
+    validators = [] if validate is None else [validate] if callable(validate) else list(validate)
+    for check in validators:
+        try:
+            errors.extend(check(args) or [])
+        except Exception:
+            if not errors:
+                raise
+            # A validator tripping over a value that is already reported wrong adds nothing.
+    if errors:
+        exc = ConfigError(errors)
+        if exit_on_error:
+            parser.exit(2, f'{parser.prog}: error: {exc}\n')
+        raise exc
+    return args
+
+
+def _parse_with_defaults(parser: argparse.ArgumentParser, argv: list[str], values: dict) -> argparse.Namespace:
+    # YAML values become temporary defaults so argparse still owns CLI parsing; restored afterwards so
+    # the parser can be reused (tests parse several times with one parser).
+    saved_actions = [(a, a.default) for a in parser._actions]
+    saved_defaults = dict(parser._defaults)
+    try:
+        parser.set_defaults(**values)
+        args = parser.parse_args(argv, namespace=_ResolvedArgs())
+    finally:
+        for action, default in saved_actions:
+            action.default = default
+        parser._defaults.clear()
+        parser._defaults.update(saved_defaults)
+    args._declared = tuple(_actions_by_dest(parser))
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+def _plain(value: Any) -> Any:
+    """Recursively convert to str/int/float/bool/None/list/dict."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, argparse.Namespace):
+        return {str(k): _plain(v) for k, v in vars(value).items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_plain(v) for v in value), key=repr)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, 'tolist'):  # numpy/torch scalars and arrays
+        return _plain(value.tolist())
+    if hasattr(value, 'item'):
+        return _plain(value.item())
+    return str(value)  # torch.device, torch.dtype, enums, ...
+
+
+def args_to_dict(args: argparse.Namespace | dict) -> dict:
+    """Plain ``dict`` of the arguments (nested values converted to str/int/float/bool/None/list/dict),
+    safe to store in checkpoints loaded with ``torch.load(weights_only=True)`` and in W&B."""
+    return _plain(vars(args) if isinstance(args, argparse.Namespace) else dict(args))
+
+
+def _dump_entry(key: str, value: Any) -> str:
+    # One key at a time keeps short lists on one line (opt_betas: [0.9, 0.95]) and everything else block.
+    if isinstance(value, list) and all(not isinstance(v, (list, dict)) for v in value):
+        return f'{key}: ' + yaml.safe_dump(value, default_flow_style=True, width=1000).strip() + '\n'
+    return yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=False, width=1000)
+
+
+def save_config(args: argparse.Namespace, output_dir: str | os.PathLike,
+                filename: str = 'config.yaml') -> Path:
+    """Write the resolved configuration to ``output_dir/filename`` (atomically) and return the path.
+
+    The file can be given back with ``-c`` to reproduce the run. Values that are not declared
+    arguments (set by the script at run time: ``lr`` computed from ``blr``, ``rank``, ``distributed``
+    ...) are written as comments so that reloading does not trip over them.
+    """
+    from utils.checkpoint import atomic_open  # lazy: keeps `import utils.config` light
+
+    data = args_to_dict(args)
+    data.pop(CONFIG_DEST, None)
+    declared = getattr(args, '_declared', None)
+    if declared is None:
+        declared_set = set(data)
+    else:
+        declared_set = set(declared)
+    main = {k: v for k, v in data.items() if k in declared_set}
+    derived = {k: v for k, v in data.items() if k not in declared_set}
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else '<script>'
+    lines = [f'# Resolved configuration (command line > YAML > defaults) of {script}.',
+             f'# Reproduce with: python {script} -c {filename}']
+    text = '\n'.join(lines) + '\n' + ''.join(_dump_entry(k, v) for k, v in main.items())
+    if derived:
+        dumped = ''.join(_dump_entry(k, v) for k, v in derived.items())
+        text += '# Set at run time (not arguments):\n' + ''.join(f'# {line}\n' for line in dumped.splitlines())
+    path = Path(output_dir) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, 'w') as f:
+        f.write(text)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers
+
+def split_list(value: str | Sequence[str] | None, sep: str = '-') -> list[str]:
+    """Published hyphen lists: ``'rgb-depth-semseg' -> ['rgb', 'depth', 'semseg']``; ``''``/None -> []."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v for v in value.split(sep) if v]
+    return list(value)
+
+
+def closest(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate closest to ``name`` (difflib), or None when nothing is similar."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
