@@ -1,0 +1,483 @@
+"""MultiMAE (multi-modal masked autoencoder) and MultiViT (the same encoder without masking).
+
+Tokens of all input modalities are concatenated in input-dict order; ``num_global_tokens`` learned
+global tokens are appended at the END of the sequence. There is no final encoder LayerNorm.
+Masks use 1 = hidden from the encoder, 0 = visible.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .multimae_utils import Block, trunc_normal_, xavier_uniform_fused_
+from .registry import register_model, strip_timm_kwargs
+
+__all__ = [
+    "MultiMAE",
+    "MultiViT",
+    "sample_alphas",
+    "pretrain_multimae_tiny",
+    "pretrain_multimae_small",
+    "pretrain_multimae_base",
+    "pretrain_multimae_large",
+    "multivit_tiny",
+    "multivit_small",
+    "multivit_base",
+    "multivit_large",
+]
+
+Tensor = torch.Tensor
+InputInfo = Dict[str, Any]
+
+
+def sample_alphas(B: int, n_tasks: int, alphas: Union[float, Sequence[float]] = 1.0, eps: float = 1e-5,
+                  device: Optional[torch.device] = None) -> Tensor:
+    """Dirichlet concentrations ``(B, n_tasks)`` for uniform task-subset sampling.
+
+    Every sample picks one of the ``2**n_tasks - 1`` non-empty task subsets uniformly; chosen tasks
+    get their ``alphas`` entry, the others ``0`` (plus ``eps`` so the Dirichlet is defined). Subset
+    indices follow ``itertools.product([0, 1], repeat=n_tasks)`` order (first task = most
+    significant bit), as published.
+    """
+    alphas_t = torch.as_tensor(alphas, dtype=torch.float32, device=device).expand(n_tasks)
+    choice = torch.randint(0, 2 ** n_tasks - 1, (B,), device=device) + 1  # skip the all-zero subset
+    shifts = torch.arange(n_tasks - 1, -1, -1, device=device)
+    chosen = torch.bitwise_and(torch.bitwise_right_shift(choice[:, None], shifts), 1).to(torch.float32)
+    return chosen * alphas_t + eps
+
+
+class _ModelDeviceDefault:
+    """Descriptor for ``make_mask``: on an instance the default device is the model's, on the class it is CPU."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self.fn
+
+        def bound(*args, **kwargs):
+            if kwargs.get("device") is None:
+                p = next(obj.parameters(), None)
+                kwargs["device"] = p.device if p is not None else torch.device("cpu")
+            return self.fn(*args, **kwargs)
+
+        bound.__doc__ = self.fn.__doc__
+        return bound
+
+
+def _make_mask(N_H: int = 14, N_W: int = 14, xy_idxs: Optional[Dict[str, List[Sequence[int]]]] = None,
+               full_tasks: Sequence[str] = (), indicate_visible: bool = True, flatten: bool = True,
+               device: Optional[Union[str, torch.device]] = None) -> Dict[str, Tensor]:
+    """Per-task masks from lists of visible patch coordinates ``{task: [[x, y], ...]}``.
+
+    Listed patches are 0 (visible), others 1; tasks in ``full_tasks`` are fully visible. With
+    ``indicate_visible=False`` the masks are inverted. Returns int64 ``(1, N_H*N_W)`` masks if
+    ``flatten`` else ``(N_H, N_W)``. ``device`` defaults to the model's device (CPU on the class).
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    xy_idxs = xy_idxs or {}
+    masks = {}
+    for task, coords in xy_idxs.items():
+        m = torch.ones(N_H, N_W, dtype=torch.int64, device=device)
+        if len(coords) > 0:
+            xy = torch.as_tensor(coords, dtype=torch.int64, device=device).reshape(-1, 2)
+            m[xy[:, 1], xy[:, 0]] = 0
+        masks[task] = m
+    for task in full_tasks:
+        if task not in masks:
+            raise KeyError(f"make_mask: full task {task!r} has no entry in xy_idxs {list(xy_idxs)}")
+        masks[task].zero_()
+    if not indicate_visible:
+        masks = {k: 1 - v for k, v in masks.items()}
+    if flatten:
+        masks = {k: v.flatten().unsqueeze(0) for k, v in masks.items()}
+    return masks
+
+
+class MultiMAE(nn.Module):
+    """Multi-modal masked autoencoder.
+
+    Args:
+        input_adapters: ``{task: adapter}`` turning each input modality into tokens.
+        output_adapters: ``{task: adapter}`` decoding the encoder tokens, or None (encoder only).
+        num_global_tokens: learned tokens appended after the patch tokens.
+        dim_tokens, depth, num_heads, mlp_ratio, qkv_bias: transformer size.
+        drop_rate, attn_drop_rate, drop_path_rate: regularisation (drop-path grows linearly over depth).
+        norm_layer: normalisation layer of the blocks.
+    """
+
+    def __init__(self, input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]],
+                 num_global_tokens: int = 1, dim_tokens: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 norm_layer: Type[nn.Module] = partial(nn.LayerNorm, eps=1e-6)):
+        super().__init__()
+        if not input_adapters:
+            raise ValueError("MultiMAE needs at least one input adapter")
+        for adapter in input_adapters.values():
+            adapter.init(dim_tokens=dim_tokens)
+        self.input_adapters = nn.ModuleDict(input_adapters)
+        if output_adapters is not None:
+            for adapter in output_adapters.values():
+                adapter.init(dim_tokens_enc=dim_tokens)
+            self.output_adapters = nn.ModuleDict(output_adapters)
+        else:
+            self.output_adapters = None
+
+        self.num_global_tokens = num_global_tokens
+        self.dim_tokens = dim_tokens
+        self.global_tokens = nn.Parameter(torch.zeros(1, num_global_tokens, dim_tokens))
+        trunc_normal_(self.global_tokens, std=0.02)
+
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.encoder = nn.Sequential(*[
+            Block(dim=dim_tokens, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
+            for i in range(depth)])
+        self.grad_checkpointing = False
+        self._init_all_weights()
+
+    # ------------------------------------------------------------------ initialisation
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    def _init_all_weights(self) -> None:
+        """Published init over the whole tree, adapters included (spec 1.6): Xavier Linear / unit
+        LayerNorm, then fused qkv / kv Linear bounds per projection and Xavier patch projections."""
+        self.apply(self._init_weights)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                if "qkv" in name:
+                    xavier_uniform_fused_(m.weight, 3)
+                elif "kv" in name:
+                    xavier_uniform_fused_(m.weight, 2)
+            elif isinstance(m, nn.Conv2d) and ".proj" in name:
+                w = m.weight.data
+                nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+    # ------------------------------------------------------------------ timm conventions
+    def get_num_layers(self) -> int:
+        return len(self.encoder)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """``global_tokens`` plus every adapter's ``no_weight_decay()`` names, prefixed with its path."""
+        names = {"global_tokens"}
+        groups = [("input_adapters", self.input_adapters)]
+        if self.output_adapters is not None:
+            groups.append(("output_adapters", self.output_adapters))
+        for prefix, adapters in groups:
+            for task, adapter in adapters.items():
+                if hasattr(adapter, "no_weight_decay"):
+                    names |= {f"{prefix}.{task}.{n}" for n in adapter.no_weight_decay()}
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for timm's layer-wise decay: input adapters and global tokens first,
+        then one group per encoder block; output adapters (unmatched) come last."""
+        return dict(
+            stem=r"^global_tokens|^input_adapters",
+            blocks=r"^encoder\.(\d+)" if coarse else [(r"^encoder\.(\d+)", None)],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute encoder block activations in backward (``use_reentrant=False``) to save memory."""
+        self.grad_checkpointing = enable
+
+    def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_encoder(self, tokens: Tensor, return_all_layers: bool = False) -> Union[Tensor, List[Tensor]]:
+        """Run the encoder on ``(B, N, D)`` tokens; optionally return every block's output."""
+        outputs = []
+        for block in self.encoder:
+            tokens = self._run_block(block, tokens)
+            if return_all_layers:
+                outputs.append(tokens)
+        return outputs if return_all_layers else tokens
+
+    # ------------------------------------------------------------------ input processing
+    make_mask = _ModelDeviceDefault(_make_mask)
+
+    def _image_size(self, x: Dict[str, Tensor]) -> Tuple[int, int]:
+        """Full-resolution ``(H, W)``: from rgb, else from semseg times its stride, else the first input."""
+        if "rgb" in x:
+            return tuple(x["rgb"].shape[-2:])
+        if "semseg" in x and "semseg" in self.input_adapters:
+            stride = self.input_adapters["semseg"].stride_level
+            H, W = x["semseg"].shape[-2:]
+            return H * stride, W * stride
+        return tuple(next(iter(x.values())).shape[-2:])
+
+    def generate_input_info(self, input_task_tokens: Dict[str, Tensor], image_size: Tuple[int, int]) -> InputInfo:
+        """Bookkeeping passed to output adapters: per-task token ranges, image size, token counts."""
+        info: InputInfo = OrderedDict()
+        tasks = {}
+        i = 0
+        for task, tokens in input_task_tokens.items():
+            n = tokens.shape[1]
+            tasks[task] = {"num_tokens": n, "has_2d_posemb": True, "start_idx": i, "end_idx": i + n}
+            i += n
+        info["tasks"] = tasks
+        info["image_size"] = tuple(image_size)
+        info["num_task_tokens"] = i
+        info["num_global_tokens"] = self.num_global_tokens
+        return info
+
+    def tokenize(self, x: Union[Tensor, Dict[str, Tensor]]) -> Tuple[Dict[str, Tensor], InputInfo]:
+        """Tokenise every input that has an adapter (others are ignored), keeping dict order."""
+        x = {"rgb": x} if isinstance(x, Tensor) else x
+        tokens = {task: self.input_adapters[task](t) for task, t in x.items() if task in self.input_adapters}
+        if not tokens:
+            raise ValueError(f"none of the inputs {list(x)} has an input adapter (adapters: "
+                             f"{list(self.input_adapters)})")
+        return tokens, self.generate_input_info(tokens, self._image_size(x))
+
+    def _append_global_tokens(self, tokens: Tensor) -> Tensor:
+        # no dtype cast: under autocast the concatenation promotes to float32, keeping the residual
+        # stream in full precision as in the published model
+        return torch.cat([tokens, self.global_tokens.expand(tokens.shape[0], -1, -1)], dim=1)
+
+    # ------------------------------------------------------------------ masking
+    def generate_random_masks(self, input_tokens: Dict[str, Tensor], num_encoded_tokens: int,
+                              alphas: Union[float, Sequence[float]] = 1.0, sample_tasks_uniformly: bool = False
+                              ) -> Tuple[Dict[str, Tensor], Tensor, Tensor]:
+        """Dirichlet-distributed per-sample token budgets across tasks (spec 1.5).
+
+        Returns ``task_masks {task: (B, N_task) int64}`` (1 = hidden), ``ids_keep (B, num_encoded_tokens)``
+        and ``ids_restore (B, N_total)``. Every sample keeps exactly ``num_encoded_tokens`` tokens.
+        Runs entirely on the tokens' device without host synchronisation.
+        """
+        first = next(iter(input_tokens.values()))
+        B, device = first.shape[0], first.device
+        n_tasks = len(input_tokens)
+        if isinstance(alphas, (int, float)):
+            alphas = [float(alphas)] * n_tasks
+        if len(alphas) != n_tasks:
+            raise ValueError(f"alphas has {len(alphas)} entries but there are {n_tasks} input tasks "
+                             f"{list(input_tokens)}")
+        if sample_tasks_uniformly:
+            concentration = sample_alphas(B, n_tasks, alphas=alphas, device=device)
+            proportions = torch.distributions.Dirichlet(concentration, validate_args=False).sample()
+        else:
+            concentration = torch.tensor(alphas, dtype=torch.float32, device=device)
+            proportions = torch.distributions.Dirichlet(concentration, validate_args=False).sample((B,))
+        samples_per_task = (proportions * num_encoded_tokens).round().long()  # (B, T)
+
+        masks = []
+        sizes = [t.shape[1] for t in input_tokens.values()]
+        for i, n in enumerate(sizes):
+            # position j is kept iff argsort(noise)[j] < k: a uniformly random subset of min(k, n) tokens
+            perm = torch.argsort(torch.rand(B, n, device=device), dim=1)
+            masks.append((perm >= samples_per_task[:, i:i + 1]).long())
+        mask_all = torch.cat(masks, dim=1)
+        # kept tokens first (random order inside each group), then cut at the exact budget
+        ids_shuffle = torch.argsort(mask_all + torch.rand_like(mask_all, dtype=torch.float32), dim=1)
+        ids_restore = _inverse_permutation(ids_shuffle)
+        ids_keep = ids_shuffle[:, :num_encoded_tokens]
+        mask_all = (ids_restore >= num_encoded_tokens).long()
+        task_masks = dict(zip(input_tokens.keys(), torch.split(mask_all, sizes, dim=1)))
+        return task_masks, ids_keep, ids_restore
+
+    @staticmethod
+    def _ids_from_masks(task_masks: Dict[str, Tensor], input_tokens: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+        """``ids_keep (B, n_vis)`` and ``ids_restore (B, N)`` from given masks.
+
+        Every sample must have the same number of visible tokens; reading that number is a host
+        synchronisation, which only this (user-supplied masks) path pays.
+        """
+        missing = [t for t in input_tokens if t not in task_masks]
+        if missing:
+            raise KeyError(f"task_masks has no entry for input task(s) {missing}; got {list(task_masks)}")
+        parts = []
+        for task, tokens in input_tokens.items():
+            m = task_masks[task]
+            B, n = tokens.shape[:2]
+            if m.dim() != 2 or m.shape[1] != n or m.shape[0] not in (1, B):
+                raise ValueError(f"task_masks[{task!r}] has shape {tuple(m.shape)}, expected ({B}, {n}) "
+                                 f"(1 = hidden, 0 = visible)")
+            parts.append((m != 0).long().to(tokens.device).expand(B, n))
+        mask_all = torch.cat(parts, dim=1)
+        ids_shuffle = torch.argsort(mask_all, dim=1, stable=True)
+        ids_restore = _inverse_permutation(ids_shuffle)
+        visible = (mask_all == 0).sum(dim=1)
+        lo, hi = torch.stack([visible.min(), visible.max()]).tolist()
+        if lo != hi:
+            raise ValueError(f"task_masks: every sample must have the same number of visible tokens, got between "
+                             f"{lo} and {hi} per sample")
+        return ids_shuffle[:, :lo], ids_restore
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Union[Tensor, Dict[str, Tensor]], mask_inputs: bool = True,
+                task_masks: Optional[Dict[str, Tensor]] = None, num_encoded_tokens: Optional[int] = 128,
+                alphas: Union[float, Sequence[float]] = 1.0, sample_tasks_uniformly: bool = False,
+                fp32_output_adapters: Sequence[str] = ()
+                ) -> Tuple[Union[Dict[str, Tensor], Tensor], Dict[str, Tensor]]:
+        """Masked multi-modal forward pass.
+
+        Args:
+            x: ``{task: tensor}`` (a bare tensor means rgb): images ``(B, C, H, W)``, semseg ``(B, h, w)``.
+            mask_inputs: if False all tokens are encoded.
+            task_masks: optional ``{task: (B, N_task)}`` masks (1 = hidden); else Dirichlet sampling.
+            num_encoded_tokens: visible-token budget per sample (None = all tokens).
+            alphas: Dirichlet concentration, one float or one per input task.
+            sample_tasks_uniformly: first pick a non-empty task subset uniformly per sample.
+            fp32_output_adapters: adapters run outside autocast on float32 tokens.
+
+        Returns:
+            ``(preds {task: (B, C_task, H_task, W_task)}, task_masks {task: (B, N_task)})``, or
+            ``(encoder_tokens (B, n_vis + n_global, D), task_masks)`` without output adapters.
+        """
+        input_task_tokens, input_info = self.tokenize(x)
+        n_total = input_info["num_task_tokens"]
+        if mask_inputs and num_encoded_tokens is not None:
+            num_encoded_tokens = min(int(num_encoded_tokens), n_total)
+        else:
+            num_encoded_tokens = n_total
+
+        if task_masks is None:
+            task_masks, ids_keep, ids_restore = self.generate_random_masks(
+                input_task_tokens, num_encoded_tokens, alphas=alphas, sample_tasks_uniformly=sample_tasks_uniformly)
+        else:
+            ids_keep, ids_restore = self._ids_from_masks(task_masks, input_task_tokens)
+
+        tokens = torch.cat(list(input_task_tokens.values()), dim=1)
+        tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[2]))
+        encoder_tokens = self.forward_encoder(self._append_global_tokens(tokens))
+
+        if self.output_adapters is None:
+            return encoder_tokens, task_masks
+
+        adapter_kwargs = dict(input_info=input_info, ids_keep=ids_keep, ids_restore=ids_restore)
+        preds = {task: adapter(encoder_tokens=encoder_tokens, **adapter_kwargs)
+                 for task, adapter in self.output_adapters.items() if task not in fp32_output_adapters}
+        fp32 = [t for t in fp32_output_adapters if t in self.output_adapters]
+        if fp32:
+            with torch.autocast(device_type=encoder_tokens.device.type, enabled=False):
+                for task in fp32:
+                    preds[task] = self.output_adapters[task](encoder_tokens=encoder_tokens.float(), **adapter_kwargs)
+        return preds, task_masks
+
+
+class MultiViT(MultiMAE):
+    """The MultiMAE encoder without masking, for fine-tuning and feature extraction."""
+
+    def process_input(self, x: Union[Tensor, Dict[str, Tensor]]) -> Tuple[Tensor, InputInfo]:
+        """All tokens in input order plus global tokens: ``(B, N_total + n_global, D)`` and ``input_info``."""
+        input_task_tokens, input_info = self.tokenize(x)
+        tokens = torch.cat(list(input_task_tokens.values()), dim=1)
+        return self._append_global_tokens(tokens), input_info
+
+    def forward(self, x: Union[Tensor, Dict[str, Tensor]], return_all_layers: bool = False, **kwargs: Any
+                ) -> Union[Dict[str, Tensor], Tensor, List[Tensor]]:
+        """Encode all tokens.
+
+        Returns ``{task: adapter output}`` if there are output adapters, else the encoder output
+        ``(B, N_total + n_global, D)`` (a list with one entry per block if ``return_all_layers``,
+        as the DPT head needs).
+        """
+        tokens, input_info = self.process_input(x)
+        encoder_tokens = self.forward_encoder(tokens, return_all_layers=return_all_layers)
+        if self.output_adapters is None:
+            return encoder_tokens
+        return {task: adapter(encoder_tokens=encoder_tokens, input_info=input_info)
+                for task, adapter in self.output_adapters.items()}
+
+
+def _inverse_permutation(perm: Tensor) -> Tensor:
+    """Row-wise inverse of a batch of permutations ``(B, N)`` (same result as ``argsort(perm)``)."""
+    arange = torch.arange(perm.shape[1], device=perm.device).expand_as(perm)
+    return torch.empty_like(perm).scatter_(1, perm, arange)
+
+
+# ---------------------------------------------------------------------- registered constructors
+_SIZES = {
+    "tiny": dict(dim_tokens=192, depth=12, num_heads=3),
+    "small": dict(dim_tokens=384, depth=12, num_heads=6),
+    "base": dict(dim_tokens=768, depth=12, num_heads=12),
+    "large": dict(dim_tokens=1024, depth=24, num_heads=16),
+}
+
+
+def _build(cls: Type[MultiMAE], name: str, size: str, input_adapters: Dict[str, nn.Module],
+           output_adapters: Optional[Dict[str, nn.Module]], kwargs: Dict[str, Any]) -> MultiMAE:
+    """Instantiate ``cls`` with the size preset; ``kwargs`` may override any preset value."""
+    kwargs = strip_timm_kwargs(dict(kwargs), name)
+    args = dict(_SIZES[size], mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    args.update(kwargs)
+    return cls(input_adapters=input_adapters, output_adapters=output_adapters, **args)
+
+
+@register_model
+def pretrain_multimae_tiny(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
+                           **kwargs: Any) -> MultiMAE:
+    """MultiMAE with a ViT-Ti encoder (192 wide, 12 blocks, 3 heads)."""
+    return _build(MultiMAE, "pretrain_multimae_tiny", "tiny", input_adapters, output_adapters, kwargs)
+
+
+@register_model
+def pretrain_multimae_small(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
+                            **kwargs: Any) -> MultiMAE:
+    """MultiMAE with a ViT-S encoder (384 wide, 12 blocks, 6 heads)."""
+    return _build(MultiMAE, "pretrain_multimae_small", "small", input_adapters, output_adapters, kwargs)
+
+
+@register_model
+def pretrain_multimae_base(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
+                           **kwargs: Any) -> MultiMAE:
+    """MultiMAE with a ViT-B encoder (768 wide, 12 blocks, 12 heads)."""
+    return _build(MultiMAE, "pretrain_multimae_base", "base", input_adapters, output_adapters, kwargs)
+
+
+@register_model
+def pretrain_multimae_large(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
+                            **kwargs: Any) -> MultiMAE:
+    """MultiMAE with a ViT-L encoder (1024 wide, 24 blocks, 16 heads)."""
+    return _build(MultiMAE, "pretrain_multimae_large", "large", input_adapters, output_adapters, kwargs)
+
+
+@register_model
+def multivit_tiny(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
+                  **kwargs: Any) -> MultiViT:
+    """MultiViT with a ViT-Ti encoder (192 wide, 12 blocks, 3 heads)."""
+    return _build(MultiViT, "multivit_tiny", "tiny", input_adapters, output_adapters, kwargs)
+
+
+@register_model
+def multivit_small(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
+                   **kwargs: Any) -> MultiViT:
+    """MultiViT with a ViT-S encoder (384 wide, 12 blocks, 6 heads)."""
+    return _build(MultiViT, "multivit_small", "small", input_adapters, output_adapters, kwargs)
+
+
+@register_model
+def multivit_base(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
+                  **kwargs: Any) -> MultiViT:
+    """MultiViT with a ViT-B encoder (768 wide, 12 blocks, 12 heads)."""
+    return _build(MultiViT, "multivit_base", "base", input_adapters, output_adapters, kwargs)
+
+
+@register_model
+def multivit_large(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
+                   **kwargs: Any) -> MultiViT:
+    """MultiViT with a ViT-L encoder (1024 wide, 24 blocks, 16 heads)."""
+    return _build(MultiViT, "multivit_large", "large", input_adapters, output_adapters, kwargs)
