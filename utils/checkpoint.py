@@ -1,0 +1,327 @@
+"""Safe checkpoint files: atomic writes, auto-resume, loading without unpickling code, clear mismatches.
+
+Public API:
+    atomic_open(path, mode='wb')              context manager: write to a temp file in the same folder,
+                                              fsync, rename over ``path``; on error ``path`` is untouched
+    atomic_save(obj, path)                    torch.save through atomic_open
+    save_checkpoint(output_dir, tag, state, keep_last=None, update_last=None) -> Path | None
+                                              writes output_dir/checkpoint-<tag>.pth (rank 0 only) and
+                                              points checkpoint-last.pth at it; keeps the K newest numbered
+    find_resume_checkpoint(output_dir) -> Path | None   checkpoint-last.pth, else largest checkpoint-N.pth
+    resolve_resume(args) -> str | None        args.resume if set, else auto-resume (args.auto_resume)
+    load_checkpoint(path, map_location='cpu') -> dict   .pth via torch.load(weights_only=True),
+                                              .safetensors via safetensors (flat state dict), https URLs
+    load_model_state(model, state_dict, strict=True) -> (missing, unexpected)
+                                              load_state_dict that raises CheckpointError with the report
+    state_dict_mismatch_report(model, state_dict) -> str   '' when everything fits
+    CheckpointError
+
+Checkpoint contents are the caller's choice; the convention used by the engine is
+``{'model', 'optimizer', 'epoch', 'scaler', 'args': args_to_dict(args), ...}`` -- only tensors and
+plain containers, so ``torch.load(weights_only=True)`` can read it. Published checkpoints that
+pickled an ``argparse.Namespace`` load too (that one class is allow-listed; it only holds attributes),
+and their ``args`` come back as a plain dict.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+
+from utils.dist import is_main_process
+
+__all__ = [
+    'CheckpointError', 'atomic_open', 'atomic_save', 'save_checkpoint', 'find_resume_checkpoint',
+    'resolve_resume', 'auto_resume', 'load_checkpoint', 'load_model_state', 'state_dict_mismatch_report',
+    'LAST_NAME',
+]
+
+LAST_NAME = 'checkpoint-last.pth'
+_NUMBERED = re.compile(r'^checkpoint-(\d+)\.pth$')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read, is unsafe to read, or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform/file system, hence best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = 'wb') -> Iterator[IO]:
+    """Open a temporary file next to ``path`` for writing; on success it is flushed, fsynced and
+    renamed onto ``path`` (``os.replace``), on any exception it is deleted and ``path`` keeps its
+    previous content. Use for checkpoints, labels, configs and pictures::
+
+        with atomic_open(out / 'grid.png') as f:
+            image.save(f, format='PNG')
+    """
+    if 'w' not in mode:
+        raise ValueError(f"atomic_open writes whole files; mode must contain 'w', got {mode!r}")
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path('.')
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that never leaves a half-written ``path`` behind."""
+    with atomic_open(path, 'wb') as f:
+        torch.save(obj, f)
+
+
+def _numbered_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            m = _NUMBERED.match(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _point_last_at(output_dir: Path, target: Path) -> None:
+    """Make checkpoint-last.pth refer to ``target`` without a second full write when possible."""
+    last = output_dir / LAST_NAME
+    tmp = output_dir / f'.{LAST_NAME}.{os.getpid()}.tmp'
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        # A relative symlink survives moving/copying the whole output folder.
+        os.symlink(target.name, tmp)
+    except OSError:
+        try:
+            os.link(target, tmp)
+        except OSError:
+            with open(target, 'rb') as src, atomic_open(last, 'wb') as dst:
+                shutil.copyfileobj(src, dst)
+            return
+    os.replace(tmp, last)
+    _fsync_dir(output_dir)
+
+
+def save_checkpoint(output_dir: str | os.PathLike, tag: int | str, state: Mapping[str, Any],
+                    keep_last: int | None = None, update_last: bool | None = None) -> Path | None:
+    """Atomically write ``state`` to ``output_dir/checkpoint-<tag>.pth`` on the main process.
+
+    Args:
+        tag: epoch number, ``'best'`` or ``'last'`` (``'last'`` writes checkpoint-last.pth directly,
+            e.g. for mid-epoch saves).
+        state: tensors and plain containers only (store args via ``utils.config.args_to_dict``).
+        keep_last: keep only the ``keep_last`` newest numbered checkpoints (``best``/``last`` kept).
+        update_last: make checkpoint-last.pth refer to this file (default: True unless tag == 'best').
+    Returns the written path, or None on non-main ranks (which write nothing).
+    """
+    if not is_main_process():
+        return None
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f'checkpoint-{tag}.pth'
+    atomic_save(dict(state), path)
+    if update_last is None:
+        update_last = str(tag) != 'best'
+    if update_last and str(tag) != 'last':
+        _point_last_at(output_dir, path)
+    if keep_last is not None and keep_last > 0:
+        numbered = _numbered_checkpoints(output_dir)
+        protected = {path.resolve(), (output_dir / LAST_NAME).resolve()}
+        for _, old in numbered[:-keep_last]:
+            if old.resolve() not in protected:
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# resuming
+
+def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to auto-resume from: ``checkpoint-last.pth`` if it exists (and is not a broken
+    link), else the largest ``checkpoint-<N>.pth``; None when ``output_dir`` has neither. ``best`` is
+    never chosen: resuming from it would silently roll training back."""
+    if not output_dir:
+        return None
+    output_dir = Path(output_dir)
+    last = output_dir / LAST_NAME
+    if last.exists():  # follows the symlink: False for a dangling link
+        return last
+    numbered = _numbered_checkpoints(output_dir)
+    return numbered[-1][1] if numbered else None
+
+
+def resolve_resume(args: argparse.Namespace) -> str | None:
+    """``args.resume`` when given (path or URL), else the auto-resume checkpoint of
+    ``args.output_dir`` when ``args.auto_resume``; None to start from scratch."""
+    if getattr(args, 'resume', ''):
+        return str(args.resume)
+    if getattr(args, 'auto_resume', False):
+        found = find_resume_checkpoint(getattr(args, 'output_dir', ''))
+        return str(found) if found is not None else None
+    return None
+
+
+auto_resume = resolve_resume
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+def _download(url: str) -> Path:
+    cache = Path(torch.hub.get_dir()) / 'checkpoints'
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / os.path.basename(url.split('?')[0])
+    if not target.exists():
+        tmp = target.with_name(f'.{target.name}.{os.getpid()}.part')
+        torch.hub.download_url_to_file(url, str(tmp), progress=True)
+        os.replace(tmp, target)
+    return target
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> dict:
+    """Load a checkpoint without ever executing code from it.
+
+    ``.safetensors`` files return their flat ``{name: tensor}`` dict; ``.pth``/``.pt`` files go through
+    ``torch.load(weights_only=True)`` (a pickled ``argparse.Namespace`` under ``'args'`` is accepted
+    and returned as a dict). https URLs are downloaded to the torch hub cache first.
+    Raises CheckpointError naming the file when it is missing, unreadable or would need unpickling
+    arbitrary objects.
+    """
+    path_str = os.fspath(path)
+    if path_str.startswith(('http://', 'https://')):
+        path_str = str(_download(path_str))
+    p = Path(path_str)
+    if not p.is_file():
+        raise CheckpointError(f'checkpoint file not found: {p}')
+    if p.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        device = str(map_location) if not isinstance(map_location, str) else map_location
+        try:
+            return load_file(str(p), device=device)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f'cannot read safetensors checkpoint {p}: {exc}') from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first if 'GLOBAL' in line or 'Unsupported' in line),
+                      first[0] if first else '')
+        raise CheckpointError(
+            f'refusing to load checkpoint {p}: it contains pickled Python objects that could run code '
+            f'(only tensors and plain containers are accepted). Detail: {detail}') from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f'cannot read checkpoint {p} (truncated or not a PyTorch file?): '
+                              f'{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}'
+                              ) from None
+    if isinstance(obj, dict) and isinstance(obj.get('args'), argparse.Namespace):
+        obj['args'] = dict(vars(obj['args']))
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# model fit
+
+def _grid(shape: tuple[int, ...]) -> str:
+    if len(shape) == 4:  # MultiMAE pos_emb (1, D, h, w)
+        return f'{shape[2]}x{shape[3]} grid'
+    if len(shape) == 3:  # timm pos_embed (1, N, D)
+        return f'{shape[1]} tokens'
+    return str(tuple(shape))
+
+
+def _likely_cause(key: str, ckpt: tuple[int, ...], model: tuple[int, ...]) -> str:
+    name = key.rsplit('.', 1)[-1]
+    if name in ('pos_emb', 'pos_embed'):
+        width = (ckpt[1], model[1]) if len(ckpt) == 4 else (ckpt[-1], model[-1])
+        if len(ckpt) == len(model) and width[0] != width[1]:
+            return f'other model width ({width[0]} vs {width[1]})'
+        return (f'other image size or patch size: position embedding {_grid(ckpt)} in the checkpoint '
+                f'vs {_grid(model)} in the model (interpolate it when fine-tuning)')
+    if key.endswith('proj.weight') and len(ckpt) == 4 and len(model) == 4:
+        if ckpt[2:] != model[2:]:
+            return f'other patch size: {ckpt[2]}x{ckpt[3]} kernel in the checkpoint vs {model[2]}x{model[3]}'
+        if ckpt[1] != model[1]:
+            return f'other number of input channels ({ckpt[1]} vs {model[1]})'
+        return f'other model width ({ckpt[0]} vs {model[0]})'
+    if 'class_emb' in key or 'cls_emb' in key:
+        return f'other number of classes ({ckpt[0]} vs {model[0]} rows)'
+    if 'out_proj' in key:
+        return (f'other number of output channels/classes or other patch size ({ckpt[0]} vs {model[0]} '
+                f'outputs = channels x (patch_size / stride)^2)')
+    if 'head' in key or key.startswith('output_adapters.cls') or '.cls.' in key:
+        return f'other number of classes ({ckpt[0]} vs {model[0]})'
+    if ckpt and model and len(ckpt) == len(model):
+        return f'other model size (dimensions {tuple(ckpt)} vs {tuple(model)})'
+    return 'other architecture'
+
+
+def state_dict_mismatch_report(model: nn.Module | Mapping[str, torch.Tensor],
+                               state_dict: Mapping[str, torch.Tensor], max_keys: int = 20) -> str:
+    """Human-readable differences between a checkpoint state dict and a model ('' when it fits).
+
+    Shape mismatches name the key, both shapes and a likely cause (image size -> pos_emb, patch
+    size -> proj.weight, number of classes -> class_emb/head/out_proj); missing and unexpected keys
+    are listed (at most ``max_keys`` each).
+    """
+    target = model.state_dict() if isinstance(model, nn.Module) else model
+    lines = []
+    for key, value in state_dict.items():
+        if key in target and hasattr(value, 'shape') and tuple(value.shape) != tuple(target[key].shape):
+            ck, md = tuple(value.shape), tuple(target[key].shape)
+            lines.append(f"shape mismatch for '{key}': checkpoint {list(ck)} vs model {list(md)}; "
+                         f'likely cause: {_likely_cause(key, ck, md)}')
+    for label, keys in (('missing in checkpoint', [k for k in target if k not in state_dict]),
+                        ('unexpected in checkpoint', [k for k in state_dict if k not in target])):
+        if keys:
+            shown = ', '.join(keys[:max_keys]) + (f', ... ({len(keys) - max_keys} more)' if len(keys) > max_keys else '')
+            lines.append(f'{len(keys)} key(s) {label}: {shown}')
+    return '\n'.join(lines)
+
+
+def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+                     source: str = 'checkpoint') -> tuple[list[str], list[str]]:
+    """``model.load_state_dict`` with a useful error: shape mismatches always raise (naming the key,
+    both shapes and the likely cause); with ``strict`` missing/unexpected keys raise as well.
+    Returns ``(missing_keys, unexpected_keys)``."""
+    target = model.state_dict()
+    bad_shape = [k for k, v in state_dict.items() if k in target and tuple(v.shape) != tuple(target[k].shape)]
+    missing = [k for k in target if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in target]
+    if bad_shape or (strict and (missing or unexpected)):
+        raise CheckpointError(f'{source} does not fit {type(model).__name__}:\n'
+                              + state_dict_mismatch_report(target, state_dict))
+    result = model.load_state_dict(state_dict, strict=strict)
+    return list(result.missing_keys), list(result.unexpected_keys)

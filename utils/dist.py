@@ -1,0 +1,276 @@
+"""Process groups, ranks, seeding and device choice for single-process, torchrun, SLURM and OpenMPI runs.
+
+Typical script start::
+
+    device = init_distributed_mode(args)     # sets args.rank/world_size/gpu/distributed/dist_backend
+    seed_everything(args.seed, get_rank())
+    set_deterministic(args.deterministic)
+
+Public API:
+    resolve_device(name) -> torch.device             'cuda' without CUDA -> cpu with a one-line warning
+    init_distributed_mode(args) -> torch.device      detects the launcher; single process = no group
+    setup_for_distributed(is_master)                 print() only on rank 0 (``print(..., force=True)``)
+    destroy_distributed()                            tear the process group down (if any)
+    is_dist_avail_and_initialized() -> bool
+    get_rank() -> int; get_world_size() -> int; is_main_process() -> bool; barrier()
+    all_reduce_mean(tensor) -> Tensor                mean over ranks (float), on the tensor's device
+    all_reduce_sum(tensor) -> Tensor                 sum over ranks, same dtype and device
+    all_gather_object(obj) -> list                   one entry per rank
+    seed_everything(seed, rank=0) -> int             python, numpy and torch seeded with seed + rank
+    set_deterministic(enabled)                       deterministic algorithms / cudnn settings
+
+Launchers, in order of precedence:
+    ``--dist_on_itp``: OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK}, MASTER_ADDR/MASTER_PORT from the env.
+    torchrun: RANK, WORLD_SIZE, LOCAL_RANK (MASTER_ADDR/PORT set by torchrun).
+    SLURM (``srun``): SLURM_PROCID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS), SLURM_LOCALID; master
+        address from MASTER_ADDR or SLURM_LAUNCH_NODE_IPADDR, port from MASTER_PORT or derived from
+        SLURM_JOB_ID.
+A world size of 1 never creates a process group. Backend: ``args.dist_backend`` if set, else NCCL when
+the device is CUDA and gloo otherwise (CPU runs, tests).
+"""
+from __future__ import annotations
+
+import argparse
+import builtins
+import os
+import random
+import sys
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    'resolve_device', 'init_distributed_mode', 'setup_for_distributed', 'destroy_distributed',
+    'is_dist_avail_and_initialized', 'get_rank', 'get_world_size', 'is_main_process', 'barrier',
+    'all_reduce_mean', 'all_reduce_sum', 'all_gather_object', 'seed_everything', 'set_deterministic',
+    'LaunchEnv', 'detect_launch_env',
+]
+
+_BUILTIN_PRINT = builtins.print
+
+
+# ----------------------------------------------------------------------------------------------
+# devices
+
+def resolve_device(name: str | torch.device = 'cuda') -> torch.device:
+    """The device to run on. A CUDA (or MPS) request on a machine without it falls back to cpu with
+    a one-line warning on stderr, because every published config says ``device: cuda``."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"invalid device '{name}'; expected e.g. 'cuda', 'cuda:1', 'cpu' or 'mps'") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        sys.stderr.write(f"warning: device '{name}' requested but CUDA is not available; using cpu\n")
+        return torch.device('cpu')
+    if device.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+        sys.stderr.write(f"warning: device '{name}' requested but MPS is not available; using cpu\n")
+        return torch.device('cpu')
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# launch
+
+class LaunchEnv(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # 'itp' | 'torchrun' | 'slurm'
+
+
+def _int_env(environ: Mapping[str, str], *names: str) -> int:
+    for name in names:
+        value = environ.get(name)
+        if value not in (None, ''):
+            try:
+                return int(value)
+            except ValueError:
+                raise RuntimeError(f'environment variable {name}={value!r} is not an integer') from None
+    raise RuntimeError(f"environment variable {' or '.join(names)} is not set")
+
+
+def detect_launch_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
+    """Rank, world size and local rank from the launcher's environment; None when not launched by one."""
+    env = os.environ if environ is None else environ
+    if getattr(args, 'dist_on_itp', False):
+        return LaunchEnv(_int_env(env, 'OMPI_COMM_WORLD_RANK'), _int_env(env, 'OMPI_COMM_WORLD_SIZE'),
+                         _int_env(env, 'OMPI_COMM_WORLD_LOCAL_RANK'), 'itp')
+    if 'RANK' in env and 'WORLD_SIZE' in env:
+        rank = _int_env(env, 'RANK')
+        if env.get('LOCAL_RANK', '') != '':
+            local = _int_env(env, 'LOCAL_RANK')
+        else:
+            local = args.local_rank if getattr(args, 'local_rank', -1) >= 0 else rank
+        return LaunchEnv(rank, _int_env(env, 'WORLD_SIZE'), local, 'torchrun')
+    if 'SLURM_PROCID' in env:
+        rank = _int_env(env, 'SLURM_PROCID')
+        # SLURM_STEP_NUM_TASKS describes the srun step we run in; SLURM_NTASKS the whole allocation.
+        world = _int_env(env, 'SLURM_STEP_NUM_TASKS', 'SLURM_NTASKS', 'SLURM_NPROCS')
+        if env.get('SLURM_LOCALID', '') != '':
+            local = _int_env(env, 'SLURM_LOCALID')
+        else:
+            local = rank % max(1, torch.cuda.device_count())
+        return LaunchEnv(rank, world, local, 'slurm')
+    return None
+
+
+def _export_rendezvous(launch: LaunchEnv, environ: dict) -> None:
+    """Put RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* into the environment so ``env://`` works everywhere."""
+    environ['RANK'] = str(launch.rank)
+    environ['WORLD_SIZE'] = str(launch.world_size)
+    environ['LOCAL_RANK'] = str(launch.local_rank)
+    if launch.launcher == 'slurm':
+        if not environ.get('MASTER_ADDR'):
+            addr = environ.get('SLURM_LAUNCH_NODE_IPADDR')
+            if not addr:
+                raise RuntimeError('SLURM launch: set MASTER_ADDR (SLURM_LAUNCH_NODE_IPADDR is not set either)')
+            environ['MASTER_ADDR'] = addr
+        if not environ.get('MASTER_PORT'):
+            # Derived from the job id so two jobs sharing a node do not fight over one port.
+            job = environ.get('SLURM_JOB_ID', '')
+            environ['MASTER_PORT'] = str(15000 + int(job) % 20000) if job.isdigit() else '29500'
+    for name in ('MASTER_ADDR', 'MASTER_PORT'):
+        if not environ.get(name):
+            raise RuntimeError(f'{launch.launcher} launch: environment variable {name} is not set')
+
+
+def init_distributed_mode(args: argparse.Namespace) -> torch.device:
+    """Set up the process group (when launched with more than one process) and return the device.
+
+    Sets ``args.rank``, ``args.world_size``, ``args.gpu`` (local rank), ``args.distributed`` and
+    ``args.dist_backend``; ``args.device`` becomes 'cpu' when CUDA was requested but is missing.
+    On CUDA the local GPU becomes the current device, so ``'cuda'`` means that GPU afterwards.
+    """
+    requested = getattr(args, 'device', 'cuda')
+    device = resolve_device(requested)
+    if device.type != torch.device(requested).type:
+        args.device = device.type
+    launch = detect_launch_env(args)
+    if launch is None or launch.world_size <= 1:
+        args.rank, args.world_size, args.distributed, args.dist_backend = 0, 1, False, None
+        args.gpu = launch.local_rank if launch is not None else 0
+        setup_for_distributed(True)
+        return device
+
+    _export_rendezvous(launch, os.environ)
+    backend = getattr(args, 'dist_backend', None) or ('nccl' if device.type == 'cuda' else 'gloo')
+    if device.type == 'cuda':
+        if launch.local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f'local rank {launch.local_rank} has no GPU: only '
+                               f'{torch.cuda.device_count()} visible (check --nproc_per_node / CUDA_VISIBLE_DEVICES)')
+        torch.cuda.set_device(launch.local_rank)
+        device = torch.device('cuda', launch.local_rank)
+    args.rank, args.world_size, args.gpu = launch.rank, launch.world_size, launch.local_rank
+    args.distributed, args.dist_backend = True, backend
+    url = getattr(args, 'dist_url', 'env://') or 'env://'
+    _BUILTIN_PRINT(f'| distributed init ({launch.launcher}): rank {launch.rank}/{launch.world_size}, '
+                   f'local rank {launch.local_rank}, backend {backend}, {url}', flush=True)
+    dist.init_process_group(backend=backend, init_method=url, world_size=launch.world_size, rank=launch.rank)
+    barrier()
+    setup_for_distributed(launch.rank == 0)
+    return device
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Make ``print`` silent on non-master ranks; ``print(..., force=True)`` always prints."""
+    def rank_print(*a: Any, force: bool = False, **kw: Any) -> None:
+        if is_master or force:
+            _BUILTIN_PRINT(*a, **kw)
+    builtins.print = rank_print
+
+
+def destroy_distributed() -> None:
+    """Destroy the process group (if one exists) and restore the normal ``print``."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+    builtins.print = _BUILTIN_PRINT
+
+
+# ----------------------------------------------------------------------------------------------
+# queries and collectives
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def _comm_device() -> torch.device:
+    if is_dist_avail_and_initialized() and dist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without a process group."""
+    if not is_dist_avail_and_initialized():
+        return
+    if dist.get_backend() == 'nccl':
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over ranks (new tensor, same dtype/device as the input). Collective: every
+    rank must call it. The communication happens on the backend's device (CUDA for NCCL)."""
+    out = tensor.detach().clone()
+    if get_world_size() == 1:
+        return out
+    buf = out.to(_comm_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(tensor.device)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over ranks, as a floating tensor on the input's device (integer inputs are
+    converted to float64, or float32 on MPS). Collective: every rank must call it."""
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.float32 if tensor.device.type == 'mps' else torch.float64)
+    world = get_world_size()
+    out = all_reduce_sum(tensor)
+    return out / world if world > 1 else out
+
+
+def all_gather_object(obj: Any) -> list:
+    """Picklable ``obj`` from every rank, ordered by rank (``[obj]`` without a process group)."""
+    if get_world_size() == 1:
+        return [obj]
+    out: list = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# reproducibility
+
+def seed_everything(seed: int, rank: int = 0) -> int:
+    """Seed python ``random``, numpy and torch (all devices) with ``seed + rank``; returns it."""
+    value = int(seed) + int(rank)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+    return value
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic kernels when ``enabled`` (bit-exact resume); otherwise cudnn autotuning
+    (``benchmark=True``) as in the published scripts."""
+    if enabled:
+        # cuBLAS needs a fixed workspace for reproducible results; must be set before the first matmul.
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
