@@ -137,7 +137,7 @@ class MultiMAE(nn.Module):
         self.global_tokens = nn.Parameter(torch.zeros(1, num_global_tokens, dim_tokens))
         trunc_normal_(self.global_tokens, std=0.02)
 
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.encoder = nn.Sequential(*[
             Block(dim=dim_tokens, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
                   attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
@@ -277,10 +277,9 @@ class MultiMAE(nn.Module):
                              f"{list(input_tokens)}")
         if sample_tasks_uniformly:
             concentration = sample_alphas(B, n_tasks, alphas=alphas, device=device)
-            proportions = torch.distributions.Dirichlet(concentration, validate_args=False).sample()
         else:
-            concentration = torch.tensor(alphas, dtype=torch.float32, device=device)
-            proportions = torch.distributions.Dirichlet(concentration, validate_args=False).sample((B,))
+            concentration = torch.tensor(alphas, dtype=torch.float32, device=device).expand(B, n_tasks)
+        proportions = _sample_dirichlet(concentration)
         samples_per_task = (proportions * num_encoded_tokens).round().long()  # (B, T)
 
         masks = []
@@ -401,6 +400,17 @@ class MultiViT(MultiMAE):
             return encoder_tokens
         return {task: adapter(encoder_tokens=encoder_tokens, input_info=input_info)
                 for task, adapter in self.output_adapters.items()}
+
+
+def _sample_dirichlet(concentration: Tensor) -> Tensor:
+    """One Dirichlet draw per row of ``concentration (B, T)``, as normalised Gamma(alpha, 1) draws.
+
+    Consumes the same random numbers as ``torch.distributions.Dirichlet`` (values agree to float
+    rounding) but, unlike ``aten::_sample_dirichlet``, also runs on the meta device and under
+    ``torch.compile`` tracing.
+    """
+    gammas = torch.distributions.Gamma(concentration, torch.ones_like(concentration), validate_args=False).sample()
+    return gammas / gammas.sum(dim=-1, keepdim=True)
 
 
 def _inverse_permutation(perm: Tensor) -> Tensor:

@@ -126,7 +126,7 @@ class SpatialOutputAdapter(nn.Module):
             self.mlp = Mlp(in_features=dim_tokens, hidden_features=int(dim_tokens * mlp_ratio))
 
         if depth > 0:
-            dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+            dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
             self.decoder_transformer = nn.Sequential(*[
                 Block(dim=dim_tokens, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
                       attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
@@ -285,7 +285,7 @@ class SegmenterMaskTransformerAdapter(nn.Module):
         trunc_normal_(self.cls_emb, std=0.02)
         self.patch_proj = nn.Linear(embed_dim, embed_dim, bias=False)
         self.classes_proj = nn.Linear(embed_dim, embed_dim, bias=False)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
                   attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
