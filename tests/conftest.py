@@ -1,0 +1,30 @@
+"""Shared pytest setup: repository root on sys.path, deterministic seeding, fixture directory."""
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not add the repo root
+    sys.path.insert(0, str(ROOT))
+
+FIXTURES_DIR = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same RNG state, so results do not depend on test order."""
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """Directory of the golden fixtures produced with the published implementation."""
+    return FIXTURES_DIR
