@@ -161,7 +161,9 @@ def test_layer_decay_scales_vit_b_depth():
     assert wd_of["encoder.3.norm1.weight"] == 0.0 and wd_of["encoder.3.mlp.fc1.bias"] == 0.0
     assert wd_of["encoder.3.mlp.fc1.weight"] == 0.05
     assert all("lr_scale" in g and "weight_decay" in g for g in groups)
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert wd_of["input_adapters.semseg.class_emb.weight"] == 0.05  # published: 'class_emb' never matches
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(scale_of) == sorted(trainable)
 
 
 def test_layer_decay_no_lr_scale_list_and_scale_input_lr():
