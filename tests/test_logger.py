@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import re
+import time
 
 import pytest
 import torch
@@ -115,5 +116,9 @@ def test_wandb_offline_smoke(tmp_path, monkeypatch):
     w.finish()
     runs = list((tmp_path / 'wandb').glob('offline-run-*'))
     assert len(runs) == 1
-    data = next(runs[0].glob('*.wandb')).read_bytes()
+    record = next(runs[0].glob('*.wandb'))
+    deadline = time.time() + 10  # the wandb service process may still be flushing after finish()
+    while not (b'train/loss' in record.read_bytes() and b'recon' in record.read_bytes()) and time.time() < deadline:
+        time.sleep(0.1)
+    data = record.read_bytes()
     assert b'train/loss' in data and b'recon' in data
