@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from utils.config import (OMIT, ConfigError, add_bool_arg, add_checkpoint_args, add_dist_args,
+from utils.config import (OMIT, ConfigError, add_bool_arg, add_checkpoint_args, add_dist_args, check_list_arg,
                           add_optim_args, add_runtime_args, add_wandb_args, args_to_dict, closest,
                           create_parser, load_yaml_config, parse_args, save_config, split_list)
 
@@ -240,3 +240,15 @@ def test_resolved_args_hide_bookkeeping():
 def test_closest():
     assert closest('lr_decay', ['layer_decay', 'lr']) == 'layer_decay'
     assert closest('zzz', ['layer_decay']) is None
+
+
+def test_check_list_arg_in_validator():
+    def validate(args):
+        return check_list_arg(args, 'in_domains', ['rgb', 'depth', 'semseg'])
+
+    with pytest.raises(ConfigError) as err:
+        parse_args(make_parser(), ['--in_domains', 'rgb-dept-xyz'], validate=validate, exit_on_error=False)
+    assert err.value.errors == [
+        "--in_domains: unknown value 'dept' (expected one of: rgb, depth, semseg); did you mean 'depth'?",
+        "--in_domains: unknown value 'xyz' (expected one of: rgb, depth, semseg)"]
+    assert parse_args(make_parser(), ['--in_domains', 'semseg-rgb'], validate=validate).in_domains == 'semseg-rgb'

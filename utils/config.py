@@ -28,6 +28,7 @@ Public API:
     save_config(args, output_dir, filename='config.yaml') -> Path
     args_to_dict(args) -> dict                                      # plain types only (weights_only safe)
     split_list(value, sep='-') -> list[str]                         # 'rgb-depth' -> ['rgb', 'depth']
+    check_list_arg(args, key, valid, sep='-') -> list[str]          # validator helper for list args
     closest(name, candidates) -> str | None                         # difflib suggestion
     ConfigError                                                     # raised when exit_on_error=False
 
@@ -50,7 +51,7 @@ import yaml
 __all__ = [
     'OMIT', 'ConfigError', 'create_parser', 'add_bool_arg', 'add_optim_args', 'add_checkpoint_args',
     'add_runtime_args', 'add_dist_args', 'add_wandb_args', 'parse_args', 'load_yaml_config',
-    'save_config', 'args_to_dict', 'split_list', 'closest',
+    'save_config', 'args_to_dict', 'split_list', 'check_list_arg', 'closest',
 ]
 
 CONFIG_DEST = 'config'
@@ -528,6 +529,23 @@ def split_list(value: str | Sequence[str] | None, sep: str = '-') -> list[str]:
     if isinstance(value, str):
         return [v for v in value.split(sep) if v]
     return list(value)
+
+
+def check_list_arg(args: argparse.Namespace, key: str, valid: Iterable[str], sep: str = '-') -> list[str]:
+    """Validator helper: one error per item of the list argument ``args.<key>`` (hyphen string or list)
+    that is not in ``valid``, with the closest valid name. Use inside a ``validate`` hook::
+
+        errors += check_list_arg(args, 'in_domains', MODALITIES)
+        errors += check_list_arg(args, 'decoder_main_tasks', split_list(args.in_domains))
+    """
+    valid = list(valid)
+    errors = []
+    for item in split_list(getattr(args, key), sep):
+        if item not in valid:
+            hint = closest(item, valid)
+            errors.append(f"--{key}: unknown value '{item}' (expected one of: {', '.join(valid)})"
+                          + (f"; did you mean '{hint}'?" if hint else ''))
+    return errors
 
 
 def closest(name: str, candidates: Iterable[str]) -> str | None:

@@ -192,18 +192,22 @@ def destroy_distributed() -> None:
 # queries and collectives
 
 def is_dist_avail_and_initialized() -> bool:
+    """True when a torch.distributed process group exists."""
     return dist.is_available() and dist.is_initialized()
 
 
 def get_rank() -> int:
+    """Global rank (0 without a process group)."""
     return dist.get_rank() if is_dist_avail_and_initialized() else 0
 
 
 def get_world_size() -> int:
+    """Number of processes (1 without a process group)."""
     return dist.get_world_size() if is_dist_avail_and_initialized() else 1
 
 
 def is_main_process() -> bool:
+    """True on rank 0: the process that prints, logs and saves."""
     return get_rank() == 0
 
 
