@@ -206,3 +206,18 @@ def test_two_process_gloo_with_slurm_env(tmp_path):
         _, err = p.communicate(timeout=60)
         assert p.returncode == 0, err[-2000:]
     check_results(tmp_path / 'out')
+
+
+def test_slurm_rendezvous_from_environment():
+    launch = dist_utils.LaunchEnv(1, 4, 1, 'slurm')
+    env = {'SLURM_LAUNCH_NODE_IPADDR': '10.0.0.7', 'SLURM_JOB_ID': '123456'}
+    dist_utils._export_rendezvous(launch, env)
+    assert env['MASTER_ADDR'] == '10.0.0.7' and env['MASTER_PORT'] == str(15000 + 123456 % 20000)
+    assert (env['RANK'], env['WORLD_SIZE'], env['LOCAL_RANK']) == ('1', '4', '1')
+    env = {'MASTER_ADDR': 'node0', 'MASTER_PORT': '1234', 'SLURM_LAUNCH_NODE_IPADDR': '10.0.0.7'}
+    dist_utils._export_rendezvous(launch, env)
+    assert (env['MASTER_ADDR'], env['MASTER_PORT']) == ('node0', '1234')
+    with pytest.raises(RuntimeError, match='set MASTER_ADDR'):
+        dist_utils._export_rendezvous(launch, {})
+    with pytest.raises(RuntimeError, match='itp launch: environment variable MASTER_ADDR is not set'):
+        dist_utils._export_rendezvous(dist_utils.LaunchEnv(0, 2, 0, 'itp'), {})
