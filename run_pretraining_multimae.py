@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""MultiMAE pre-training (masked multi-modal multi-task autoencoding).
+
+    python run_pretraining_multimae.py -c cfgs/pretrain/demo.yaml
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node=8 run_pretraining_multimae.py \
+        -c cfgs/pretrain/multimae-b_98_rgb+-depth-semseg_1600e.yaml --data_path /data/imagenet_multitask/train
+
+Every published argument keeps its name and default; see PRETRAINING.md for the few additions.
+"""
+import warnings
+
+from utils.config import (OMIT, add_bool_arg, add_checkpoint_args, add_dist_args, add_optim_args,
+                          add_runtime_args, add_wandb_args, create_parser, parse_args, save_config)
+from utils.pretrain import validate_pretrain_args
+
+
+def get_args_parser():
+    p = create_parser("MultiMAE pre-training")
+    p.add_argument("--batch_size", type=int, default=256, help="batch size per process")
+    p.add_argument("--epochs", type=int, default=1600)
+    p.add_argument("--max_steps_per_epoch", type=int, default=None,
+                   help="debugging: cap the optimizer steps per epoch (schedules follow the cap)")
+    p.add_argument("--save_vis_freq", type=int, default=20, help="reconstruction pictures every N epochs (0: off)")
+    p.add_argument("--num_vis", type=int, default=8, help="number of held-out images in the pictures")
+    g = p.add_argument_group("task")
+    g.add_argument("--in_domains", type=str, default="rgb-depth-semseg", help="hyphen-separated input modalities")
+    g.add_argument("--out_domains", type=str, default="rgb-depth-semseg", help="hyphen-separated outputs")
+    add_bool_arg(g, "standardize_depth", False, "truncated per-image depth standardisation")
+    add_bool_arg(g, "extra_norm_pix_loss", True, "extra decoder predicting patch-normalised rgb")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=str, default="pretrain_multimae_base")
+    g.add_argument("--num_encoded_tokens", type=int, default=98, help="visible tokens per sample")
+    g.add_argument("--num_global_tokens", type=int, default=1)
+    g.add_argument("--patch_size", type=int, default=16)
+    g.add_argument("--input_size", type=int, default=224)
+    g.add_argument("--alphas", type=float, default=1.0, help="Dirichlet concentration of the token split")
+    add_bool_arg(g, "sample_tasks_uniformly", False, "first draw a non-empty subset of input tasks uniformly")
+    add_bool_arg(g, "decoder_use_task_queries", True, "decoder queries carry a task embedding")
+    add_bool_arg(g, "decoder_use_xattn", True, "decoder cross-attends to the encoder tokens")
+    g.add_argument("--decoder_dim", type=int, default=256)
+    g.add_argument("--decoder_depth", type=int, default=2)
+    g.add_argument("--decoder_num_heads", type=int, default=8)
+    g.add_argument("--drop_path", type=float, default=0.0, help="encoder stochastic depth")
+    add_bool_arg(g, "loss_on_unmasked", False, "loss over all pixels, not only the hidden ones")
+    add_optim_args(p, opt_betas=[0.9, 0.95], blr=1e-4, warmup_epochs=40, weight_decay=0.05)
+    g = p.add_argument_group("pre-training optimisation")
+    add_bool_arg(g, "decay_filter", False, "no weight decay on biases/norms/tokens (published: decay everything)")
+    g.add_argument("--task_balancer", type=str, default="none", choices=["none", "uncertainty"])
+    g.add_argument("--balancer_lr_scale", type=float, default=1.0)
+    g.add_argument("--fp32_output_adapters", type=str, default="", help="hyphen list of decoders run in fp32")
+    g = p.add_argument_group("data")
+    g.add_argument("--hflip", type=float, default=0.5)
+    g.add_argument("--train_interpolation", type=str, default="bicubic", choices=["bilinear", "bicubic"])
+    g.add_argument("--data_path", type=str, default="data/synthetic/train",
+                   help="split root holding rgb/, depth/, semseg/ (<modality>/<class>/<image>)")
+    add_bool_arg(g, "imagenet_default_mean_and_std", True, "ImageNet mean/std (else 0.5/0.5)")
+    add_checkpoint_args(p, save_every_steps=OMIT)
+    add_runtime_args(p, amp=OMIT)
+    p.add_argument("--amp", type=str, default="auto", choices=["auto", "bf16", "fp16", "none"],
+                   help="mixed precision; auto = fp16 on CUDA (published), none on CPU")
+    add_dist_args(p)
+    add_wandb_args(p)
+    return p
+
+
+def main(args):
+    from utils.checkpoint import resolve_resume
+    from utils.dist import destroy_distributed, get_rank, init_distributed_mode, seed_everything, set_deterministic
+    from utils.engine import resolve_amp
+    from utils.logger import WandbLogger
+    from utils.pretrain import ReconstructionVis, build_pretrain_loader, build_pretrain_model, build_pretrain_trainer
+
+    if not args.show_user_warnings:
+        warnings.filterwarnings("ignore", category=UserWarning)
+    device = init_distributed_mode(args)
+    seed_everything(args.seed, get_rank())
+    set_deterministic(args.deterministic)
+    args.amp = resolve_amp(args.amp, device)
+    if args.output_dir and get_rank() == 0:
+        save_config(args, args.output_dir)
+    dataset, loader = build_pretrain_loader(args)
+    model = build_pretrain_model(args).to(device)
+    print(f"Data: {len(dataset)} samples of {dataset.modalities} from {args.data_path}")
+    wandb = WandbLogger(args) if args.log_wandb else None
+    trainer = build_pretrain_trainer(args, model, loader, device, wandb)
+    trainer.start_epoch = args.start_epoch
+    trainer.resume(resolve_resume(args))
+    vis = ReconstructionVis(args, trainer.step_fn, device, wandb, seed=args.seed)
+    print(f"Training epochs {trainer.start_epoch}..{args.epochs - 1} on {device} (amp: {args.amp})")
+    trainer.fit(loader, callbacks=[vis])
+    if wandb is not None:
+        wandb.finish()
+    destroy_distributed()
+    return trainer
+
+
+if __name__ == "__main__":
+    main(parse_args(get_args_parser(), validate=validate_pretrain_args))
