@@ -214,3 +214,23 @@ def test_prepare_does_not_mutate_and_rejects_unknown_layouts():
 def test_compress_keys():
     keys = [f"encoder.{i}.norm1.weight" for i in (0, 1, 2, 5)] + ["global_tokens", "encoder.7.mlp.fc1.bias"]
     assert compress_keys(keys) == ["encoder.{0-2,5}.norm1.weight", "global_tokens", "encoder.7.mlp.fc1.bias"]
+
+
+def _published_layout_multivit(image_size):
+    inputs = {"rgb": PatchedInputAdapter(3, 1, 16, image_size=image_size),
+              "depth": PatchedInputAdapter(1, 1, 16, image_size=image_size),
+              "semseg": SemSegInputAdapter(133, 4, 16, image_size=image_size, emb_padding_idx=133)}
+    return MultiViT(inputs, None, dim_tokens=64, depth=2, num_heads=4).eval()
+
+
+def test_published_pretraining_checkpoint_fine_tunes(fixtures_dir):
+    fx = torch.load(fixtures_dir / "public_pretrain.pt", weights_only=True)
+    model = _published_layout_multivit(64)
+    report = load_finetune_weights(model, {"model": fx["state_dict"]}, log=None)
+    assert report.padded == {"input_adapters.semseg.class_emb.weight": ((133, 64), (134, 64))}
+    assert not report.missing and not report.unexpected and not report.interpolated
+    assert {k.split(".")[1] for k in report.dropped} == {"rgb", "depth", "semseg", "norm_rgb"}
+    with torch.no_grad():  # same encoder tokens as the published MultiViT on the fixture inputs
+        assert torch.allclose(model(fx["inputs"]), fx["multivit_encoder_tokens"], atol=1e-5)
+    big = load_finetune_weights(_published_layout_multivit(128), fx["state_dict"], log=None)
+    assert set(big.interpolated) == {f"input_adapters.{t}.pos_emb" for t in ("rgb", "depth", "semseg")}
