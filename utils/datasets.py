@@ -14,7 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
+
+try:  # torchvision's image decoders are deprecated since 0.29 (superseded by torchcodec); PIL is the fallback
+    from torchvision.io import ImageReadMode, decode_image, read_file
+except ImportError:  # pragma: no cover - depends on the installed torchvision
+    decode_image = None
 
 from .data_constants import IMG_EXTENSIONS
 from .modalities import get_modality
@@ -42,12 +46,14 @@ def _pil_to_tensor(path: str, colour: bool) -> torch.Tensor:
 def _decode(path: str, colour: bool) -> torch.Tensor:
     """Decode with torchvision (uint8/uint16), falling back to PIL for formats it lacks (e.g. JPX, TIFF)."""
     try:
+        if decode_image is None:
+            raise RuntimeError('torchvision.io.decode_image is not available')
         img = decode_image(read_file(path), mode=ImageReadMode.RGB if colour else ImageReadMode.UNCHANGED)
-    except (RuntimeError, ValueError) as tv_err:
+    except Exception as tv_err:  # unsupported format, corrupt file, or a warning turned into an error
         try:
             img = _pil_to_tensor(path, colour)
         except Exception as pil_err:  # PIL raises many exception types for bad files
-            raise ImageDecodeError(f"{tv_err}; PIL: {pil_err}") from pil_err
+            raise ImageDecodeError(f"torchvision: {tv_err}; PIL: {pil_err}") from pil_err
     if img.dtype == torch.uint16:  # few torch ops support uint16; int32 holds it losslessly
         img = img.to(torch.int32)
     return img

@@ -1,0 +1,112 @@
+"""PretrainTransform: modalities stay pixel-aligned through the shared crop and flip; output contract."""
+import numpy as np
+import pytest
+import torch
+
+from utils.data_constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from utils.modalities import Modality, register_modality, unregister_modality
+from utils.transforms import PretrainTransform
+
+H, W = 96, 128  # non-square source, so crop aspect ratio and axes cannot be confused
+
+
+def _coordinate_sample(label_axis: str = 'x'):
+    """Every modality encodes the source pixel coordinates (rgb R = 2x, G = 2y; depth = 500x + 7)."""
+    y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing='ij')
+    rgb = torch.stack([2 * x, 2 * y, torch.full_like(x, 60)]).to(torch.uint8)
+    return {
+        'rgb': rgb,
+        'depth': (500 * x + 7).to(torch.int32)[None],
+        'semseg': (x if label_axis == 'x' else y).to(torch.uint8)[None],
+        'mask_valid': ((x % 16) < 8).to(torch.uint8)[None] * 255,
+    }
+
+
+def _rgb_coords(rgb_norm):
+    """Recover source (x, y) pixel coordinates from the normalised rgb output."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+    v = (rgb_norm * std + mean) * 255
+    return v[0] / 2, v[1] / 2
+
+
+@pytest.mark.parametrize('seed', range(8))
+@pytest.mark.parametrize('hflip', [0.0, 1.0])
+def test_crop_and_flip_keep_modalities_aligned(seed, hflip):
+    size = 64
+    t = PretrainTransform(input_size=size, hflip=hflip)
+    torch.manual_seed(seed)
+    out = t(_coordinate_sample('x'))
+    torch.manual_seed(seed)
+    out_y = t(_coordinate_sample('y'))
+    x_rgb, y_rgb = _rgb_coords(out['rgb'])
+    inner = (slice(3, -3), slice(3, -3))  # bicubic with clamped borders is not linear at the edge
+    # flip direction: x grows left->right without flip, right->left with flip
+    dx = (x_rgb[:, -4] - x_rgb[:, 3]).mean()
+    assert (dx < 0) if hflip else (dx > 0)
+    # depth went through the same crop/flip as rgb
+    x_depth = (out['depth'][0] * 2 ** 16 - 7) / 500
+    assert torch.allclose(x_depth[inner], x_rgb[inner], atol=0.6)
+    # semseg at 1/4 resolution: label pixel (i, j) is the source pixel containing the centre of rgb pixel
+    # (4i + 2, 4j + 2), whose rgb value is that centre's coordinate: |label - coordinate| <= 0.5 (+ uint8
+    # rounding of rgb). Floor-aligned nearest resizing would be off by up to 1.5 pixels here.
+    x_at = x_rgb[2::4, 2::4][1:-1, 1:-1]
+    y_at = y_rgb[2::4, 2::4][1:-1, 1:-1]
+    assert torch.all((out['semseg'][1:-1, 1:-1].float() - x_at).abs() <= 0.8)
+    assert torch.all((out_y['semseg'][1:-1, 1:-1].float() - y_at).abs() <= 0.8)
+    # mask stripes follow the rgb x coordinate (ignore pixels within 1 px of a stripe border)
+    phase = (x_rgb + 0.5) % 16
+    clear = ((phase - 0).abs() > 1) & ((phase - 8).abs() > 1) & ((phase - 16).abs() > 1)
+    expected = phase < 8
+    assert torch.equal(out['mask_valid'][0][inner][clear[inner]], expected[inner][clear[inner]])
+
+
+def test_output_contract_and_determinism():
+    t = PretrainTransform(input_size=32, hflip=0.5)
+    torch.manual_seed(0)
+    a = t(_coordinate_sample())
+    torch.manual_seed(0)
+    b = t(_coordinate_sample())
+    torch.manual_seed(1)
+    c = t(_coordinate_sample())
+    assert a['rgb'].dtype == torch.float32 and a['rgb'].shape == (3, 32, 32)
+    assert a['depth'].dtype == torch.float32 and a['depth'].shape == (1, 32, 32)
+    assert a['semseg'].dtype == torch.int64 and a['semseg'].shape == (8, 8)
+    assert a['mask_valid'].dtype == torch.bool and a['mask_valid'].shape == (1, 32, 32)
+    assert 0 <= a['depth'].min() and a['depth'].max() <= (500 * (W - 1) + 7) / 2 ** 16 + 1e-3
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    assert not torch.equal(a['rgb'], c['rgb'])
+
+
+def test_full_crop_without_flip_is_a_plain_resize():
+    """scale=(1,1), ratio=W/H: the crop is the whole image, so semseg equals the centre-sampled source."""
+    t = PretrainTransform(input_size=(48, 64), hflip=0.0, scale=(1.0, 1.0), ratio=(W / H, W / H))
+    out = t(_coordinate_sample('x'))
+    # output (12, 16) label grid over 128 source columns: pixel j covers source [8j, 8j + 8)
+    expected_cols = torch.arange(16) * 8 + 5  # nearest-exact of the 1/4-res grid picks column 4j + 2 at 64 px
+    assert torch.equal(out['semseg'][0], expected_cols)
+
+
+def test_inception_normalisation():
+    sample = {'rgb': torch.full((3, 16, 16), 255, dtype=torch.uint8)}
+    out = PretrainTransform(input_size=8, imagenet_default_mean_and_std=False)(sample)
+    assert torch.allclose(out['rgb'], torch.ones(3, 8, 8))
+
+
+def test_flip_negates_registered_channels():
+    register_modality(Modality('normal_test', num_channels=3, kind='dense', decoder='rgb', value_scale=1 / 255,
+                               value_range=(0.0, 1.0), loss='l1', hflip_negate_channels=(0,)))
+    try:
+        sample = {'normal_test': torch.tensor([51, 102, 204], dtype=torch.uint8)[:, None, None].expand(3, 20, 20)}
+        flipped = PretrainTransform(input_size=8, hflip=1.0)(sample)['normal_test']
+        kept = PretrainTransform(input_size=8, hflip=0.0)(sample)['normal_test']
+        assert torch.allclose(kept[:, 0, 0], torch.tensor([0.2, 0.4, 0.8]), atol=1e-5)
+        assert torch.allclose(flipped[:, 0, 0], torch.tensor([0.8, 0.4, 0.8]), atol=1e-5)
+    finally:
+        unregister_modality('normal_test')
+
+
+def test_unknown_modality_in_sample():
+    with pytest.raises(ValueError, match="unknown modality 'semseg_cooco'"):
+        PretrainTransform(input_size=8)({'semseg_cooco': torch.zeros(1, 8, 8, dtype=torch.uint8)})
