@@ -26,7 +26,7 @@ from torch import Tensor, nn
 __all__ = [
     "WeightsMismatchError", "load_weights_file", "extract_state_dict", "is_timm_vit_state_dict",
     "is_multimae_state_dict", "vit_to_multimae", "multimae_to_vit", "interpolate_pos_emb",
-    "prepare_finetune_state_dict", "FinetuneLoadReport", "load_finetune_weights",
+    "prepare_finetune_state_dict", "FinetuneLoadReport", "load_finetune_weights", "compress_keys",
 ]
 
 StateDict = dict[str, Tensor]
@@ -74,11 +74,10 @@ def load_weights_file(path: str | Path) -> StateDict:
         from safetensors.torch import load_file
 
         try:
-            return extract_state_dict(load_file(str(path), device="cpu"), source)
-        except Exception as e:  # safetensors raises its own error types
-            if isinstance(e, ValueError) and source in str(e):
-                raise
+            obj = load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own (Rust) error types
             raise ValueError(f"cannot read safetensors file '{path}': {e}") from e
+        return extract_state_dict(obj, source)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -249,7 +248,7 @@ def prepare_finetune_state_dict(model: nn.Module, sd: Mapping[str, Tensor], drop
     model = getattr(model, "module", model)  # DDP
     if is_timm_vit_state_dict(sd) and not is_multimae_state_dict(sd):
         sd, fmt = vit_to_multimae(sd), "timm ViT, converted to MultiMAE"
-    elif is_multimae_state_dict(sd) or any(k.startswith(("input_adapters.", "global_tokens")) for k in sd):
+    elif any(k.startswith(("encoder.", "input_adapters.", "global_tokens")) for k in sd):
         sd, fmt = dict(sd), "MultiMAE/MultiViT"
     else:
         raise ValueError(f"{source}: unrecognised weights layout; expected MultiMAE keys (encoder.*, input_adapters.*)"
@@ -305,8 +304,9 @@ def load_finetune_weights(model: nn.Module, source: str | Path | Mapping[str, Te
                        and not any(fnmatch.fnmatchcase(k, p) for p in allow)]
     if missing_encoder:
         shown = ", ".join(compress_keys(missing_encoder))
-        raise WeightsMismatchError(f"{name}: encoder weights missing from the checkpoint: {shown}. Wrong checkpoint "
-                                   "or wrong --in_domains? Pass allow_missing patterns to initialise them from scratch.")
+        raise WeightsMismatchError(f"{name}: encoder weights missing from the checkpoint: {shown}. Wrong "
+                                   "checkpoint or wrong --in_domains? Pass allow_missing patterns to initialise "
+                                   "them from scratch.")
     result = model_.load_state_dict(sd, strict=False)
     report.missing, report.unexpected = list(result.missing_keys), list(result.unexpected_keys)
     unexpected = set(report.unexpected)
