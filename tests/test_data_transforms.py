@@ -110,3 +110,8 @@ def test_flip_negates_registered_channels():
 def test_unknown_modality_in_sample():
     with pytest.raises(ValueError, match="unknown modality 'semseg_cooco'"):
         PretrainTransform(input_size=8)({'semseg_cooco': torch.zeros(1, 8, 8, dtype=torch.uint8)})
+
+
+def test_bad_interpolation_name():
+    with pytest.raises(ValueError, match="interpolation must be one of .*'bicubic'.*got 'random'"):
+        PretrainTransform(input_size=8, interpolation='random')

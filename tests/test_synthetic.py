@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from utils.modalities import MODALITIES
 from utils.synthetic_data import (DEPTH_UNITS_PER_METRE, MAX_VALID_DEPTH_M, SCENE_CATEGORIES, SYNTHETIC_CLASSES,
                                   make_synthetic_dataset, render_scene)
 
@@ -90,12 +91,20 @@ def test_generator_speed(tmp_path):
     assert elapsed < 10.0, f'300 scenes at 96 px took {elapsed:.1f}s'
 
 
-def test_cli_with_normals(tmp_path, monkeypatch, capsys):
+def test_cli_with_normals_and_preview(tmp_path, monkeypatch, capsys):
     out = tmp_path / 'syn'
     monkeypatch.setattr(sys, 'argv', ['make_synthetic_dataset.py', '--output_dir', str(out), '--num_train', '4',
-                                      '--num_val', '4', '--image_size', '32', '--seed', '2', '--normals'])
-    runpy.run_path(os.path.join(ROOT, 'tools', 'make_synthetic_dataset.py'), run_name='__main__')
+                                      '--num_val', '4', '--image_size', '32', '--seed', '2', '--normals',
+                                      '--preview', str(tmp_path / 'preview.png')])
+    registry = dict(MODALITIES)
+    try:
+        runpy.run_path(os.path.join(ROOT, 'tools', 'make_synthetic_dataset.py'), run_name='__main__')
+    finally:  # the preview registers 'normal'; keep the registry as other tests expect it
+        MODALITIES.clear()
+        MODALITIES.update(registry)
     assert 'wrote 4 train + 4 val scenes' in capsys.readouterr().out
+    # preview: 4 rows x 5 modality columns of 32 px scenes upscaled to 128 px, 2 px gaps
+    assert Image.open(tmp_path / 'preview.png').size == (5 * 130, 4 * 130)
     normal = np.array(Image.open(out / 'val' / 'normal' / 'boxes' / 'val_000000.png')).astype(np.float64)
     n = normal / 255 * 2 - 1
     assert normal.shape == (32, 32, 3)

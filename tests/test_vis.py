@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from utils.data_constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from utils.vis import (DEPTH_LUT, colorize_depth, colorize_semseg, denormalize_rgb, patch_mask_to_pixels,
+from utils.vis import (DEPTH_LUT, colorize_depth, colorize_semseg, dataset_grid, denormalize_rgb, patch_mask_to_pixels,
                        reconstruction_grid, save_png_atomic, save_reconstruction_grid, semseg_palette)
 
 
@@ -93,6 +93,19 @@ def test_output_only_domain_and_default_tile(tmp_path):
     on_disk = np.asarray(Image.open(tmp_path / 'vis' / 'grid.png'))
     np.testing.assert_array_equal(on_disk, img)
     assert os.listdir(tmp_path / 'vis') == ['grid.png']
+
+
+def test_dataset_grid_of_raw_samples():
+    mask = torch.full((1, 8, 8), 255, dtype=torch.uint8)
+    mask[0, 0, 0] = 0
+    sample = {'rgb': torch.full((3, 8, 8), 200, dtype=torch.uint8), 'depth': torch.arange(64).reshape(1, 8, 8) * 900,
+              'semseg': torch.full((1, 8, 8), 3, dtype=torch.uint8), 'mask_valid': mask}
+    img = dataset_grid([sample, sample], tile_size=8)
+    assert img.shape == (2 * 10, 4 * 10, 3)
+    assert np.all(img[:8, :8] == 200)
+    assert np.all(img[0, 10] == 0)  # invalid depth pixel is black
+    np.testing.assert_array_equal(img[:8, 20:28], colorize_semseg(sample['semseg'][0]))
+    assert np.all(img[0, 30] == 0) and np.all(img[1, 31] == 255)
 
 
 def test_save_png_atomic_replaces_and_leaves_no_temp(tmp_path):

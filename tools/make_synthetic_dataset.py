@@ -21,11 +21,21 @@ def main(argv=None) -> None:
     parser.add_argument('--image_size', type=int, default=96)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--normals', action='store_true', help='also write a camera-frame normal modality')
+    parser.add_argument('--preview', default='', help='write a PNG of the first 8 training scenes here')
     args = parser.parse_args(argv)
     info = make_synthetic_dataset(args.output_dir, args.num_train, args.num_val, args.image_size,
                                   seed=args.seed, with_normals=args.normals, verbose=True)
     print(f"wrote {args.num_train} train + {args.num_val} val scenes ({', '.join(info['modalities'])}) "
           f"of {args.image_size}px to {args.output_dir} in {info['seconds']:.1f}s")
+    if args.preview:
+        from utils.datasets import MultiModalImageFolder
+        from utils.vis import dataset_grid, save_png_atomic
+        if args.normals:  # not a built-in modality; register it so the folder can be read back
+            from utils.synthetic_data import register_normal_modality
+            register_normal_modality()
+        ds = MultiModalImageFolder(os.path.join(args.output_dir, 'train'), info['modalities'])
+        save_png_atomic(dataset_grid([ds.load(i) for i in range(min(8, len(ds)))]), args.preview)
+        print(f'preview: {args.preview} (columns: {", ".join(info["modalities"])})')
 
 
 if __name__ == '__main__':

@@ -33,7 +33,7 @@ from PIL import Image
 
 __all__ = [
     'SYNTHETIC_CLASSES', 'SCENE_CATEGORIES', 'DEPTH_UNITS_PER_METRE', 'MAX_VALID_DEPTH_M',
-    'render_scene', 'make_synthetic_dataset',
+    'render_scene', 'make_synthetic_dataset', 'register_normal_modality',
 ]
 
 SYNTHETIC_CLASSES = ('floor', 'wall', 'box', 'sphere', 'cylinder', 'cone')
@@ -338,6 +338,16 @@ def render_scene(seed: int | Sequence[int], category: int, image_size: int = 96,
         n_cam = normals @ basis.T  # columns: x right, y down, z forward
         out['normal'] = (np.clip((n_cam + 1) / 2, 0, 1) * 255 + 0.5).astype(np.uint8).reshape(s, s, 3)
     return out
+
+
+def register_normal_modality(name: str = 'normal'):
+    """Register the generator's normal modality (3 channels in [0, 1], L1 loss; a horizontal flip
+    negates the x component) unless a modality of that name exists; returns the registry entry."""
+    from .modalities import MODALITIES, Modality, register_modality
+    if name in MODALITIES:
+        return MODALITIES[name]
+    return register_modality(Modality(name, num_channels=3, kind='dense', decoder='rgb', value_scale=1 / 255,
+                                      value_range=(0.0, 1.0), loss='l1', hflip_negate_channels=(0,)))
 
 
 def _write_png(array: np.ndarray, path: str) -> None:

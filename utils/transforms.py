@@ -55,6 +55,9 @@ class PretrainTransform:
         self.hflip = hflip
         self.mean = IMAGENET_DEFAULT_MEAN if imagenet_default_mean_and_std else IMAGENET_INCEPTION_MEAN
         self.std = IMAGENET_DEFAULT_STD if imagenet_default_mean_and_std else IMAGENET_INCEPTION_STD
+        modes = [m.value for m in InterpolationMode]
+        if interpolation not in modes:
+            raise ValueError(f"interpolation must be one of {modes}, got '{interpolation}'")
         self.crop = JointRandomResizedCrop(self.size, scale=tuple(scale), ratio=tuple(ratio),
                                            interpolation=InterpolationMode(interpolation), antialias=True)
 

@@ -14,7 +14,7 @@ from .data_constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SEG_IGN
 from .modalities import MODALITIES
 
 __all__ = ['DEPTH_LUT', 'colorize_depth', 'semseg_palette', 'colorize_semseg', 'denormalize_rgb',
-           'patch_mask_to_pixels', 'reconstruction_grid', 'save_png_atomic', 'save_reconstruction_grid']
+           'patch_mask_to_pixels', 'reconstruction_grid', 'dataset_grid', 'save_png_atomic', 'save_reconstruction_grid']
 
 # Piecewise-linear colour ramp, dark violet -> blue -> teal -> green -> yellow, with increasing lightness
 # so it reads correctly in greyscale as well. Index 0 = far, 255 = near.
@@ -187,6 +187,36 @@ def reconstruction_grid(inputs: Dict[str, torch.Tensor], preds: Dict[str, torch.
         for x0, text in titles:
             draw.text((x0 + 2, 1), text, fill=(0, 0, 0))
         canvas = np.asarray(img)
+    return canvas
+
+
+def _raw_tile(kind: str, x: np.ndarray, valid: Optional[np.ndarray]) -> np.ndarray:
+    if kind == 'label':
+        return colorize_semseg(x[0])
+    if kind == 'mask':
+        return np.repeat(((x[0] != 0) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    if x.shape[0] == 1:
+        return colorize_depth(x[0], valid)
+    scale = 255.0 if x.max() > 1.0 else 1.0  # decoded uint8 files vs. already scaled floats
+    return (np.clip(x[:3].transpose(1, 2, 0) / scale, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def dataset_grid(samples: Sequence[Dict[str, torch.Tensor]], domains: Optional[Sequence[str]] = None,
+                 tile_size: Optional[int] = None) -> np.ndarray:
+    """Picture of decoded, untransformed samples (``MultiModalImageFolder.load``): one row per sample,
+    one column per modality (depth colour-mapped with invalid pixels black, labels as palette)."""
+    domains = list(domains or samples[0])
+    side = max(int(t.shape[-1]) for t in samples[0].values())
+    tile = tile_size or side * max(1, math.ceil(112 / side))
+    gap = 2
+    canvas = np.full((len(samples) * (tile + gap), len(domains) * (tile + gap), 3), 255, np.uint8)
+    for r, sample in enumerate(samples):
+        valid = _np(sample['mask_valid'])[0] if 'mask_valid' in sample else None
+        for c, d in enumerate(domains):
+            kind = MODALITIES[d].kind if d in MODALITIES else 'dense'
+            x = _np(sample[d])
+            t = _upscale(_raw_tile(kind, x, valid), tile)
+            canvas[r * (tile + gap):r * (tile + gap) + tile, c * (tile + gap):c * (tile + gap) + tile] = t
     return canvas
 
 
