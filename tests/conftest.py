@@ -1,4 +1,5 @@
 """Shared pytest setup: repository root on sys.path, deterministic seeding, fixture directory."""
+import os
 import random
 import sys
 from pathlib import Path
@@ -10,6 +11,15 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 FIXTURES_DIR = ROOT / "tests" / "fixtures"
+
+
+def pytest_configure(config):
+    # Tests use tiny tensors: intra-op threads only add OpenMP spin-waiting, which on a shared
+    # 2-core machine made the model tests ~4x slower. An explicit OMP_NUM_THREADS wins.
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,174 @@
+"""Building blocks: sin-cos embedding closed form, attention kernels, initialisation (spec 1.1, 1.2, 1.6)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from multimae import MultiMAE, MultiViT, PatchedInputAdapter, SemSegInputAdapter, SpatialOutputAdapter
+from multimae.multimae_utils import (
+    Attention,
+    Block,
+    CrossAttention,
+    Mlp,
+    build_2d_sincos_posemb,
+    get_attention_impl,
+    pair,
+    set_attention_impl,
+)
+
+
+@pytest.fixture
+def attention_impl():
+    """Restore the process-wide attention implementation after the test."""
+    before = get_attention_impl()
+    yield set_attention_impl
+    set_attention_impl(before)
+
+
+# ---------------------------------------------------------------------------------------------- sin-cos
+@pytest.mark.parametrize("h,w,dim", [(3, 5, 8), (5, 3, 16), (4, 4, 32), (1, 7, 4)])
+def test_sincos_posemb_matches_closed_form(h, w, dim):
+    emb = build_2d_sincos_posemb(h, w, embed_dim=dim)
+    assert emb.shape == (1, dim, h, w) and emb.dtype == torch.float32
+    q = dim // 4
+    omega = [1.0 / 10000.0 ** (k / q) for k in range(q)]
+    for a in range(h):
+        for b in range(w):
+            n = a * w + b
+            i, j = n // h, n % h
+            expect = ([math.sin(i * o) for o in omega] + [math.cos(i * o) for o in omega]
+                      + [math.sin(j * o) for o in omega] + [math.cos(j * o) for o in omega])
+            torch.testing.assert_close(emb[0, :, a, b], torch.tensor(expect), atol=1e-5, rtol=0)
+
+
+def test_sincos_square_grid_first_quarter_encodes_row():
+    emb = build_2d_sincos_posemb(6, 6, embed_dim=16)
+    omega = 1.0 / 10000.0 ** (torch.arange(4) / 4)
+    for a in range(6):
+        for b in range(6):
+            torch.testing.assert_close(emb[0, :4, a, b], torch.sin(a * omega), atol=1e-6, rtol=0)
+            torch.testing.assert_close(emb[0, 8:12, a, b], torch.sin(b * omega), atol=1e-6, rtol=0)
+
+
+def test_sincos_rejects_dim_not_divisible_by_4():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        build_2d_sincos_posemb(2, 2, embed_dim=6)
+
+
+def test_pair():
+    assert pair(3) == (3, 3) and pair((2, 5)) == (2, 5)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def _explicit_attention(q, k, v, scale):
+    return ((q @ k.transpose(-2, -1)) * scale).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_sdpa_and_math_attention_agree(attention_impl, dropout):
+    attn = Attention(32, num_heads=4, qkv_bias=True, attn_drop=dropout, proj_drop=dropout).eval()
+    xattn = CrossAttention(32, num_heads=4, qkv_bias=True, attn_drop=dropout, proj_drop=dropout).eval()
+    x, ctx = torch.randn(3, 7, 32), torch.randn(3, 5, 32)
+    out = {}
+    for impl in ("sdpa", "math"):
+        attention_impl(impl)
+        out[impl] = (attn(x), xattn(x, ctx))
+    for a, b in zip(out["sdpa"], out["math"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_attention_matches_hand_written_formula(attention_impl):
+    """Fused qkv layout (B, N, 3, heads, head_dim) and kv layout (B, M, 2, heads, head_dim), k first."""
+    attention_impl("sdpa")
+    B, N, M, D, H = 2, 6, 4, 16, 2
+    attn, xattn = Attention(D, num_heads=H, qkv_bias=True), CrossAttention(D, num_heads=H, qkv_bias=True)
+    x, ctx = torch.randn(B, N, D), torch.randn(B, M, D)
+    qkv = attn.qkv(x).reshape(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    ref = _explicit_attention(qkv[0], qkv[1], qkv[2], (D // H) ** -0.5).transpose(1, 2).reshape(B, N, D)
+    torch.testing.assert_close(attn(x), attn.proj(ref), atol=1e-5, rtol=0)
+    q = xattn.q(x).reshape(B, N, H, D // H).transpose(1, 2)
+    kv = xattn.kv(ctx).reshape(B, M, 2, H, D // H).permute(2, 0, 3, 1, 4)
+    ref = _explicit_attention(q, kv[0], kv[1], (D // H) ** -0.5).transpose(1, 2).reshape(B, N, D)
+    torch.testing.assert_close(xattn(x, ctx), xattn.proj(ref), atol=1e-5, rtol=0)
+
+
+def test_whole_model_sdpa_equals_math_forward_and_backward(attention_impl):
+    ins = {"rgb": PatchedInputAdapter(3, 1, 16, image_size=64), "semseg": SemSegInputAdapter(5, 4, 16, image_size=64)}
+    outs = {"rgb": SpatialOutputAdapter(3, 1, 16, dim_tokens=32, depth=1, num_heads=4, image_size=64, task="rgb",
+                                        context_tasks=["rgb", "semseg"])}
+    model = MultiMAE(ins, outs, dim_tokens=64, depth=2, num_heads=4, drop_path_rate=0.0)
+    x = {"rgb": torch.randn(2, 3, 64, 64), "semseg": torch.randint(0, 5, (2, 16, 16))}
+    results = {}
+    for impl in ("sdpa", "math"):
+        attention_impl(impl)
+        torch.manual_seed(1)  # same masks for both
+        preds, _ = model(x, num_encoded_tokens=10)
+        model.zero_grad()
+        preds["rgb"].square().mean().backward()
+        results[impl] = (preds["rgb"].detach(), model.encoder[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(results["sdpa"][0], results["math"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results["sdpa"][1], results["math"][1], atol=1e-5, rtol=1e-4)
+
+
+def test_unknown_attention_impl_rejected(attention_impl):
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        attention_impl("flash3")
+
+
+def test_mlp_has_no_dropout_between_activation_and_fc2():
+    mlp = Mlp(8, 16, drop=0.5)
+    assert [name for name, _ in mlp.named_children()] == ["fc1", "act", "fc2", "drop"]
+    mlp.train()
+    x = torch.randn(4, 8)
+    torch.manual_seed(0)
+    out = mlp(x)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], (mlp.fc2(mlp.act(mlp.fc1(x))) * 2)[kept])
+
+
+def test_block_is_prenorm_residual():
+    blk = Block(16, num_heads=2, qkv_bias=True).eval()
+    x = torch.randn(2, 5, 16)
+    y = x + blk.attn(blk.norm1(x))
+    torch.testing.assert_close(blk(x), y + blk.mlp(blk.norm2(y)))
+    assert isinstance(blk.drop_path, nn.Identity)
+
+
+# ---------------------------------------------------------------------------------------------- initialisation
+def test_published_initialisation():
+    torch.manual_seed(0)
+    ins = {"rgb": PatchedInputAdapter(3, 1, 16, image_size=64), "semseg": SemSegInputAdapter(7, 4, 16, image_size=64)}
+    outs = {"rgb": SpatialOutputAdapter(3, 1, 16, dim_tokens=32, depth=1, num_heads=4, image_size=64, task="rgb",
+                                        context_tasks=["rgb", "semseg"])}
+    model = MultiMAE(ins, outs, dim_tokens=64, depth=2, num_heads=4)
+
+    def uniform_bound_ok(w, bound):
+        return w.abs().max() <= bound + 1e-7 and w.abs().max() > 0.8 * bound
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            out_f, in_f = m.weight.shape
+            fused = 3 if "qkv" in name else 2 if "kv" in name else 1
+            assert uniform_bound_ok(m.weight, math.sqrt(6.0 / (out_f // fused + in_f))), name
+            if m.bias is not None:
+                assert torch.count_nonzero(m.bias) == 0, name
+        elif isinstance(m, nn.LayerNorm):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0), name
+    w = model.input_adapters.rgb.proj.weight
+    assert uniform_bound_ok(w, math.sqrt(6.0 / (w.shape[0] + w[0].numel())))
+    assert torch.count_nonzero(model.output_adapters.rgb.mask_token) == 0
+    for tensor in (model.global_tokens, model.input_adapters.semseg.class_emb.weight,
+                   model.output_adapters.rgb.task_embeddings.rgb):
+        assert 0.005 < tensor.std() < 0.04 and tensor.abs().max() <= 2.0
+    assert not model.input_adapters.rgb.pos_emb.requires_grad
+    assert not model.output_adapters.rgb.pos_emb.requires_grad
+    torch.testing.assert_close(model.input_adapters.rgb.pos_emb.data, build_2d_sincos_posemb(4, 4, 64))
+
+
+def test_multivit_global_tokens_are_last():
+    ins = {"rgb": PatchedInputAdapter(3, 1, 16, image_size=32)}
+    model = MultiViT(ins, None, num_global_tokens=2, dim_tokens=32, depth=0, num_heads=4).eval()
+    tokens = model(torch.randn(2, 3, 32, 32))  # depth 0: the encoder is the identity
+    assert tokens.shape == (2, 4 + 2, 32)
+    torch.testing.assert_close(tokens[:, -2:], model.global_tokens.expand(2, -1, -1))
