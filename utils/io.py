@@ -1,0 +1,162 @@
+"""Whole-file writes that never leave a torn file behind: images (8/16-bit PNG), JSON, weights files.
+
+Every writer goes through `atomic_write`: the bytes go to a hidden temporary file in the destination
+folder (its name ends in `.tmp`, so image-folder scanners never pick it up) which is then renamed over
+the destination (`os.replace`, atomic on POSIX). A killed process therefore leaves either the old file,
+the new file, or no file -- never a partial one. `fsync=True` also survives power loss, at the price
+of one disk flush per file (worth it for checkpoints, not for a million pseudo labels).
+
+Public API:
+    atomic_write(path, data: bytes, fsync=False)
+    encode_png(array) -> bytes                      uint8 (H,W)/(H,W,3)/(H,W,4) or uint16 (H,W)
+    save_png(path, array, fsync=False)              atomic `encode_png`
+    label_dtype(num_classes) -> np.dtype            uint8 up to 255 classes, else uint16
+    save_json(path, obj, fsync=True) / load_json(path)
+    save_weights_file(state_dict, path, extra=None) `.pth`/`.pt` (torch.save) or `.safetensors`
+    load_weights_with_metadata(path) -> (state_dict, metadata, dropped_entries)
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["atomic_write", "encode_png", "save_png", "label_dtype", "save_json", "load_json",
+           "save_weights_file", "load_weights_with_metadata", "WEIGHTS_SUFFIXES"]
+
+WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
+    """Write `data` to `path` through a temporary file + rename (parent folders are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def encode_png(array: np.ndarray | torch.Tensor, compress_level: int = 6) -> bytes:
+    """PNG bytes of a uint8 (H, W), (H, W, 3), (H, W, 4) image or a uint16 (H, W) single-channel image
+    (stored as a true 16-bit greyscale PNG). Other dtypes are rejected rather than silently cast."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    a = np.ascontiguousarray(array)
+    if a.dtype == np.uint16:
+        if a.ndim != 2:
+            raise ValueError(f"16-bit PNGs must be single-channel (H, W), got shape {a.shape}")
+        img = Image.fromarray(a)  # mode 'I;16'
+    elif a.dtype == np.uint8:
+        if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+            raise ValueError(f"8-bit PNGs must be (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
+        img = Image.fromarray(a)
+    else:
+        raise ValueError(f"PNG arrays must be uint8 or uint16, got {a.dtype} (convert explicitly: the value "
+                         "range decides the scale)")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def save_png(path: str | os.PathLike, array: np.ndarray | torch.Tensor, fsync: bool = False,
+             compress_level: int = 6) -> None:
+    """Atomically write `array` (see `encode_png`) as a PNG file."""
+    atomic_write(path, encode_png(array, compress_level), fsync=fsync)
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """Smallest PNG dtype holding class ids 0..num_classes-1 (and the ignore value 255 below 256 classes)."""
+    return np.dtype(np.uint8) if num_classes <= 255 else np.dtype(np.uint16)
+
+
+def save_json(path: str | os.PathLike, obj: Any, fsync: bool = True) -> None:
+    """Atomically write `obj` as indented JSON (keys in insertion order)."""
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode(), fsync=fsync)
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a syntax error names the file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'{path}' is not valid JSON: {e}") from e
+
+
+def save_weights_file(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                      extra: Mapping[str, Any] | None = None) -> None:
+    """Write a state dict atomically: `.safetensors` (flat tensors; `extra` values are stored as string
+    metadata) or `.pth`/`.pt`/`.bin` (`{'model': state_dict, **extra}` when `extra` is not None -- even
+    empty --, else the bare state dict). `extra` must hold plain containers only so `torch.load(weights_only=True)` reads it."""
+    path = Path(path)
+    if path.suffix not in WEIGHTS_SUFFIXES:
+        raise ValueError(f"cannot tell the weights format of '{path}': expected one of {WEIGHTS_SUFFIXES}")
+    # safetensors refuses shared or non-contiguous storage; cloning also detaches from the source model
+    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save as st_save
+
+        meta = {"format": "pt", **{str(k): v if isinstance(v, str) else json.dumps(v, default=str)
+                                   for k, v in (extra or {}).items()}}
+        atomic_write(path, st_save(tensors, metadata=meta), fsync=True)
+        return
+    buf = io.BytesIO()
+    torch.save({"model": tensors, **dict(extra)} if extra is not None else tensors, buf)
+    atomic_write(path, buf.getvalue(), fsync=True)
+
+
+def _holds_tensors(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, Mapping):
+        return any(_holds_tensors(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_tensors(v) for v in obj)
+    return False
+
+
+def load_weights_with_metadata(path: str | os.PathLike
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, list[str]]:
+    """Read a weights file safely (`torch.load(weights_only=True)` or safetensors).
+
+    Returns `(state_dict, metadata, dropped)`: the model state dict (from 'model' / 'state_dict' /
+    'module' or the bare dict, DDP prefix removed), the checkpoint entries without tensors (e.g. 'args',
+    'epoch'; None for a bare state dict, so `save_weights_file(..., extra=metadata)` keeps the layout) and the names of the other tensor-holding entries (optimizer, scaler, EMA ...), which a
+    converted file cannot use.
+    """
+    from utils.checkpoint import load_checkpoint
+    from utils.pretrained import extract_state_dict
+
+    obj = load_checkpoint(path)
+    sd = extract_state_dict(obj, str(path))
+    meta: dict[str, Any] | None = None
+    dropped: list[str] = []
+    container = next((k for k in ("model", "state_dict", "module") if isinstance(obj.get(k), Mapping)), None)
+    if container is not None:
+        meta = {}
+        for k, v in obj.items():
+            if k == container:
+                continue
+            if _holds_tensors(v):
+                dropped.append(k)
+            else:
+                meta[k] = v
+    return sd, meta, dropped
