@@ -8,8 +8,8 @@ of one disk flush per file (worth it for checkpoints, not for a million pseudo l
 
 Public API:
     atomic_write(path, data: bytes, fsync=False)
-    encode_png(array) -> bytes                      uint8 (H,W)/(H,W,3)/(H,W,4) or uint16 (H,W)
-    save_png(path, array, fsync=False)              atomic `encode_png`
+    encode_png(array, palette=None) -> bytes        uint8 (H,W)/(H,W,3)/(H,W,4) or uint16 (H,W)
+    save_png(path, array, fsync=False, palette=None) atomic `encode_png`
     label_dtype(num_classes) -> np.dtype            uint8 up to 255 classes, else uint16
     save_json(path, obj, fsync=True) / load_json(path)
     save_weights_file(state_dict, path, extra=None) `.pth`/`.pt` (torch.save) or `.safetensors`
@@ -54,9 +54,12 @@ def atomic_write(path: str | os.PathLike, data: bytes, fsync: bool = False) -> N
         raise
 
 
-def encode_png(array: np.ndarray | torch.Tensor, compress_level: int = 6) -> bytes:
+def encode_png(array: np.ndarray | torch.Tensor, compress_level: int = 6,
+               palette: np.ndarray | None = None) -> bytes:
     """PNG bytes of a uint8 (H, W), (H, W, 3), (H, W, 4) image or a uint16 (H, W) single-channel image
-    (stored as a true 16-bit greyscale PNG). Other dtypes are rejected rather than silently cast."""
+    (stored as a true 16-bit greyscale PNG). Other dtypes are rejected rather than silently cast.
+    `palette` ((K, 3) uint8) writes a uint8 (H, W) label map as a palette PNG: the stored values stay the
+    class ids (what the data loaders read) and image viewers show colours."""
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
     a = np.ascontiguousarray(array)
@@ -68,6 +71,10 @@ def encode_png(array: np.ndarray | torch.Tensor, compress_level: int = 6) -> byt
         if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
             raise ValueError(f"8-bit PNGs must be (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
         img = Image.fromarray(a)
+        if palette is not None:
+            if a.ndim != 2:
+                raise ValueError(f"a palette PNG needs a single-channel (H, W) array, got shape {a.shape}")
+            img.putpalette(np.asarray(palette, np.uint8)[:256].reshape(-1).tolist())
     else:
         raise ValueError(f"PNG arrays must be uint8 or uint16, got {a.dtype} (convert explicitly: the value "
                          "range decides the scale)")
@@ -77,9 +84,9 @@ def encode_png(array: np.ndarray | torch.Tensor, compress_level: int = 6) -> byt
 
 
 def save_png(path: str | os.PathLike, array: np.ndarray | torch.Tensor, fsync: bool = False,
-             compress_level: int = 6) -> None:
+             compress_level: int = 6, palette: np.ndarray | None = None) -> None:
     """Atomically write `array` (see `encode_png`) as a PNG file."""
-    atomic_write(path, encode_png(array, compress_level), fsync=fsync)
+    atomic_write(path, encode_png(array, compress_level, palette), fsync=fsync)
 
 
 def label_dtype(num_classes: int) -> np.dtype:

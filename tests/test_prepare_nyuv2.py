@@ -1,0 +1,92 @@
+"""tools/prepare_nyuv2.py on a small synthetic NYUv2 release written in the official .mat formats."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from tools import prepare_nyuv2
+from utils.datasets import MultiModalImageFolder
+
+h5py = pytest.importorskip("h5py")
+scipy_io = pytest.importorskip("scipy.io")
+
+N, H, W, K = 5, 24, 32, 7  # images, height, width, original classes
+
+
+@pytest.fixture()
+def nyu_files(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (N, H, W, 3), dtype=np.uint8)
+    depth = rng.uniform(0.5, 9.5, (N, H, W)).astype(np.float32)
+    depth[:, :3, :4] = 0.0  # holes
+    labels = rng.integers(0, K + 1, (N, H, W)).astype(np.uint16)
+    mat = tmp_path / "nyu_depth_v2_labeled.mat"
+    with h5py.File(mat, "w") as f:  # MATLAB v7.3 stores column-major: h5py sees the axes reversed
+        f["images"] = rgb.transpose(0, 3, 2, 1)
+        f["depths"] = depth.transpose(0, 2, 1)
+        f["rawDepths"] = (depth * (depth > 2)).transpose(0, 2, 1)
+        f["labels"] = labels.transpose(0, 2, 1)
+    scipy_io.savemat(tmp_path / "splits.mat", {"trainNdxs": np.array([[1], [3], [5]]), "testNdxs": np.array([[2], [4]])})
+    map_class = np.array([[5, 40, 1, 0, 12, 7, 40]])  # original class c (1-based) -> NYU-40
+    scipy_io.savemat(tmp_path / "classMapping40.mat", {"mapClass": map_class})
+    args = ["--dataset_path", str(mat), "--splits_path", str(tmp_path / "splits.mat"),
+            "--class_mapping_path", str(tmp_path / "classMapping40.mat")]
+    return args, rgb, depth, labels, np.concatenate([[0], map_class[0]])
+
+
+def test_layout_units_mask_valid_and_labels(tmp_path, nyu_files):
+    args, rgb, depth, labels, lut = nyu_files
+    out = tmp_path / "nyu"
+    assert prepare_nyuv2.main(args + ["--save_path", str(out)]) == {"train": 3, "test": 2}
+    for split, idx in (("train", [0, 2, 4]), ("test", [1, 3])):
+        for modality in ("rgb", "depth", "semseg", "mask_valid"):
+            assert sorted(p.name for p in (out / split / modality / "data").iterdir()) == [f"{i:04d}.png" for i in idx]
+    i = 2
+    d = np.array(Image.open(out / "train/depth/data/0002.png"))
+    assert d.dtype == np.uint16 and d.shape == (H, W)
+    np.testing.assert_array_equal(d, np.round(depth[i].astype(np.float64) * 1000).astype(np.uint16))  # millimetres
+    mv = np.array(Image.open(out / "train/mask_valid/data/0002.png"))
+    np.testing.assert_array_equal(mv, np.where(depth[i] > 0, 255, 0))
+    assert (mv[:3, :4] == 0).all() and (mv[3:] == 255).all()
+    np.testing.assert_array_equal(np.array(Image.open(out / "train/rgb/data/0002.png").convert("RGB")), rgb[i])
+    sem = Image.open(out / "train/semseg/data/0002.png")
+    assert sem.mode == "P"  # palette for viewing; stored values are the class ids
+    np.testing.assert_array_equal(np.array(sem), lut[labels[i]])
+
+    # the project's loader reads it back: 16-bit depth, label ids, mask
+    ds = MultiModalImageFolder(str(out / "test"), ["rgb", "depth", "semseg", "mask_valid"])
+    sample = ds.load(1)  # image 3
+    assert int(sample["depth"].max()) == int(np.round(depth[3].max() * 1000))
+    np.testing.assert_array_equal(sample["semseg"][0].numpy(), lut[labels[3]])
+    assert sample["mask_valid"].bool().sum() == (depth[3] > 0).sum()
+
+
+def test_raw_depth_published_scale_and_normals(tmp_path, nyu_files):
+    args, rgb, depth, labels, lut = nyu_files
+    normals = tmp_path / "normals_src"
+    for sub in ("normals", "masks"):
+        (normals / sub).mkdir(parents=True)
+        for i in range(N):
+            Image.fromarray(np.full((H, W), i + (sub == "masks"), np.uint8)).save(normals / sub / f"{i:04d}.png")
+    out = tmp_path / "nyu"
+    prepare_nyuv2.main(args + ["--save_path", str(out), "--depth_key", "rawDepths", "--depth_scale", "6553.6",
+                               "--normals_path", str(normals)])
+    raw = depth[4] * (depth[4] > 2)
+    d = np.array(Image.open(out / "train/depth/data/0004.png"))
+    np.testing.assert_array_equal(d, np.round(raw.astype(np.float64) * 6553.6).astype(np.uint16))
+    np.testing.assert_array_equal(np.array(Image.open(out / "train/mask_valid/data/0004.png")) > 0, raw > 0)
+    assert np.array(Image.open(out / "test/normal/data/0003.png")).max() == 3
+    assert np.array(Image.open(out / "test/mask/data/0003.png")).max() == 4
+
+
+def test_errors_name_the_file_and_problem(tmp_path, nyu_files):
+    args, *_ = nyu_files
+    scipy_io.savemat(tmp_path / "bad_splits.mat", {"trainNdxs": np.array([[1], [9]]), "testNdxs": np.array([[2]])})
+    with pytest.raises(SystemExit, match="index 9 beyond the 5 images"):
+        prepare_nyuv2.main(args[:2] + ["--splits_path", str(tmp_path / "bad_splits.mat")] + args[4:]
+                           + ["--save_path", str(tmp_path / "o1")])
+    scipy_io.savemat(tmp_path / "short_map.mat", {"mapClass": np.array([[1, 2, 3]])})
+    with pytest.raises(SystemExit, match="class id 7 has no entry in mapClass"):
+        prepare_nyuv2.main(args[:4] + ["--class_mapping_path", str(tmp_path / "short_map.mat"),
+                                       "--save_path", str(tmp_path / "o2")])
+    with pytest.raises(SystemExit, match="normals/0000.png' missing"):
+        prepare_nyuv2.main(args + ["--save_path", str(tmp_path / "o3"), "--normals_path", str(tmp_path / "none")])
