@@ -111,8 +111,10 @@ class _Primitive:
         with np.errstate(divide='ignore', invalid='ignore'):
             inv = 1.0 / dl
             t1, t2 = (-half - ol) * inv, (half - ol) * inv
-        tmin = np.nanmax(np.minimum(t1, t2), axis=1)
-        tmax = np.nanmin(np.maximum(t1, t2), axis=1)
+        near, far = np.minimum(t1, t2), np.maximum(t1, t2)
+        # fmax/fmin skip the NaNs of rays parallel to a slab that start on its boundary
+        tmin = np.fmax(np.fmax(near[:, 0], near[:, 1]), near[:, 2])
+        tmax = np.fmin(np.fmin(far[:, 0], far[:, 1]), far[:, 2])
         t = np.where(tmin > _EPS, tmin, tmax)
         return np.where((tmax >= tmin) & (t > _EPS), t, np.inf)
 
