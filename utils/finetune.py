@@ -21,8 +21,9 @@ function and wires them with the helpers here::
 evaluation, so uneven shards cannot hang) and must reduce its metrics across processes itself (the
 accumulators of :mod:`utils.metrics` do).
 
-Dense heads for tiny encoders: :func:`dpt_hooks` / :func:`dpt_layer_dims` derive the DPT taps and widths
-from the encoder depth and width (ViT-B gives the published ``[2, 5, 8, 11]`` / ``[96, 192, 384, 768]``),
+Dense heads for tiny encoders: :func:`dpt_hooks` / :func:`dpt_layer_dims` / :func:`dpt_feature_dim` derive
+the DPT taps and widths from the encoder depth and width (ViT-B gives the published ``[2, 5, 8, 11]`` /
+``[96, 192, 384, 768]`` / 256),
 read from the registered model on the meta device (:func:`encoder_info`), so no size table is duplicated.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ from utils.engine import Trainer, autocast, move_to_device, unwrap_model
 from utils.logger import append_log_txt
 
 __all__ = [
-    "add_finetune_args", "EncoderInfo", "encoder_info", "dpt_hooks", "dpt_layer_dims", "build_dense_head",
+    "add_finetune_args", "EncoderInfo", "encoder_info", "dpt_hooks", "dpt_layer_dims", "dpt_feature_dim", "build_dense_head",
     "build_multivit", "load_pretrained", "EvalShardSampler", "build_train_loader", "build_eval_loader",
     "build_schedules", "build_finetune_optimizer", "wrap_model", "build_finetune_trainer", "EvalCallback",
     "run_evaluation", "log_record", "test_with_best_checkpoint", "PredictionPictures", "resolve_finetune_amp", "count_params",
@@ -126,6 +127,12 @@ def dpt_layer_dims(dim: int) -> list[int]:
     return [max(1, dim // 8), max(1, dim // 4), max(1, dim // 2), dim]
 
 
+def dpt_feature_dim(dim: int) -> int:
+    """Fusion width of the DPT head: dim/3 capped at the published 256 (768 -> 256, 192 -> 64), so a tiny
+    encoder does not carry a ViT-B-sized decoder."""
+    return min(256, max(32, dim // 3))
+
+
 HEADS = ('convnext', 'dpt', 'segmenter')
 
 
@@ -145,7 +152,8 @@ def build_dense_head(kind: str, num_classes: int, main_tasks: Sequence[str], pat
                                interpolate_mode=interpolate_mode)
     if kind == 'dpt':
         return DPTOutputAdapter(num_classes, stride_level=1, patch_size=patch_size, main_tasks=main_tasks,
-                                hooks=dpt_hooks(enc.depth), layer_dims=dpt_layer_dims(enc.dim), head_type=head_type)
+                                hooks=dpt_hooks(enc.depth), layer_dims=dpt_layer_dims(enc.dim),
+                                feature_dim=dpt_feature_dim(enc.dim), head_type=head_type)
     if kind == 'segmenter':
         return SegmenterMaskTransformerAdapter(num_classes, depth=decoder_depth, embed_dim=decoder_dim,
                                                drop_path_rate=drop_path_decoder, main_tasks=main_tasks,
