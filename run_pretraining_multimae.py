@@ -41,6 +41,9 @@ def get_args_parser():
     g.add_argument("--decoder_depth", type=int, default=2)
     g.add_argument("--decoder_num_heads", type=int, default=8)
     g.add_argument("--drop_path", type=float, default=0.0, help="encoder stochastic depth")
+    g.add_argument("--encoder_depth", type=int, default=None, help="override the model's number of blocks")
+    g.add_argument("--encoder_dim", type=int, default=None, help="override the model's token width")
+    g.add_argument("--encoder_num_heads", type=int, default=None, help="override the model's attention heads")
     add_bool_arg(g, "loss_on_unmasked", False, "loss over all pixels, not only the hidden ones")
     add_optim_args(p, opt_betas=[0.9, 0.95], blr=1e-4, warmup_epochs=40, weight_decay=0.05)
     g = p.add_argument_group("pre-training optimisation")
@@ -83,9 +86,9 @@ def main(args):
     print(f"Data: {len(dataset)} samples of {dataset.modalities} from {args.data_path}")
     wandb = WandbLogger(args) if args.log_wandb else None
     trainer = build_pretrain_trainer(args, model, loader, device, wandb)
-    trainer.start_epoch = args.start_epoch
-    trainer.resume(resolve_resume(args))
     vis = ReconstructionVis(args, trainer.step_fn, device, wandb, seed=args.seed)
+    trainer.start_epoch = args.start_epoch
+    trainer.resume(resolve_resume(args))  # last: restores the RNG states
     print(f"Training epochs {trainer.start_epoch}..{args.epochs - 1} on {device} (amp: {args.amp})")
     trainer.fit(loader, callbacks=[vis])
     if wandb is not None:

@@ -47,9 +47,10 @@ def test_warmup_steps_without_warmup_epochs_and_start_value():
     assert np.count_nonzero(cosine_scheduler(1.0, 0, 3, 4, warmup_epochs=2, warmup_steps=2) < 1.0) == 1 + 9
 
 
-def test_warmup_longer_than_schedule_is_an_error():
-    with pytest.raises(ValueError, match="warm-up of 40 iterations"):
-        cosine_scheduler(1.0, 0, epochs=2, niter_per_ep=10, warmup_epochs=4)
+def test_warmup_longer_than_schedule_is_cut_off():
+    with pytest.warns(UserWarning, match="warm-up of 40 iterations"):
+        s = cosine_scheduler(1.0, 0, epochs=2, niter_per_ep=10, warmup_epochs=4)
+    np.testing.assert_allclose(s, np.linspace(0, 1.0, 40)[:20])
 
 
 def test_weight_decay_schedule():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -38,15 +39,18 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
 
     Published semantics with two fixes: the warm-up start value is honoured (the published scripts parse
     ``--warmup_lr`` but always start at 0; callers pass 0 to get that) and ``warmup_steps > 0`` with
-    ``warmup_epochs == 0`` works instead of failing an assertion.
+    ``warmup_epochs == 0`` works instead of failing an assertion. A warm-up longer than the schedule
+    (e.g. a 1-epoch test of a 40-epoch-warm-up recipe) is cut off with a warning instead of failing.
     """
     total = int(epochs) * int(niter_per_ep)
     warmup_iters = int(warmup_steps) if warmup_steps > 0 else int(warmup_epochs) * int(niter_per_ep)
-    if warmup_iters > total:
-        raise ValueError(
-            f"warm-up of {warmup_iters} iterations is longer than the whole schedule ({epochs} epochs x "
-            f"{niter_per_ep} iterations = {total}); reduce warmup_epochs/warmup_steps")
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.zeros(0)
+    if warmup_iters > total:
+        # Short debugging runs of a long recipe (the published code fails an assertion here): keep the
+        # warm-up slope and cut the schedule off, i.e. the run ends inside the warm-up.
+        warnings.warn(f"warm-up of {warmup_iters} iterations is longer than the whole schedule ({epochs} epochs "
+                      f"x {niter_per_ep} iterations = {total}); the run ends inside the warm-up")
+        warmup, warmup_iters = warmup[:total], total
     num_cos = total - warmup_iters
     steps = np.arange(num_cos, dtype=np.float64)
     cosine = final_value + 0.5 * (base_value - final_value) * (1.0 + np.cos(math.pi * steps / max(num_cos, 1)))

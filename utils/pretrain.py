@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.config import args_to_dict, split_list
 from utils.datasets import MultiModalImageFolder
@@ -25,7 +25,7 @@ from utils.optim import create_optimizer, cosine_scheduler, pretrain_param_group
 from utils.task_balancing import build_task_balancer
 from utils.transforms import PretrainTransform
 
-__all__ = ["PretrainStep", "ReconstructionVis", "validate_pretrain_args", "build_pretrain_model",
+__all__ = ["PretrainStep", "PerSampleSeed", "ReconstructionVis", "validate_pretrain_args", "build_pretrain_model",
            "build_pretrain_loader", "build_pretrain_trainer", "vis_dataset_root"]
 
 
@@ -77,6 +77,32 @@ class PretrainStep:
         return loss, logs
 
 
+class PerSampleSeed(Dataset):
+    """Dataset wrapper: the random augmentation of sample ``i`` in epoch ``e`` depends only on ``(seed, e,
+    i)``, not on the process, the worker or what was drawn before. Runs with any number of data-loader
+    workers or processes therefore see the same crops and flips (the per-process RNG of the published code
+    does not), and the training RNG stream is left untouched. Call :meth:`set_epoch` every epoch."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % (2 ** 63))
+            return self.dataset[index]
+
+    def __getattr__(self, name: str) -> Any:  # classes, modalities, samples_paths(), ...
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 # ----------------------------------------------------------------------------------------------
 # configuration checks and construction
 
@@ -119,7 +145,8 @@ def validate_pretrain_args(args: argparse.Namespace) -> list[str]:
 
 def build_pretrain_model(args: argparse.Namespace) -> nn.Module:
     """MultiMAE with input adapters for ``in_domains`` and decoders for ``out_domains`` (+ norm_rgb),
-    adapters built for ``input_size`` (published: always 224), in the deterministic domain order."""
+    adapters built for ``input_size`` (published: always 224), in the deterministic domain order.
+    ``encoder_depth/encoder_dim/encoder_num_heads`` (when set) override the size preset of ``model``."""
     from multimae import create_model
 
     in_domains, out_domains = parse_domains(args.in_domains), parse_domains(args.out_domains)
@@ -129,8 +156,10 @@ def build_pretrain_model(args: argparse.Namespace) -> nn.Module:
         dim_tokens=args.decoder_dim, depth=args.decoder_depth, num_heads=args.decoder_num_heads,
         use_task_queries=args.decoder_use_task_queries, use_xattn=args.decoder_use_xattn,
         extra_norm_pix_loss=args.extra_norm_pix_loss)
+    overrides = {k: v for k, v in (("depth", args.encoder_depth), ("dim_tokens", args.encoder_dim),
+                                   ("num_heads", args.encoder_num_heads)) if v is not None}
     return create_model(args.model, input_adapters=inputs, output_adapters=outputs,
-                        num_global_tokens=args.num_global_tokens, drop_path_rate=args.drop_path)
+                        num_global_tokens=args.num_global_tokens, drop_path_rate=args.drop_path, **overrides)
 
 
 def _transform(args: argparse.Namespace, train: bool = True) -> PretrainTransform:
@@ -142,11 +171,11 @@ def _transform(args: argparse.Namespace, train: bool = True) -> PretrainTransfor
                              imagenet_default_mean_and_std=args.imagenet_default_mean_and_std)
 
 
-def build_pretrain_loader(args: argparse.Namespace) -> tuple[MultiModalImageFolder, DataLoader]:
-    """Dataset over every domain under ``args.data_path`` and a loader with a (drop-last, shuffling)
-    ``DistributedSampler`` over the processes."""
+def build_pretrain_loader(args: argparse.Namespace) -> tuple[PerSampleSeed, DataLoader]:
+    """Dataset over every domain under ``args.data_path`` (augmentation seeded per sample and epoch) and a
+    loader with a (drop-last, shuffling) ``DistributedSampler`` over the processes."""
     domains = ordered_domains(parse_domains(args.in_domains), parse_domains(args.out_domains))
-    dataset = MultiModalImageFolder(args.data_path, domains, transform=_transform(args))
+    dataset = PerSampleSeed(MultiModalImageFolder(args.data_path, domains, transform=_transform(args)), args.seed)
     sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
                                  drop_last=True, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
@@ -196,7 +225,15 @@ def build_pretrain_trainer(args: argparse.Namespace, model: nn.Module, loader: D
                    clip_grad=args.clip_grad, skip_grad=args.skip_grad, modules={"loss_balancer": balancer},
                    output_dir=args.output_dir, save_ckpt_freq=args.save_ckpt_freq, keep_last=args.keep_last,
                    print_freq=args.print_freq, config=args_to_dict(args), wandb=wandb,
-                   batch_size=args.batch_size, extra_log={"n_parameters": n_parameters})
+                   batch_size=args.batch_size, extra_log={"n_parameters": n_parameters},
+                   epoch_start_hooks=[_set_data_epoch(loader)])
+
+
+def _set_data_epoch(loader: DataLoader):
+    def hook(trainer: Trainer, epoch: int) -> None:
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+    return hook
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +257,8 @@ class ReconstructionVis:
             ds = MultiModalImageFolder(root, domains, transform=_transform(args, train=False))
             n = min(args.num_vis, len(ds))
             idx = [round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)]  # spread over the classes
-            samples = [ds[i][0] for i in idx]
+            with torch.random.fork_rng(devices=[]):  # leave the training RNG stream alone
+                samples = [ds[i][0] for i in idx]
             self.batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
             self.root = root
 

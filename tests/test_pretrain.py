@@ -1,0 +1,203 @@
+"""Pre-training end to end on the synthetic data: step wiring against the published fixture, a short run
+against the golden loss curve, exact resume, config handling of run_pretraining_multimae.py."""
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_pretraining_multimae as script
+from utils.config import ConfigError, parse_args
+from utils.engine import Trainer
+from utils.modalities import build_pretrain_losses
+from utils.pretrain import PerSampleSeed, PretrainStep, validate_pretrain_args
+from utils.task_balancing import NoWeightingStrategy
+
+GOLDEN = Path(__file__).parent / "golden" / "pretrain_tiny_loss.json"
+
+# A tiny but complete configuration: ViT-Ti encoder, rgb/depth/semseg in and out (+ norm_rgb), 32 px.
+TINY = ["--model", "pretrain_multimae_tiny", "--input_size", "32", "--patch_size", "8",
+        "--num_encoded_tokens", "12", "--decoder_dim", "64", "--decoder_depth", "0", "--decoder_num_heads", "2",
+        "--batch_size", "8", "--epochs", "3", "--warmup_epochs", "1", "--blr", "2e-2", "--standardize_depth",
+        "--fp32_output_adapters", "semseg", "--num_workers", "0", "--device", "cpu", "--print_freq", "2",
+        "--save_vis_freq", "0", "--save_ckpt_freq", "1", "--deterministic"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    from utils.synthetic_data import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_dataset(str(root), num_train=32, num_val=4, image_size=32, seed=0)
+    return root
+
+
+def parse(argv):
+    return parse_args(script.get_args_parser(), argv, validate=validate_pretrain_args, exit_on_error=False)
+
+
+def run(root, out, *extra):
+    return script.main(parse([*TINY, "--data_path", str(root / "train"), "--output_dir", str(out), *extra]))
+
+
+def epoch_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------ step wiring
+class _FixtureModel(torch.nn.Module):
+    """Returns the published model's predictions and masks for one fixture sample."""
+
+    def __init__(self, sample):
+        super().__init__()
+        self.sample, self.calls = sample, []
+
+    def forward(self, inputs, **kw):
+        self.calls.append((sorted(inputs), kw))
+        return self.sample["preds"], self.sample["task_masks"]
+
+
+def test_step_losses_match_published(fixtures_dir):
+    fx = torch.load(fixtures_dir / "public_pretrain.pt", weights_only=True)
+    losses = build_pretrain_losses(["rgb", "depth", "semseg"], patch_size=16, extra_norm_pix_loss=True)
+    step = PretrainStep(["rgb", "depth", "semseg"], losses, NoWeightingStrategy(), num_encoded_tokens=8,
+                        standardize_depth=True, fp32_output_adapters=["semseg"])
+    for i, sample in enumerate(fx["samples"]):
+        x = {"rgb": fx["inputs"]["rgb"][i:i + 1], "depth": fx["depth_raw"][i:i + 1],
+             "semseg": fx["inputs"]["semseg"][i:i + 1]}
+        model = _FixtureModel(sample)
+        loss, logs = step(model, (x, torch.zeros(1)))
+        # depth went through the truncated standardisation before becoming input and target
+        assert model.calls[0][0] == ["depth", "rgb", "semseg"]
+        assert model.calls[0][1]["fp32_output_adapters"] == ["semseg"]
+        assert model.calls[0][1]["num_encoded_tokens"] == 8
+        torch.testing.assert_close(step.prepare(x)["depth"], fx["inputs"]["depth"][i:i + 1], atol=1e-5, rtol=1e-5)
+        for task, expected in sample["losses"].items():
+            assert logs[f"{task}_loss"].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6), task
+        assert loss.item() == pytest.approx(sum(v.item() for v in sample["losses"].values()), rel=1e-5)
+        assert logs["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_loss_on_unmasked_uses_every_pixel(fixtures_dir):
+    fx = torch.load(fixtures_dir / "public_pretrain.pt", weights_only=True)
+    sample = fx["samples"][0]
+    losses = build_pretrain_losses(["rgb"], patch_size=16)
+    step = PretrainStep(["rgb", "depth", "semseg"], losses, NoWeightingStrategy(), 8, loss_on_unmasked=True)
+    x = {k: v[:1] for k, v in fx["inputs"].items()}
+    _, logs = step(_FixtureModel(sample), (x, 0))
+    expected = torch.nn.functional.mse_loss(sample["preds"]["rgb"], x["rgb"])
+    assert logs["rgb_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_per_sample_seed_is_independent_of_history():
+    class Noise(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(())
+
+    ds = PerSampleSeed(Noise(), seed=3)
+    a = [ds[i].item() for i in range(4)]
+    torch.rand(5)  # the global stream is neither used nor advanced by the wrapper
+    state = torch.get_rng_state()
+    assert [ds[i].item() for i in reversed(range(4))] == a[::-1]
+    assert torch.equal(state, torch.get_rng_state())
+    ds.set_epoch(1)
+    assert ds[0].item() != a[0]
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_precedence_and_errors(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("batch_size: 16\nblr: 1e-3\nin_domains: rgb-depth\ndecoder_use_xattn: false\n")
+    args = parse(["-c", str(cfg), "--batch_size", "4"])
+    assert args.batch_size == 4 and args.blr == 1e-3 and args.in_domains == "rgb-depth"
+    assert args.decoder_use_xattn is False and args.epochs == 1600 and args.warmup_epochs == 40
+    assert args.opt_betas == [0.9, 0.95] and args.weight_decay == 0.05 and args.amp == "auto"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("decoder_dimm: 128\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'decoder_dimm' in .*bad.yaml; did you mean 'decoder_dim'"):
+        parse(["-c", str(bad)])
+    with pytest.raises(ConfigError) as e:
+        parse(["--num_encoded_tokens", "700", "--in_domains", "rgb-dpeth", "--fp32_output_adapters", "xyz"])
+    assert "did you mean 'depth'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse(["--num_encoded_tokens", "700", "--fp32_output_adapters", "xyz"])
+    assert "--num_encoded_tokens 700 must be in 1..588" in str(e.value)
+    assert "'xyz' is not an output adapter" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["multimae-b_98_rgb+-depth-semseg_1600e", "multimae-b_98_rgb+-depth-semseg_400e"])
+def test_published_configs_values(name):
+    args = parse(["-c", f"cfgs/pretrain/{name}.yaml"])
+    assert (args.in_domains, args.out_domains) == ("rgb-depth-semseg", "rgb-depth-semseg")
+    assert args.standardize_depth and args.extra_norm_pix_loss and not args.loss_on_unmasked
+    assert (args.decoder_dim, args.decoder_depth, args.num_encoded_tokens, args.num_global_tokens) == (256, 2, 98, 1)
+    assert (args.blr, args.warmup_epochs, args.batch_size, args.input_size) == (1e-4, 40, 256, 224)
+    assert args.epochs == int(name.split("_")[-1][:-1]) and args.fp32_output_adapters == "semseg"
+    assert args.opt == "adamw" and args.min_lr == 0.0 and args.hflip == 0.5 and args.alphas == 1.0
+
+
+# ------------------------------------------------------------------------------------------ runs
+def test_short_run_matches_golden_loss_curve(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    trainer = run(synthetic_root, out)
+    assert isinstance(trainer, Trainer)
+    log = epoch_log(out)
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    losses = [r["[Epoch] loss"] for r in log]
+    assert losses[-1] < 0.8 * losses[0], losses
+    keys = ["[Epoch] loss", "[Epoch] rgb_loss", "[Epoch] depth_loss", "[Epoch] semseg_loss", "[Epoch] norm_rgb_loss"]
+    curve = {k: [r[k] for r in log] for k in keys}
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"args": TINY, "curve": curve}, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["args"] == TINY, "the golden curve was made with other arguments; regenerate with UPDATE_GOLDEN=1"
+    for k in keys:
+        assert curve[k] == pytest.approx(golden["curve"][k], rel=2e-3), k
+    # files: resolved config, numbered + last checkpoints with the published keys
+    assert (out / "config.yaml").is_file()
+    again = parse(["-c", str(out / "config.yaml")])
+    assert again.num_encoded_tokens == 12 and again.decoder_dim == 64 and again.standardize_depth
+    ck = torch.load(out / "checkpoint-2.pth", weights_only=True)
+    assert {"model", "optimizer", "epoch", "scaler", "args", "loss_balancer"} <= set(ck)
+    assert ck["epoch"] == 2 and ck["args"]["lr"] == pytest.approx(2e-2 * 8 / 256)
+    assert os.path.realpath(out / "checkpoint-last.pth") == os.path.realpath(out / "checkpoint-2.pth")
+
+
+def test_resume_gives_identical_parameters(synthetic_root, tmp_path, monkeypatch):
+    extra = ["--task_balancer", "uncertainty", "--save_vis_freq", "1", "--num_vis", "2"]
+    run(synthetic_root, tmp_path / "full", *extra)
+
+    original = Trainer.train_one_epoch
+
+    def killed_at_epoch_2(self, loader, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, loader, epoch)
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", killed_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(synthetic_root, tmp_path / "split", *extra)
+    monkeypatch.setattr(Trainer, "train_one_epoch", original)
+    assert not (tmp_path / "split" / "checkpoint-2.pth").exists()
+    trainer = run(synthetic_root, tmp_path / "split", *extra)  # auto-resumes from checkpoint-last.pth
+    assert trainer.start_epoch == 2
+
+    a = torch.load(tmp_path / "full" / "checkpoint-2.pth", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint-2.pth", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["loss_balancer"]["log_vars"], b["loss_balancer"]["log_vars"])
+    assert a["loss_balancer"]["log_vars"].shape == (4,)  # rgb, depth, semseg and norm_rgb
+    assert not torch.equal(a["loss_balancer"]["log_vars"], torch.zeros(4))
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert [r["[Epoch] loss"] for r in epoch_log(tmp_path / "full")] == \
+        [r["[Epoch] loss"] for r in epoch_log(tmp_path / "split")]
+    assert sorted(p.name for p in (tmp_path / "split" / "vis").iterdir()) == \
+        ["reconstruction_e0000.png", "reconstruction_e0001.png", "reconstruction_e0002.png"]
