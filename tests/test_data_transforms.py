@@ -1,5 +1,4 @@
 """PretrainTransform: modalities stay pixel-aligned through the shared crop and flip; output contract."""
-import numpy as np
 import pytest
 import torch
 

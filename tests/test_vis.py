@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from utils.data_constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from utils.vis import (DEPTH_LUT, colorize_depth, colorize_semseg, dataset_grid, denormalize_rgb, patch_mask_to_pixels,
-                       reconstruction_grid, save_png_atomic, save_reconstruction_grid, semseg_palette)
+from utils.vis import (DEPTH_LUT, colorize_depth, colorize_semseg, dataset_grid, denormalize_rgb,
+                       patch_mask_to_pixels, reconstruction_grid, save_png_atomic, save_reconstruction_grid,
+                       semseg_palette)
 
 
 def _luma(rgb):
@@ -37,7 +38,8 @@ def test_semseg_palette_and_ignore():
 
 def test_denormalize_round_trip():
     rgb = torch.randint(0, 256, (3, 4, 5), generator=torch.Generator().manual_seed(0)).float() / 255
-    norm = (rgb - torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]) / torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
+    norm = (rgb - mean[:, None, None]) / std[:, None, None]
     np.testing.assert_array_equal(denormalize_rgb(norm), (rgb * 255).round().byte().permute(1, 2, 0).numpy())
 
 
@@ -58,7 +60,8 @@ def _batch(b=2, size=32):
     masks = {k: torch.tensor([[1, 0, 1, 1]] * b) for k in ('rgb', 'depth', 'semseg')}
     assert masks['rgb'].shape[1] == n
     preds = {'rgb': torch.randn(b, 3, size, size, generator=g), 'depth': torch.randn(b, 1, size, size, generator=g),
-             'semseg': torch.randn(b, 133, size // 4, size // 4, generator=g), 'norm_rgb': torch.randn(b, 3, size, size)}
+             'semseg': torch.randn(b, 133, size // 4, size // 4, generator=g),
+             'norm_rgb': torch.randn(b, 3, size, size)}
     return inputs, preds, masks
 
 

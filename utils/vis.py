@@ -14,7 +14,8 @@ from .data_constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SEG_IGN
 from .modalities import MODALITIES
 
 __all__ = ['DEPTH_LUT', 'colorize_depth', 'semseg_palette', 'colorize_semseg', 'denormalize_rgb',
-           'patch_mask_to_pixels', 'reconstruction_grid', 'dataset_grid', 'save_png_atomic', 'save_reconstruction_grid']
+           'patch_mask_to_pixels', 'reconstruction_grid', 'dataset_grid', 'save_png_atomic',
+           'save_reconstruction_grid']
 
 # Piecewise-linear colour ramp, dark violet -> blue -> teal -> green -> yellow, with increasing lightness
 # so it reads correctly in greyscale as well. Index 0 = far, 255 = near.
@@ -28,7 +29,8 @@ _DEPTH_ANCHORS = np.array([
 ])
 DEPTH_LUT = (np.stack([np.interp(np.linspace(0, 1, 256), _DEPTH_ANCHORS[:, 0], _DEPTH_ANCHORS[:, c])
                        for c in (1, 2, 3)], axis=1) * 255 + 0.5).astype(np.uint8)
-# distinct colours for the first classes (none close to the grey of hidden patches); further ones are spread around the hue circle
+# distinct colours for the first classes (none close to the grey of hidden patches); further ones are
+# spread around the hue circle
 _BASE_PALETTE = [(150, 105, 60), (220, 210, 170), (230, 60, 45), (45, 100, 230), (50, 180, 75),
                  (170, 70, 210), (245, 160, 30), (40, 200, 200), (240, 110, 170), (20, 140, 90),
                  (150, 220, 60), (20, 60, 110)]
