@@ -5,6 +5,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -201,3 +202,72 @@ def test_resume_gives_identical_parameters(synthetic_root, tmp_path, monkeypatch
         [r["[Epoch] loss"] for r in epoch_log(tmp_path / "split")]
     assert sorted(p.name for p in (tmp_path / "split" / "vis").iterdir()) == \
         ["reconstruction_e0000.png", "reconstruction_e0001.png", "reconstruction_e0002.png"]
+
+
+def _model_state(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_single_process(synthetic_root, tmp_path):
+    """2 x batch 4 under torchrun (gloo) == 1 x batch 8: same samples per global step (sampler split), same
+    augmentation (seeded per sample), every token visible and the loss over all pixels (so the per-rank
+    random masks do not matter), gradients averaged by DDP."""
+    import subprocess
+    import sys
+
+    common = ["--num_encoded_tokens", "48", "--loss_on_unmasked", "--epochs", "2", "--no_deterministic",
+              "--data_path", str(synthetic_root / "train")]
+    run(synthetic_root, tmp_path / "single", *common)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "run_pretraining_multimae.py", *TINY, *common, "--batch_size", "4", "--output_dir", str(tmp_path / "ddp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(argv, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 1/2" in proc.stdout + proc.stderr and "backend gloo" in proc.stdout + proc.stderr
+    single, ddp = epoch_log(tmp_path / "single"), epoch_log(tmp_path / "ddp")
+    assert len(single) == len(ddp) == 2
+    for a, b in zip(single, ddp):
+        assert b["[Epoch] loss"] == pytest.approx(a["[Epoch] loss"], rel=1e-4)
+        assert b["[Epoch] lr"] == pytest.approx(a["[Epoch] lr"], rel=1e-9)  # lr = blr * 4 * 2 / 256
+    a, b = _model_state(tmp_path / "single" / "checkpoint-1.pth"), _model_state(tmp_path / "ddp" / "checkpoint-1.pth")
+    start = _model_state(tmp_path / "single" / "checkpoint-0.pth")
+    # Adam turns rounding noise in (mathematically zero) key-bias gradients into updates of up to lr, so
+    # compare the whole parameter vector relative to how far training moved it (measured: 7e-4).
+    diff = math.sqrt(sum(((a[k] - b[k]) ** 2).sum().item() for k in a))
+    moved = math.sqrt(sum(((a[k] - start[k]) ** 2).sum().item() for k in a))
+    assert moved > 0.1 and diff / moved < 1e-2, (diff, moved)
+
+
+@pytest.mark.slow
+def test_published_vitb_config_runs_unchanged(synthetic_root, tmp_path):
+    """The released recipe, overriding only paths, batch size and epochs (+ a step cap): ViT-B, 224 px,
+    98 visible tokens, four decoders, fp32 semseg decoder, uncapped warm-up of 40 epochs."""
+    out = tmp_path / "vitb"
+    args = parse(["-c", "cfgs/pretrain/multimae-b_98_rgb+-depth-semseg_1600e.yaml",
+                  "--data_path", str(synthetic_root / "train"), "--output_dir", str(out), "--batch_size", "2",
+                  "--epochs", "1", "--max_steps_per_epoch", "2"])
+    trainer = script.main(args)
+    assert trainer.global_step == 2
+    # the 40-epoch warm-up is cut off after the 2 steps of this run (lr = 1e-4 * 2 / 256)
+    assert list(trainer.lr_schedule) == pytest.approx(list(np.linspace(1e-6, 1e-4 * 2 / 256, 80)[:2]))
+    (record,) = epoch_log(out)
+    assert math.isfinite(record["[Epoch] loss"]) and record["n_parameters"] > 9e7
+    ck = torch.load(out / "checkpoint-0.pth", weights_only=True)
+    keys = json.loads((Path(__file__).parent / "fixtures" / "vitb_keys.json").read_text())["multimae"]
+    assert {k: list(v.shape) for k, v in ck["model"].items()} == {k: list(v) for k, v in keys.items()}
+    assert (out / "vis" / "reconstruction_e0000.png").is_file()
+
+
+def test_wandb_offline_smoke(synthetic_root, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(synthetic_root, tmp_path / "out", "--epochs", "1", "--log_wandb", "--wandb_project", "multimae-test",
+        "--save_vis_freq", "1", "--num_vis", "2")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].rglob("*.wandb")), "no run data written"
+    assert list(runs[0].rglob("files/media/images/reconstructions*.png")), "reconstruction picture not logged"
