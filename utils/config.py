@@ -190,7 +190,7 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, **overrides: Any) -> No
 def add_runtime_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
     """Device and execution arguments: device, seed, num_workers, pin_mem (bool), amp
     ('bf16'|'fp16'|'none'), compile (bool), grad_ckpt (bool), print_freq, deterministic (bool),
-    show_user_warnings (bool)."""
+    show_user_warnings (bool); fault handling: on_bad_sample ('error'|'skip'), skip_nonfinite (int)."""
     specs = {
         'device': ('cuda', dict(type=str, help="device ('cuda' falls back to cpu when unavailable)")),
         'seed': (0, dict(type=int, help='random seed (each rank adds its rank)')),
@@ -203,6 +203,11 @@ def add_runtime_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
         'print_freq': (10, dict(type=int, help='console log line every N steps')),
         'deterministic': (False, dict(bool=True, help='deterministic algorithms (bit-exact resume)')),
         'show_user_warnings': (False, dict(bool=True, help='show Python UserWarnings')),
+        'on_bad_sample': ('error', dict(type=str, choices=['error', 'skip'],
+                                        help='unreadable/inconsistent sample: stop naming the file, or log it, '
+                                             'use the next sample instead and count it')),
+        'skip_nonfinite': (0, dict(type=int, help='skip up to N optimizer steps whose loss or gradient is '
+                                                  'NaN/inf (0: stop at the first one)')),
     }
     _add_group(parser, 'runtime', specs, overrides)
 
@@ -396,6 +401,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     list of error strings (checks across arguments, e.g. ``num_encoded_tokens`` vs. token count);
     all errors are collected. With ``exit_on_error`` they are printed one per line and the process
     exits with status 2, otherwise a ConfigError is raised. ``args.config`` is the list of files.
+    The arguments of the shared groups (checkpointing, runtime, ...) are always checked as well
+    (:func:`utils.validation.check_shared_args`: counts >= 0, ``--resume`` file exists, ...).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     _ensure_config_arg(parser)
@@ -417,6 +424,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 
     args = _parse_with_defaults(parser, argv, values)
     validators = [] if validate is None else [validate] if callable(validate) else list(validate)
+    from utils.validation import check_shared_args  # lazy: keeps `import utils.config` light
+    validators.insert(0, check_shared_args)
     for check in validators:
         try:
             errors.extend(check(args) or [])

@@ -23,10 +23,17 @@ except ImportError:  # pragma: no cover - depends on the installed torchvision
 from .data_constants import IMG_EXTENSIONS
 from .modalities import get_modality
 
-__all__ = ['MultiModalImageFolder', 'decode_file', 'DECODERS', 'ImageDecodeError']
+__all__ = ['MultiModalImageFolder', 'decode_file', 'check_label_range', 'DECODERS', 'BadSampleError',
+           'ImageDecodeError']
 
 
-class ImageDecodeError(RuntimeError):
+class BadSampleError(ValueError):
+    """One sample cannot be used: a file is unreadable, of the wrong kind, or inconsistent with the other
+    modalities. The message names the file and what was expected. ``--on_bad_sample skip`` catches
+    exactly this type (a bug elsewhere in the data pipeline still stops the run)."""
+
+
+class ImageDecodeError(BadSampleError, RuntimeError):
     """A file could not be read or decoded as the expected kind of image."""
 
 
@@ -84,9 +91,28 @@ def decode_file(path: str, modality: str) -> torch.Tensor:
     m = get_modality(modality)
     decoder = DECODERS[m.decoder] if isinstance(m.decoder, str) else m.decoder
     try:
-        return decoder(path)
+        img = decoder(path)
     except Exception as err:
         raise ImageDecodeError(f"cannot read {modality} file '{path}': {err}") from err
+    if m.bit_depth == 16 and img.dtype == torch.uint8:
+        raise ImageDecodeError(f"{modality} file '{path}' is an 8-bit image; expected a 16-bit single-channel "
+                               f"PNG (values are divided by {1 / m.value_scale:g}, so 8-bit data would come out "
+                               "256x too small)")
+    return img
+
+
+def check_label_range(img: torch.Tensor, path: str, modality: str, num_classes: int,
+                      allowed: Sequence[int] = ()) -> None:
+    """Raise BadSampleError when the label map ``img`` holds an id outside ``0..num_classes-1`` and
+    ``allowed`` (e.g. the ignore value 255)."""
+    bad = img >= num_classes
+    for value in allowed:
+        bad &= img != value
+    if bool(bad.any()):
+        ids = sorted({int(v) for v in img[bad].unique()[:5]})
+        extra = f" (or {', '.join(map(str, allowed))})" if allowed else ''
+        raise BadSampleError(f"{modality} file '{path}' holds class id(s) {ids} out of range; expected ids "
+                             f"0..{num_classes - 1}{extra} for {num_classes} classes")
 
 
 def _scan_modality(folder: str, classes: Sequence[str], modality: str) -> Dict[Tuple[str, str], str]:
@@ -135,14 +161,22 @@ class MultiModalImageFolder(Dataset):
         prefixes: folder prefix per modality, e.g. ``{'depth': 'pseudo_'}`` reads ``pseudo_depth/``.
         strict: if True every sample must exist in every modality (else ValueError naming the missing
             files); if False, samples missing in some modality are dropped with a warning.
+        label_ranges: ``{modality: (num_classes, allowed_extra_ids)}`` -- label maps are checked at load
+            time, e.g. ``{'semseg': (133, ())}`` when semseg feeds an embedding of 133 rows.
+
+    Per-sample problems (unreadable file, 8-bit depth, label id out of range, modalities of different
+    sizes) raise :class:`BadSampleError` naming the file at load time; folder problems (missing modality
+    folder or file, empty folder) raise at construction.
     """
 
     def __init__(self, root: str, modalities: Sequence[str], transform: Optional[Callable] = None,
                  max_images: Optional[int] = None, prefixes: Optional[Dict[str, str]] = None,
-                 strict: bool = True):
+                 strict: bool = True, label_ranges: Optional[Dict[str, Tuple[int, Sequence[int]]]] = None):
         if not modalities:
             raise ValueError('MultiModalImageFolder needs at least one modality')
         self.root, self.modalities, self.transform = root, list(modalities), transform
+        self.label_ranges = {m: (int(n), tuple(extra)) for m, (n, extra) in (label_ranges or {}).items()
+                             if m in modalities}
         prefixes = prefixes or {}
         for m in self.modalities:
             get_modality(m)
@@ -197,7 +231,10 @@ class MultiModalImageFolder(Dataset):
         sizes = {m: tuple(t.shape[-2:]) for m, t in sample.items()}
         if len(set(sizes.values())) > 1:
             detail = ', '.join(f"{m} {h}x{w} ('{paths[m]}')" for m, (h, w) in sizes.items())
-            raise ValueError(f"sample {index} has modalities of different sizes (HxW): {detail}")
+            raise BadSampleError(f"sample {index} has modalities of different sizes (HxW): {detail}; "
+                                 f"expected the same size in every modality")
+        for m, (num_classes, extra) in self.label_ranges.items():
+            check_label_range(sample[m], paths[m], m, num_classes, extra)
         return sample
 
     def __getitem__(self, index: int) -> Tuple[Dict[str, torch.Tensor], int]:

@@ -76,6 +76,8 @@ class Modality:
             or None when the modality cannot be an input / a pre-training output.
         hflip_negate_channels: channels whose sign flips under a horizontal flip (e.g. normal x);
             for values in [0, 1] the flip maps v -> 1 - v.
+        bit_depth: bits per value the files must have (depth: 16), or None for any. An 8-bit depth map
+            would silently be 256 times too small after ``value_scale``; it is rejected at load time.
     """
     name: str
     num_channels: int
@@ -90,6 +92,7 @@ class Modality:
     input_adapter: Optional[AdapterFactory] = patched_input_adapter
     output_adapter: Optional[AdapterFactory] = spatial_output_adapter
     hflip_negate_channels: Tuple[int, ...] = ()
+    bit_depth: Optional[int] = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -210,7 +213,7 @@ def build_pretrain_losses(out_domains: Sequence[str], patch_size: int,
 
 register_modality(Modality('rgb', num_channels=3, kind='rgb', decoder='rgb', loss='mse'))
 register_modality(Modality('depth', num_channels=1, kind='dense', decoder='gray', value_scale=1.0 / DEPTH_PNG_SCALE,
-                           value_range=(0.0, 1.0), loss='l1'))
+                           value_range=(0.0, 1.0), loss='l1', bit_depth=16))
 register_modality(Modality('semseg', num_channels=COCO_SEMSEG_NUM_CLASSES, stride_level=SEMSEG_STRIDE,
                            num_classes=COCO_SEMSEG_NUM_CLASSES, kind='label', decoder='label', loss='ce',
                            loss_kwargs={'label_smoothing': 0.0, 'ignore_index': SEG_IGNORE_INDEX},
