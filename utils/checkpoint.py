@@ -70,6 +70,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _file_mode(path: Path) -> int:
+    """Permission bits for a new version of ``path``: those of the existing file, else 0666 minus umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = 'wb') -> Iterator[IO]:
     """Open a temporary file next to ``path`` for writing; on success it is flushed, fsynced and
@@ -85,6 +95,9 @@ def atomic_open(path: str | os.PathLike, mode: str = 'wb') -> Iterator[IO]:
     directory = path.parent if str(path.parent) else Path('.')
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{path.name}.', suffix='.tmp')
     try:
+        # mkstemp creates the file private (0600); give it the mode a plain open() would have
+        if hasattr(os, 'fchmod'):
+            os.fchmod(fd, _file_mode(path))
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

@@ -251,16 +251,23 @@ def _jsonable(value: Any) -> Any:
 def append_log_txt(output_dir: str | os.PathLike | None, record: Mapping[str, Any],
                    filename: str = 'log.txt') -> Path | None:
     """Append ``record`` as one JSON line to ``output_dir/filename`` (main process only; no-op when
-    ``output_dir`` is empty). Tensors/numpy values become numbers, non-finite floats strings."""
+    ``output_dir`` is empty). Tensors/numpy values become numbers, non-finite floats strings.
+
+    The file is rewritten atomically (old content + the new line to a temporary file, then renamed), so a
+    crash or a full disk never leaves a torn last line: the log is either the old one or the new one.
+    It holds one line per epoch, so rewriting it costs nothing next to an epoch."""
     if not output_dir or not is_main_process():
         return None
+    from utils.checkpoint import atomic_open  # lazy: utils.checkpoint imports torch.nn
+
     path = Path(output_dir) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(_jsonable(dict(record)), allow_nan=False)
-    with open(path, 'a', encoding='utf-8') as f:
-        f.write(line + '\n')
-        f.flush()
-        os.fsync(f.fileno())
+    old = path.read_bytes() if path.is_file() else b''
+    if old and not old.endswith(b'\n'):
+        old += b'\n'  # a line torn by an older, non-atomic writer stays separate from the new one
+    with atomic_open(path, 'wb') as f:
+        f.write(old + line.encode('utf-8') + b'\n')
     return path
 
 
