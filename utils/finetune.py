@@ -15,7 +15,7 @@ function and wires them with the helpers here::
     evaluator = EvalCallback(evaluate, {'val': val_loader}, args.eval_freq, args.epochs)
     trainer.resume(resolve_resume(args))
     trainer.fit(train_loader, callbacks=[evaluator])
-    test_with_best_checkpoint(trainer, evaluate, test_loader)  # loads checkpoint-best.pth strictly
+    evaluate_best_checkpoint(trainer, evaluate, test_loader)  # loads checkpoint-best.pth strictly
 
 ``evaluate(model, loader) -> dict of floats`` receives the unwrapped model (no DDP collectives during
 evaluation, so uneven shards cannot hang) and must reduce its metrics across processes itself (the
@@ -49,7 +49,7 @@ __all__ = [
     "add_finetune_args", "EncoderInfo", "encoder_info", "dpt_hooks", "dpt_layer_dims", "dpt_feature_dim", "build_dense_head",
     "build_multivit", "load_pretrained", "EvalShardSampler", "build_train_loader", "build_eval_loader",
     "build_schedules", "build_finetune_optimizer", "wrap_model", "build_finetune_trainer", "EvalCallback",
-    "run_evaluation", "log_record", "test_with_best_checkpoint", "PredictionPictures", "resolve_finetune_amp", "count_params",
+    "run_evaluation", "log_record", "evaluate_best_checkpoint", "PredictionPictures", "resolve_finetune_amp", "count_params",
     "FinetuneTask", "run_finetuning",
 ]
 
@@ -351,7 +351,7 @@ class EvalCallback:
         return record
 
 
-def test_with_best_checkpoint(trainer: Trainer, evaluate: EvaluateFn, loader: DataLoader, wandb: Any = None,
+def evaluate_best_checkpoint(trainer: Trainer, evaluate: EvaluateFn, loader: DataLoader, wandb: Any = None,
                               prefix: str = 'test') -> dict:
     """After training: load ``output_dir/checkpoint-best.pth`` strictly into the model (a mismatch is an
     error; published: silently loaded nothing unless DDP-wrapped) and evaluate ``loader``. Without a best
@@ -547,7 +547,7 @@ def run_finetuning(args: argparse.Namespace, make_task: Callable[[argparse.Names
         record = trainer.fit(train_loader, callbacks=callbacks)
         if args.test_data_path:
             test_loader = build_eval_loader(task.dataset(args, 'test'), task.eval_batch_size, args)
-            record = test_with_best_checkpoint(trainer, task.evaluate, test_loader, wandb)
+            record = evaluate_best_checkpoint(trainer, task.evaluate, test_loader, wandb)
         return record
     finally:
         if wandb is not None:
