@@ -1,7 +1,4 @@
 """tools/visualize.py on a tiny checkpoint pre-trained here for two steps by run_pretraining_multimae.py."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,6 @@ from tools import visualize
 from utils.checkpoint import load_checkpoint
 from utils.synthetic_data import make_synthetic_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE, PATCH = 64, 16
 N_TOK = (SIZE // PATCH) ** 2
 
@@ -23,14 +19,17 @@ N_TOK = (SIZE // PATCH) ** 2
 def pretrained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vis")
     make_synthetic_dataset(str(tmp / "data"), num_train=8, num_val=4, image_size=SIZE, seed=3)
-    cmd = [sys.executable, "run_pretraining_multimae.py", "--model", "pretrain_multimae_tiny", "--input_size",
-           str(SIZE), "--num_encoded_tokens", "12", "--batch_size", "4", "--epochs", "1", "--decoder_dim", "32",
-           "--decoder_depth", "1", "--decoder_num_heads", "4", "--data_path", str(tmp / "data/train"),
-           "--output_dir", str(tmp / "run"), "--device", "cpu", "--num_workers", "0", "--save_vis_freq", "0",
-           "--warmup_epochs", "0", "--standardize_depth"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    import run_pretraining_multimae
+    from utils.config import parse_args
+    from utils.pretrain import validate_pretrain_args
+
+    argv = ["--model", "pretrain_multimae_tiny", "--input_size", str(SIZE), "--num_encoded_tokens", "12",
+            "--batch_size", "4", "--epochs", "1", "--decoder_dim", "32", "--decoder_depth", "1",
+            "--decoder_num_heads", "4", "--data_path", str(tmp / "data/train"), "--output_dir", str(tmp / "run"),
+            "--device", "cpu", "--num_workers", "0", "--save_vis_freq", "0", "--warmup_epochs", "0",
+            "--standardize_depth"]
+    run_pretraining_multimae.main(parse_args(run_pretraining_multimae.get_args_parser(), argv,
+                                             validate=validate_pretrain_args, exit_on_error=False))
     return tmp, tmp / "run" / "checkpoint-last.pth"
 
 
