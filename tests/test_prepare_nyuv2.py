@@ -25,7 +25,8 @@ def nyu_files(tmp_path):
         f["depths"] = depth.transpose(0, 2, 1)
         f["rawDepths"] = (depth * (depth > 2)).transpose(0, 2, 1)
         f["labels"] = labels.transpose(0, 2, 1)
-    scipy_io.savemat(tmp_path / "splits.mat", {"trainNdxs": np.array([[1], [3], [5]]), "testNdxs": np.array([[2], [4]])})
+    splits = {"trainNdxs": np.array([[1], [3], [5]]), "testNdxs": np.array([[2], [4]])}
+    scipy_io.savemat(tmp_path / "splits.mat", splits)
     map_class = np.array([[5, 40, 1, 0, 12, 7, 40]])  # original class c (1-based) -> NYU-40
     scipy_io.savemat(tmp_path / "classMapping40.mat", {"mapClass": map_class})
     args = ["--dataset_path", str(mat), "--splits_path", str(tmp_path / "splits.mat"),

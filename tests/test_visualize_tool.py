@@ -85,7 +85,8 @@ def test_single_modality_prediction_ignores_hidden_inputs(pretrained):
     B = len(demo.names)
     masks = {t: torch.full((B, N_TOK), int(t != "depth"), dtype=torch.long) for t in demo.inputs}
     a = demo.predict(demo.batch, masks)
-    other = {**demo.batch, "rgb": torch.randn_like(demo.batch["rgb"]), "semseg": torch.randint_like(demo.batch["semseg"], 5)}
+    other = {**demo.batch, "rgb": torch.randn_like(demo.batch["rgb"]),
+             "semseg": torch.randint_like(demo.batch["semseg"], 5)}
     b = demo.predict(other, masks)
     assert torch.allclose(a["rgb"], b["rgb"], atol=1e-5) and torch.allclose(a["semseg"], b["semseg"], atol=1e-5)
     c = demo.predict({**demo.batch, "depth": demo.batch["depth"].flip(-1)}, masks)
@@ -126,7 +127,8 @@ def test_hue_edit_changes_only_the_chosen_patch(pretrained, tmp_path):
     changed = (out[1] - rgb).abs().amax(0) > 1e-4
     assert changed[32:48, 16:32].any() and not changed[:32].any() and not changed[48:].any()
     assert not changed[:, :16].any() and not changed[:, 32:].any()
-    un = lambda t: t * torch.tensor(demo.painter.std).view(3, 1, 1) + torch.tensor(demo.painter.mean).view(3, 1, 1)  # noqa
+    std, mean = torch.tensor(demo.painter.std).view(3, 1, 1), torch.tensor(demo.painter.mean).view(3, 1, 1)
+    un = lambda t: t * std + mean  # noqa: E731
     a, b = un(rgb)[:, 32:48, 16:32].clamp(0, 1), un(out[1])[:, 32:48, 16:32]
     assert torch.allclose(a.amax(0), b.amax(0), atol=1e-4)  # HSV value kept
 

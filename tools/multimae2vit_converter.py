@@ -35,8 +35,8 @@ def build_matching_timm_vit(sd: dict) -> torch.nn.Module:
     n_patches = sd["pos_embed"].shape[1] - 1
     side = int(round(n_patches ** 0.5))
     if side * side != n_patches or p_h != p_w:
-        raise ValueError(f"verification only handles square grids and patches (pos_embed {tuple(sd['pos_embed'].shape)}, "
-                         f"patch {p_h}x{p_w}); use --no_verify")
+        raise ValueError(f"verification only handles square grids and patches (pos_embed "
+                         f"{tuple(sd['pos_embed'].shape)}, patch {p_h}x{p_w}); use --no_verify")
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     with torch.device("meta"):
         return VisionTransformer(img_size=side * p_h, patch_size=p_h, in_chans=in_chans, embed_dim=dim, depth=depth,
@@ -59,8 +59,8 @@ def main(argv=None) -> None:
         out = multimae_to_vit(sd)
     except ValueError as e:
         sys.exit(f"{args.multimae_ckpt_path}: {e}")
-    ignored = sorted({".".join(k.split(".")[:2]) for k in sd
-                      if k.startswith(("output_adapters.", "input_adapters.")) and not k.startswith("input_adapters.rgb.")})
+    ignored = sorted({".".join(k.split(".")[:2]) for k in sd if k.startswith(("output_adapters.", "input_adapters."))
+                      and not k.startswith("input_adapters.rgb.")})
     if not args.no_verify:
         build_matching_timm_vit(out).load_state_dict(out, strict=True, assign=True)
     save_weights_file(out, args.vit_ckpt_path, extra=meta)

@@ -57,7 +57,8 @@ def read_splits(path: str) -> dict[str, np.ndarray]:
     out = {}
     for split, key in (("train", "trainNdxs"), ("test", "testNdxs")):
         if key not in mat:
-            raise SystemExit(f"{path}: variable '{key}' missing (found {sorted(k for k in mat if not k.startswith('__'))})")
+            found = sorted(k for k in mat if not k.startswith("__"))
+            raise SystemExit(f"{path}: variable '{key}' missing (found {found})")
         idx = np.asarray(mat[key]).reshape(-1).astype(np.int64)
         if idx.size and idx.min() < 1:
             raise SystemExit(f"{path}: '{key}' must hold 1-based MATLAB indices, found {idx.min()}")

@@ -70,7 +70,8 @@ def config_from_state_dict(sd: dict) -> dict:
     if outs:
         o = outs[0]
         cfg["decoder_dim"] = sd[f"output_adapters.{o}.proj_context.weight"].shape[0]
-        cfg["decoder_depth"] = len({k.split(".")[3] for k in sd if k.startswith(f"output_adapters.{o}.decoder_transformer.")})
+        prefix = f"output_adapters.{o}.decoder_transformer."
+        cfg["decoder_depth"] = len({k.split(".")[3] for k in sd if k.startswith(prefix)})
         cfg["decoder_use_task_queries"] = any(k.startswith(f"output_adapters.{o}.task_embeddings") for k in sd)
         cfg["decoder_use_xattn"] = f"output_adapters.{o}.decoder.q.weight" in sd
     return cfg

@@ -112,7 +112,8 @@ def save_weights_file(state_dict: Mapping[str, torch.Tensor], path: str | os.Pat
                       extra: Mapping[str, Any] | None = None) -> None:
     """Write a state dict atomically: `.safetensors` (flat tensors; `extra` values are stored as string
     metadata) or `.pth`/`.pt`/`.bin` (`{'model': state_dict, **extra}` when `extra` is not None -- even
-    empty --, else the bare state dict). `extra` must hold plain containers only so `torch.load(weights_only=True)` reads it."""
+    empty --, else the bare state dict). `extra` must hold plain containers only, so that
+    `torch.load(weights_only=True)` reads it."""
     path = Path(path)
     if path.suffix not in WEIGHTS_SUFFIXES:
         raise ValueError(f"cannot tell the weights format of '{path}': expected one of {WEIGHTS_SUFFIXES}")
@@ -146,8 +147,9 @@ def load_weights_with_metadata(path: str | os.PathLike
 
     Returns `(state_dict, metadata, dropped)`: the model state dict (from 'model' / 'state_dict' /
     'module' or the bare dict, DDP prefix removed), the checkpoint entries without tensors (e.g. 'args',
-    'epoch'; None for a bare state dict, so `save_weights_file(..., extra=metadata)` keeps the layout) and the names of the other tensor-holding entries (optimizer, scaler, EMA ...), which a
-    converted file cannot use.
+    'epoch'; None for a bare state dict, so `save_weights_file(..., extra=metadata)` keeps the layout) and
+    the names of the other tensor-holding entries (optimizer, scaler, EMA ...), which a converted file cannot
+    use.
     """
     from utils.checkpoint import load_checkpoint
     from utils.pretrained import extract_state_dict

@@ -353,7 +353,8 @@ class LabelWriter:
 def _eta(done: int, total: int, seconds: float) -> str:
     rate = done / max(seconds, 1e-9)
     left = (total - done) / rate if rate > 0 else math.inf
-    return f"{done}/{total} images  {rate:.1f} img/s  ETA {timedelta(seconds=round(left)) if math.isfinite(left) else '?'}"
+    eta = timedelta(seconds=round(left)) if math.isfinite(left) else "?"
+    return f"{done}/{total} images  {rate:.1f} img/s  ETA {eta}"
 
 
 @torch.inference_mode()
