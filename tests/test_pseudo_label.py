@@ -277,6 +277,15 @@ def test_crash_leaves_only_complete_labels(rgb_data, weights, tmp_path, monkeypa
     assert _run(_module_args(rgb_data / "train", out, weights))["labelled"] == 6
 
 
+def test_unreadable_image_is_reported_and_skipped(rgb_data, weights, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(rgb_data / "val", data)
+    (data / "rgb/boxes/broken.png").write_bytes(b"not a png")
+    stats = _run(_module_args(data, tmp_path / "out", weights))
+    assert stats["unreadable"] == ["boxes/broken.png"] and stats["labelled"] == 2
+    assert not (tmp_path / "out/depth/boxes/broken.png").exists()
+
+
 def test_errors_name_the_missing_piece(rgb_data, weights, tmp_path):
     from utils.config import ConfigError
 

@@ -274,7 +274,8 @@ def label_path(out_root: str, rel: str) -> str:
 class RGBFiles(Dataset):
     """Images resized to the labeller's `size` (h, w): 'pad' keeps the aspect ratio (top-left aligned,
     padded with the mean colour, i.e. zeros after normalisation), 'stretch' resizes to exactly `size`.
-    Items: (uint8 (3, h, w), int64 [H, W, content_h, content_w], index)."""
+    Items: (uint8 (3, h, w), int64 [H, W, content_h, content_w], index); an unreadable file gives sizes
+    [0, 0, 0, 0] (reported and skipped by `label_files` instead of stopping a long run)."""
 
     def __init__(self, root: str, rel_paths: Sequence[str], size: Sequence[int], mean: Sequence[float],
                  resize_mode: str = "pad"):
@@ -290,11 +291,14 @@ class RGBFiles(Dataset):
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
-        from utils.datasets import decode_file
+        from utils.datasets import ImageDecodeError, decode_file
 
-        img = decode_file(os.path.join(self.root, self.rel[i]), "rgb")
-        H, W = img.shape[-2:]
         sh, sw = self.size
+        try:
+            img = decode_file(os.path.join(self.root, self.rel[i]), "rgb")
+        except ImageDecodeError:
+            return torch.zeros(3, sh, sw, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64), i
+        H, W = img.shape[-2:]
         if self.mode == "stretch":
             ch, cw = sh, sw
         else:
@@ -361,7 +365,10 @@ def _eta(done: int, total: int, seconds: float) -> str:
 def label_files(labeller: Labeller, dataset: RGBFiles, out_paths: Sequence[str], writer: LabelWriter,
                 device: torch.device, amp: str = "none", batch_size: int = 16, num_workers: int = 4,
                 print_freq: int = 10, log: Callable[[str], None] = print) -> dict[str, float]:
-    """Label every image of `dataset` into `out_paths[i]`. Returns {'images', 'seconds', 'saturated'}."""
+    """Label every image of `dataset` into `out_paths[i]`.
+
+    Returns {'images' (labelled), 'seconds', 'saturated' (fraction of depth pixels clipped at 65535),
+    'unreadable' (relative paths of files that could not be decoded; no label is written for them)}."""
     from utils.engine import autocast
 
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
@@ -369,7 +376,7 @@ def label_files(labeller: Labeller, dataset: RGBFiles, out_paths: Sequence[str],
     mean = torch.tensor(labeller.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(labeller.std, device=device).view(1, 3, 1, 1)
     sh, sw = labeller.input_size
-    start, done = time.perf_counter(), 0
+    start, done, unreadable = time.perf_counter(), 0, []
     try:
         for step, (imgs, sizes, index) in enumerate(loader):
             x = (imgs.to(device, non_blocking=True).float().div_(255) - mean) / std
@@ -378,6 +385,10 @@ def label_files(labeller: Labeller, dataset: RGBFiles, out_paths: Sequence[str],
             raw = raw.float()
             oh, ow = raw.shape[-2:]
             for b, (H, W, ch, cw) in enumerate(sizes.tolist()):
+                if H == 0:
+                    unreadable.append(dataset.rel[int(index[b])])
+                    log(f"cannot read {os.path.join(dataset.root, unreadable[-1])}; skipped")
+                    continue
                 crop = raw[b:b + 1, :, :max(1, round(ch * oh / sh)), :max(1, round(cw * ow / sw))]
                 full = F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)
                 writer.submit(out_paths[int(index[b])], writer.encode(labeller.finish(full)[0]))
@@ -386,8 +397,8 @@ def label_files(labeller: Labeller, dataset: RGBFiles, out_paths: Sequence[str],
                 log(_eta(done, len(dataset), time.perf_counter() - start))
     finally:
         writer.close()
-    return {"images": done, "seconds": time.perf_counter() - start,
-            "saturated": writer.saturated / max(writer.pixels, 1)}
+    return {"images": done - len(unreadable), "seconds": time.perf_counter() - start,
+            "saturated": writer.saturated / max(writer.pixels, 1), "unreadable": unreadable}
 
 
 # ------------------------------------------------------------------------------------------- a whole folder
@@ -452,7 +463,7 @@ def label_folder(labeller: Labeller, data_path: str, in_domain: str, out_root: s
     tag = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
     _print(f"{tag}{len(rel)} images in {in_root}; {len(mine)} for this process, {len(mine) - len(todo)} already "
            f"labelled, {len(todo)} to label -> {out_root}")
-    stats = {"images": 0, "seconds": 0.0, "saturated": 0.0}
+    stats: dict[str, Any] = {"images": 0, "seconds": 0.0, "saturated": 0.0, "unreadable": []}
     if todo:
         dataset = RGBFiles(in_root, todo, labeller.input_size, labeller.mean, resize_mode)
         writer = LabelWriter(labeller.task, labeller.num_classes, depth_scale, num_writers)
@@ -461,12 +472,13 @@ def label_folder(labeller: Labeller, data_path: str, in_domain: str, out_root: s
     if stats["saturated"] > 0.001:
         _print(f"{tag}warning: {100 * stats['saturated']:.2f}% of depth pixels exceed 65535 after scaling by "
                f"{depth_scale}; lower --depth_scale")
-    counts = torch.tensor([len(todo), len(mine) - len(todo)], dtype=torch.int64)
-    total = all_reduce_sum(counts.clone()).tolist()
+    bad = stats["unreadable"]
+    counts = torch.tensor([stats["images"], len(mine) - len(todo), len(bad)], dtype=torch.int64)
+    total = all_reduce_sum(counts).tolist()
     print(f"done: labelled {total[0]} images, {total[1]} already labelled, over {world_size} process(es); "
-          f"labels and meta.json in {out_root}")
-    return {"total": len(rel), "shard": len(mine), "skipped": len(mine) - len(todo), "labelled": len(todo),
-            "labelled_all": total[0], "skipped_all": total[1], "seconds": stats["seconds"]}
+          f"labels and meta.json in {out_root}" + (f"; {total[2]} unreadable images skipped" if total[2] else ""))
+    return {"total": len(rel), "shard": len(mine), "skipped": len(mine) - len(todo), "labelled": stats["images"],
+            "unreadable": bad, "labelled_all": total[0], "skipped_all": total[1], "seconds": stats["seconds"]}
 
 
 def _print(msg: str) -> None:
