@@ -1,0 +1,158 @@
+"""tools/benchmark.py and utils/benchmark.py: the --quick run of every mode, the measurement primitives,
+the published PIL pipeline baseline, and that the two attention implementations agree."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from utils.benchmark import (BASELINE, PeakMemory, PilPretrainPipeline, Variant, attention_impl, count_flops,
+                             matmul_peak, parse_variant, summarize_times, time_interleaved, write_benchmark_images)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = _load_tool()
+
+
+def test_quick_runs_every_mode_and_writes_consistent_json(tmp_path):
+    out_json = tmp_path / "bench.json"
+    tool.main(["--quick", "--json", str(out_json), "--data_dir", str(tmp_path / "data")])
+    res = json.loads(out_json.read_text())
+    assert [r["mode"] for r in res["results"]] == list(tool.MODES)
+    assert res["machine"]["logical_cpus"] >= 1
+    for r in res["results"][:4]:
+        rows = r["rows"]
+        assert [row["variant"] for row in rows] == ["math", "sdpa"]
+        flops = rows[0]["flops_per_step"]
+        assert flops > 1e6 and all(row["flops_per_step"] == flops for row in rows)
+        for row in rows:
+            assert row["min_s"] <= row["median_s"] <= row["max_s"]
+            assert row["images_per_s"] == pytest.approx(r["batch_size"] / row["median_s"])
+            assert row["achieved_flops"] == pytest.approx(flops / row["median_s"])
+            assert row["fraction_of_peak"] == pytest.approx(row["achieved_flops"] / row["peak_flops"])
+            assert row["peak_flops"] > 1e8 and row["step_memory_mb"] > 0
+        assert rows[0]["speedup_vs_math"] == 1.0 and rows[0]["memory_vs_math"] == 1.0
+        assert rows[1]["speedup_vs_math"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
+    data = res["results"][4]
+    assert {(row["pipeline"], row["workers"]) for row in data["rows"]} == {(p, w) for p in ("pil", "ours")
+                                                                           for w in (0, 1)}
+    for row in data["rows"]:
+        assert row["images_per_s"] > 0
+        assert row["speedup_vs_pil"] == pytest.approx(row["images_per_s"] / next(
+            x["images_per_s"] for x in data["rows"] if x["pipeline"] == "pil" and x["workers"] == row["workers"]))
+
+
+def test_math_and_sdpa_attention_give_the_same_pretraining_step():
+    args = tool.get_args_parser().parse_args(["--quick"])
+    tool.apply_quick(args)
+    model, step, batch, _ = tool.build_mode("pretrain", args, torch.device("cpu"))
+    results = {}
+    for impl in ("math", "sdpa"):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # same Dirichlet split and masks for both
+        with attention_impl(impl):
+            preds, masks = model(batch[0], num_encoded_tokens=args.num_encoded_tokens)
+            loss = sum(p.float().square().mean() for p in preds.values())
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[impl] = (preds, masks, loss.detach(), grads)
+    (p_m, m_m, l_m, g_m), (p_s, m_s, l_s, g_s) = results["math"], results["sdpa"]
+    for task in p_m:
+        assert torch.equal(m_m.get(task, torch.zeros(1)), m_s.get(task, torch.zeros(1)))
+        torch.testing.assert_close(p_s[task], p_m[task], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(l_s, l_m, atol=1e-5, rtol=1e-5)
+    assert g_m.keys() == g_s.keys() and len(g_m) > 50
+    for name in g_m:
+        torch.testing.assert_close(g_s[name], g_m[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_count_flops_of_a_linear_layer_forward_and_backward():
+    lin = torch.nn.Linear(32, 48)
+    x = torch.randn(5, 32, requires_grad=True)
+    # forward 2*B*I*O; backward: grad of the input and grad of the weight, 2*B*I*O each
+    assert count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * 5 * 32 * 48
+
+
+def test_count_flops_credits_sdpa_like_math_and_restores_the_choice():
+    from multimae.multimae_utils import Attention, get_attention_impl
+    attn = Attention(64, num_heads=4)
+    x = torch.randn(2, 10, 64)
+    with attention_impl("sdpa"):
+        f_sdpa = count_flops(lambda: attn(x))
+        assert get_attention_impl() == "sdpa"
+    linear = 2 * 2 * 10 * 64 * (3 * 64 + 64)
+    attention = 2 * 2 * (2 * 4 * 10 * 10 * 16)  # q k^T and attn v, batch 2, 4 heads, 10 tokens, head dim 16
+    assert f_sdpa == linear + attention
+
+
+def test_peak_memory_sees_an_allocation_inside_the_block():
+    with PeakMemory("cpu") as pm:
+        t = torch.ones(16 * 2 ** 20)  # 64 MiB, touched
+        del t
+    if not pm.exact:
+        pytest.skip("the resident high-water mark cannot be reset on this system")
+    assert 60 * 2 ** 20 <= pm.delta_bytes <= 200 * 2 ** 20
+    with PeakMemory("cpu") as small:
+        torch.ones(1000)
+    assert small.delta_bytes < 30 * 2 ** 20
+
+
+def test_matmul_peak_and_interleaved_timing():
+    assert matmul_peak("cpu", n=128, repeats=2) > 1e7
+    calls = []
+    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, iters=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then the order rotates per round
+    assert all(len(v) == 3 for v in times.values())
+    s = summarize_times([3.0, 1.0, 2.0])
+    assert (s["median_s"], s["min_s"], s["max_s"]) == (2.0, 1.0, 3.0)
+
+
+def test_parse_variant():
+    assert parse_variant("baseline") == BASELINE == Variant(attention="math")
+    v = parse_variant("sdpa+compile+bf16+ckpt+cl+fused")
+    assert v == Variant("sdpa", True, "bf16", True, True, True) and v.name == "sdpa+compile+bf16+ckpt+cl+fused"
+    assert parse_variant("sdpa").name == "sdpa"
+    with pytest.raises(ValueError, match="unknown variant token 'fast'"):
+        parse_variant("sdpa+fast")
+
+
+def test_pil_baseline_computes_what_the_project_pipeline_computes(tmp_path):
+    """Whole-image crop, no flip: both pipelines must give the same tensors (fair comparison)."""
+    from utils.datasets import MultiModalImageFolder
+    from utils.transforms import PretrainTransform
+
+    root = write_benchmark_images(str(tmp_path), num_images=2, image_size=64, unique=2)
+    ours = MultiModalImageFolder(root, ["rgb", "depth", "semseg"],
+                                 transform=PretrainTransform(64, hflip=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0)))
+    pil = PilPretrainPipeline(ours.samples, input_size=64, hflip=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    for i in range(2):
+        (a, la), (b, lb) = ours[i], pil[i]
+        assert la == lb and a.keys() == b.keys()
+        for m in a:
+            assert a[m].shape == b[m].shape and a[m].dtype == b[m].dtype, m
+        assert b["semseg"].shape == (16, 16)
+        assert torch.equal(a["semseg"], b["semseg"])
+        torch.testing.assert_close(a["depth"], b["depth"], atol=1e-6, rtol=0)
+        # both decode the JPEG with libjpeg; allow a couple of grey levels for IDCT/upsampling differences
+        assert (a["rgb"] - b["rgb"]).abs().max() < 3 / 255 / 0.224
+
+
+def test_write_benchmark_images_reuses_a_complete_folder(tmp_path):
+    root = write_benchmark_images(str(tmp_path), num_images=3, image_size=32, unique=2)
+    files = sorted(p.name for p in (Path(root) / "rgb" / "scenes").iterdir())
+    assert files == ["img_000000.jpg", "img_000001.jpg", "img_000002.jpg"]
+    depth = np.array(__import__("PIL.Image", fromlist=["Image"]).open(Path(root) / "depth" / "scenes" / "img_000002.png"))
+    assert depth.dtype == np.uint16
+    mtime = (Path(root) / "rgb" / "scenes" / "img_000000.jpg").stat().st_mtime_ns
+    write_benchmark_images(str(tmp_path), num_images=3, image_size=32, unique=2)
+    assert (Path(root) / "rgb" / "scenes" / "img_000000.jpg").stat().st_mtime_ns == mtime

@@ -1,0 +1,436 @@
+#!/usr/bin/env python
+"""Training-step and input-pipeline benchmark.
+
+Model modes (``pretrain``, ``finetune-cls``, ``finetune-semseg``, ``finetune-depth``) time a full training
+step (forward, loss, backward, gradient norm, AdamW) of a registered model size on synthetic tensors and
+report the median step time, images/s, model FLOPs per step, achieved FLOP/s, that as a fraction of the
+matmul peak measured in the same run, and the peak memory of the step. Several variants of the step
+(attention kernel, ``torch.compile``, autocast, activation checkpointing, channels-last) run side by
+side, interleaved step by step, so their ratios are comparable even on a busy machine.
+
+The ``data`` mode measures images/s of the full pre-training input pipeline (read, decode, joint
+crop/flip/resize, depth and semseg handling, collate) on a folder of JPEG/PNG files, for several worker
+counts, next to the published PIL pipeline (``--pipeline pil``).
+
+    python tools/benchmark.py --mode pretrain --size small --compare            # ours vs published, ViT-S
+    python tools/benchmark.py --mode pretrain --size base --variants baseline,sdpa,sdpa+bf16,sdpa+ckpt
+    python tools/benchmark.py --mode data --workers 0,1,2
+    python tools/benchmark.py --quick                                           # every mode, tiny, < 20 s
+
+See README.md (Performance) for what the columns mean and measured numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from argparse import Namespace
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from utils.benchmark import (BASELINE, PeakMemory, PilPretrainPipeline, Variant, count_flops,  # noqa: E402
+                             machine_info, matmul_peak, parse_variant, summarize_times, time_interleaved,
+                             write_benchmark_images)
+
+MODEL_MODES = ("pretrain", "finetune-cls", "finetune-semseg", "finetune-depth")
+MODES = MODEL_MODES + ("data",)
+PEAK_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", default="pretrain", help=f"comma list of {', '.join(MODES)} or 'all'")
+    p.add_argument("--size", default="small", choices=["tiny", "small", "base", "large"], help="registered model size")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--patch_size", type=int, default=16)
+    p.add_argument("--num_encoded_tokens", type=int, default=98, help="pretrain: visible tokens per sample")
+    p.add_argument("--decoder_dim", type=int, default=256, help="pretrain decoders / semseg ConvNeXt width")
+    p.add_argument("--decoder_depth", type=int, default=2)
+    p.add_argument("--decoder_num_heads", type=int, default=8)
+    p.add_argument("--encoder_depth", type=int, default=None, help="override the number of encoder blocks")
+    p.add_argument("--iters", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation happens here)")
+    g = p.add_argument_group("variants (the step as configured by these flags is 'ours')")
+    g.add_argument("--attention", default="sdpa", choices=["sdpa", "math"])
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (encoder and decoders)")
+    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of the encoder blocks")
+    g.add_argument("--channels_last", action="store_true", help="channels-last conv weights and inputs")
+    g.add_argument("--fused_optimizer", action="store_true", help="fused AdamW kernel (torch >= 2.4 on CPU too)")
+    g.add_argument("--compare", action="store_true",
+                   help="also run the published formulation (math attention, eager, fp32) and print ratios")
+    g.add_argument("--variants", default="", help="explicit comma list, e.g. 'baseline,sdpa,sdpa+compile,"
+                   "sdpa+bf16,sdpa+ckpt' (the first one is the reference of the ratios)")
+    g = p.add_argument_group("data mode")
+    g.add_argument("--pipeline", default="both", choices=["ours", "pil", "both"])
+    g.add_argument("--workers", default="0,1,2", help="comma list of DataLoader worker counts")
+    g.add_argument("--num_images", type=int, default=128, help="images per timed epoch")
+    g.add_argument("--source_size", type=int, default=320, help="pixel size of the generated files")
+    g.add_argument("--data_dir", default="", help="folder for the generated files (default: a temp folder)")
+    g.add_argument("--data_repeats", type=int, default=3, help="timed epochs per configuration (median)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--peak_size", type=int, default=2048, help="matrix size of the matmul peak measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", help="write all results here")
+    p.add_argument("--quick", action="store_true", help="tiny model and images, few steps, every mode (< 20 s)")
+    return p
+
+
+def apply_quick(args: Namespace) -> None:
+    """Smallest settings that still exercise every code path (used by the test suite)."""
+    args.mode = "all" if args.mode == "pretrain" else args.mode
+    args.size, args.encoder_depth, args.batch_size, args.input_size = "tiny", 4, 2, 64
+    args.num_encoded_tokens, args.decoder_dim, args.decoder_depth, args.decoder_num_heads = 16, 64, 1, 4
+    args.iters, args.warmup, args.peak_size = 2, 1, 256
+    args.num_images, args.source_size, args.data_repeats, args.workers = 8, 80, 1, "0,1"
+    args.compare = args.compare or not args.variants
+
+
+def resolve_variants(args: Namespace) -> List[Variant]:
+    """The variants to run: ``--variants``, else the flags' variant (after the baseline with ``--compare``)."""
+    if args.variants:
+        return [parse_variant(s) for s in args.variants.split(",") if s.strip()]
+    ours = Variant(attention=args.attention, compile=args.compile, amp=args.amp, grad_ckpt=args.grad_ckpt,
+                   channels_last=args.channels_last, fused_optimizer=args.fused_optimizer)
+    return [BASELINE, ours] if args.compare and ours != BASELINE else [ours]
+
+
+# ----------------------------------------------------------------------------------------------
+# models, batches and step functions of the four model modes
+
+def _pretrain_setup(args: Namespace, device: torch.device) -> Tuple[nn.Module, Callable, Any, Callable]:
+    from multimae import create_model
+    from utils.modalities import build_input_adapters, build_pretrain_losses, build_pretrain_output_adapters
+    from utils.optim import pretrain_param_groups
+    from utils.pretrain import PretrainStep
+    from utils.task_balancing import build_task_balancer
+
+    domains, S, B = ["rgb", "depth", "semseg"], args.input_size, args.batch_size
+    outputs = build_pretrain_output_adapters(domains, domains, args.patch_size, S, dim_tokens=args.decoder_dim,
+                                             depth=args.decoder_depth, num_heads=args.decoder_num_heads,
+                                             extra_norm_pix_loss=True)
+    kw = {"depth": args.encoder_depth} if args.encoder_depth else {}
+    model = create_model(f"pretrain_multimae_{args.size}", input_adapters=build_input_adapters(domains, args.patch_size, S),
+                         output_adapters=outputs, **kw)
+    losses = build_pretrain_losses(domains, args.patch_size, extra_norm_pix_loss=True)
+    balancer = build_task_balancer("none", list(losses))
+    step = PretrainStep(domains, losses, balancer, args.num_encoded_tokens, standardize_depth=True)
+    g = torch.Generator().manual_seed(args.seed)
+    x = {"rgb": torch.randn(B, 3, S, S, generator=g), "depth": torch.rand(B, 1, S, S, generator=g),
+         "semseg": torch.randint(0, 133, (B, S // 4, S // 4), generator=g)}
+    return model, step, (x, torch.zeros(B, dtype=torch.long)), lambda m: pretrain_param_groups(m, balancer, 0.05)
+
+
+def _finetune_setup(args: Namespace, device: torch.device, task: str) -> Tuple[nn.Module, Callable, Any, Callable]:
+    from multimae import LinearOutputAdapter
+    from utils.finetune import EncoderInfo, build_dense_head, build_multivit, encoder_info
+    from utils.optim import finetune_param_groups
+
+    name, S, B = f"multivit_{args.size}", args.input_size, args.batch_size
+    kw = {"depth": args.encoder_depth} if args.encoder_depth else {}
+    enc: EncoderInfo = encoder_info(name, **kw)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(B, 3, S, S, generator=g)
+    if task == "cls":
+        head, key, y = LinearOutputAdapter(1000), "cls", torch.randint(0, 1000, (B,), generator=g)
+    elif task == "semseg":  # published default head: ConvNeXt, 6144 wide (--decoder_dim scales it in --quick)
+        head = build_dense_head("convnext", 150, ["rgb"], args.patch_size, enc,
+                                decoder_dim=6144 if args.decoder_dim >= 256 else args.decoder_dim * 4)
+        key, y = "semseg", torch.randint(0, 150, (B, S, S), generator=g)
+    else:
+        head, key, y = build_dense_head("dpt", 1, ["rgb"], args.patch_size, enc), "depth", torch.rand(B, 1, S, S, generator=g)
+    model = build_multivit(name, ["rgb"], {key: head}, args.patch_size, S, **kw)
+    all_layers = task == "depth"
+
+    def step(m: nn.Module, batch: Any) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        inputs, target = batch
+        out = m({"rgb": inputs}, return_all_layers=all_layers)[key].float()
+        if task == "depth":
+            loss = F.l1_loss(out, target)
+        else:
+            loss = F.cross_entropy(out, target, ignore_index=255)
+        return loss, {"loss": loss.detach()}
+
+    return model, step, (x, y), lambda m: finetune_param_groups(m, 0.05, 0.75)
+
+
+def build_mode(mode: str, args: Namespace, device: torch.device):
+    """``(model, step_fn, batch, param_groups_fn)`` for a model mode, on ``device``."""
+    torch.manual_seed(args.seed)
+    if mode == "pretrain":
+        model, step, batch, groups = _pretrain_setup(args, device)
+    else:
+        model, step, batch, groups = _finetune_setup(args, device, mode.split("-")[1])
+    from utils.engine import move_to_device
+    return model.to(device), step, move_to_device(batch, device), groups
+
+
+# ----------------------------------------------------------------------------------------------
+# running the variants of one model mode
+
+def _make_trainer(model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable, amp: str,
+                  device: torch.device):
+    from utils.engine import Trainer
+    return Trainer(model, optimizer, step, lr_schedule=np.full(1, 1.5e-4), wd_schedule=np.full(1, 0.05),
+                   steps_per_epoch=1, epochs=1, device=device, amp=amp)
+
+
+def _to_channels_last(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
+    if isinstance(batch, dict):
+        return {k: _to_channels_last(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_channels_last(v) for v in batch)
+    return batch
+
+
+class StepRunner:
+    """One training step of ``variant`` exactly as the engine runs it: hyper-parameters from the schedule,
+    autocast, the task step, (scaled) backward, gradient norm, optimizer step, zero grads. Variants share
+    the model and optimizer unless they need another weight layout (channels-last)."""
+
+    def __init__(self, variant: Variant, model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable,
+                 batch: Any, device: torch.device):
+        from utils.engine import autocast
+        self.variant, self.model, self.device, self.step = variant, model, device, step
+        self.trainer = _make_trainer(model, optimizer, step, variant.amp, device)
+        self.forward_model = torch.compile(model) if variant.compile else model
+        self.batch = _to_channels_last(batch) if variant.channels_last else batch
+        self._autocast = autocast
+
+    def __call__(self) -> None:
+        from multimae.multimae_utils import set_attention_impl
+        v, t = self.variant, self.trainer
+        set_attention_impl(v.attention)
+        self.model.set_grad_checkpointing(v.grad_ckpt)
+        t.set_hparams(0)
+        with self._autocast(self.device, t.amp):
+            loss, _ = self.step(self.forward_model, self.batch)
+        (t.scaler.scale(loss) if t.scaler is not None else loss).backward()
+        t.optimizer_step()
+
+
+def _graph_counters() -> Tuple[int, int]:
+    from torch._dynamo.utils import counters
+    return sum(counters["graph_break"].values()), int(counters["stats"].get("unique_graphs", 0))
+
+
+def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: torch.device) -> Dict[str, Any]:
+    """Time every variant of ``mode`` (interleaved), count model FLOPs once, measure step memory."""
+    from utils.optim import create_optimizer
+
+    model, step, batch, groups_fn = build_mode(mode, args, device)
+    opt_args = Namespace(opt="adamw", lr=1.5e-4, weight_decay=0.05, opt_eps=1e-8, opt_betas=[0.9, 0.95], momentum=0.9)
+    models: Dict[bool, nn.Module] = {}
+    optimizers: Dict[Tuple[bool, bool], torch.optim.Optimizer] = {}
+
+    def model_for(v: Variant) -> Tuple[nn.Module, torch.optim.Optimizer]:
+        """Variants share the model unless the weight layout differs, and the optimizer unless it is fused."""
+        if v.channels_last not in models:
+            m = model if not models else _clone(model)
+            models[v.channels_last] = m.to(memory_format=torch.channels_last) if v.channels_last else m
+        m = models[v.channels_last]
+        key = (v.channels_last, v.fused_optimizer)
+        if key not in optimizers:
+            opt = create_optimizer(opt_args, groups_fn(m))  # the project's optimizer (non-fused on CPU)
+            if v.fused_optimizer:
+                keep = ("lr", "betas", "eps", "weight_decay", "amsgrad")
+                opt = type(opt)(groups_fn(m), **{k: opt.defaults[k] for k in keep if k in opt.defaults}, fused=True)
+            optimizers[key] = opt
+        return m, optimizers[key]
+
+    runners = {v.name: StepRunner(v, *model_for(v), step, batch, device) for v in variants}
+    flops = count_flops(lambda: step(model, batch)[0].backward())
+    model.zero_grad(set_to_none=True)
+    peaks = _measure_peaks(variants, device, args.peak_size)
+
+    first_call: Dict[str, float] = {}
+    breaks0, graphs0 = _graph_counters()
+    times = time_interleaved(runners, iters=0, warmup=args.warmup, device=device,
+                             on_first_call=lambda n, s: first_call.__setitem__(n, s))
+    breaks1, graphs1 = _graph_counters()
+    times = time_interleaved(runners, iters=args.iters, warmup=0, device=device)
+    breaks2, graphs2 = _graph_counters()
+    memory = {}
+    for name, run in runners.items():
+        with PeakMemory(device) as pm:
+            run()
+        memory[name] = pm
+    for k, v in _measure_peaks(variants, device, args.peak_size).items():
+        peaks[k] = max(peaks[k], v)
+
+    rows = []
+    for v in variants:
+        stats = summarize_times(times[v.name])
+        peak = peaks[str(PEAK_DTYPES[v.amp]).replace("torch.", "")]
+        row = {"mode": mode, "variant": v.name, **stats, "images_per_s": args.batch_size / stats["median_s"],
+               "flops_per_step": flops, "achieved_flops": flops / stats["median_s"], "peak_flops": peak,
+               "peak_dtype": str(PEAK_DTYPES[v.amp]).replace("torch.", ""),
+               "fraction_of_peak": flops / stats["median_s"] / peak, "first_step_s": first_call[v.name],
+               "step_memory_mb": memory[v.name].delta_bytes / 2 ** 20,
+               "process_peak_mb": memory[v.name].peak_bytes / 2 ** 20, "memory_exact": memory[v.name].exact}
+        if v.compile:
+            row.update(graph_breaks_during_warmup=breaks1 - breaks0, new_graphs_during_timing=graphs2 - graphs1,
+                       graph_breaks_during_timing=breaks2 - breaks1)
+        rows.append(row)
+    _add_ratios(rows)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"mode": mode, "model": _model_name(mode, args), "batch_size": args.batch_size,
+            "input_size": args.input_size, "parameters": n_params, "peaks": peaks, "rows": rows}
+
+
+def _clone(model: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(model)
+
+
+def _model_name(mode: str, args: Namespace) -> str:
+    name = f"pretrain_multimae_{args.size}" if mode == "pretrain" else f"multivit_{args.size}"
+    return name + (f" (depth {args.encoder_depth})" if args.encoder_depth else "")
+
+
+def _measure_peaks(variants: List[Variant], device: torch.device, n: int) -> Dict[str, float]:
+    dtypes = {PEAK_DTYPES[v.amp] for v in variants} | {torch.float32}
+    return {str(d).replace("torch.", ""): matmul_peak(device, d, n=n) for d in sorted(dtypes, key=str)}
+
+
+def _add_ratios(rows: List[Dict[str, Any]]) -> None:
+    """Speed-up and memory ratio of every row against the first one (the reference variant)."""
+    ref = rows[0]
+    for r in rows:
+        r["speedup_vs_" + ref["variant"]] = r["images_per_s"] / ref["images_per_s"]
+        r["memory_vs_" + ref["variant"]] = r["step_memory_mb"] / max(ref["step_memory_mb"], 1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# data mode
+
+def _ours_loader(root: str, args: Namespace, workers: int):
+    from utils.pretrain import build_pretrain_loader
+    ns = Namespace(in_domains="rgb-depth-semseg", out_domains="rgb-depth-semseg", data_path=root,
+                   input_size=args.input_size, hflip=0.5, train_interpolation="bicubic",
+                   imagenet_default_mean_and_std=True, seed=args.seed, batch_size=args.batch_size,
+                   num_workers=workers, pin_mem=True)
+    return build_pretrain_loader(ns)[1]
+
+
+def _pil_loader(root: str, args: Namespace, workers: int):
+    from torch.utils.data import DataLoader
+
+    from utils.datasets import MultiModalImageFolder
+    samples = MultiModalImageFolder(root, ["rgb", "depth", "semseg"]).samples
+    ds = PilPretrainPipeline(samples, input_size=args.input_size)
+    return DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=True)
+
+
+def _time_epoch(loader) -> Tuple[float, int]:
+    t0, n = time.perf_counter(), 0
+    for x, _ in loader:
+        n += x["rgb"].shape[0]
+    return time.perf_counter() - t0, n
+
+
+def run_data_mode(args: Namespace) -> Dict[str, Any]:
+    """Images/s of one epoch (fresh workers, as in training) for each pipeline and worker count; the
+    configurations are interleaved per repeat and the median epoch is reported."""
+    root = args.data_dir or os.path.join(tempfile.gettempdir(), f"multimae_bench_{args.source_size}px_{args.num_images}")
+    t0 = time.perf_counter()
+    write_benchmark_images(root, args.num_images, args.source_size, unique=min(32, args.num_images), seed=args.seed)
+    gen_s = time.perf_counter() - t0
+    for dirpath, _, files in os.walk(root):  # page cache: time decoding, not the disk
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                fh.read()
+    pipelines = ["pil", "ours"] if args.pipeline == "both" else [args.pipeline]
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    makers = {"pil": _pil_loader, "ours": _ours_loader}
+    samples: Dict[Tuple[str, int], List[float]] = {(p, w): [] for p in pipelines for w in workers}
+    torch.manual_seed(args.seed)
+    for _ in range(args.data_repeats):
+        for w in workers:
+            for p in pipelines:
+                seconds, n = _time_epoch(makers[p](root, args, w))
+                samples[(p, w)].append(n / seconds)
+    rows = []
+    for (p, w), ips in samples.items():
+        ref = samples.get(("pil", w))
+        rows.append({"mode": "data", "pipeline": p, "workers": w, "images_per_s": float(np.median(ips)),
+                     "all_images_per_s": ips,
+                     "speedup_vs_pil": float(np.median(ips) / np.median(ref)) if ref else None})
+    return {"mode": "data", "root": root, "source_size": args.source_size, "num_images": args.num_images,
+            "input_size": args.input_size, "batch_size": args.batch_size, "generate_s": gen_s, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+def format_model_table(res: Dict[str, Any]) -> str:
+    ref = res["rows"][0]["variant"]
+    head = (f"{res['mode']}: {res['model']}, batch {res['batch_size']}, {res['input_size']}px, "
+            f"{res['parameters'] / 1e6:.1f}M params, {res['rows'][0]['flops_per_step'] / 1e9:.1f} GFLOP/step, "
+            f"peaks " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in res["peaks"].items()) + " GFLOP/s")
+    cols = f"{'variant':<24}{'step ms':>9}{'(min)':>8}{'img/s':>8}{'GFLOP/s':>9}{'%peak':>7}{'mem MB':>8}" \
+           f"{'speed x':>8}{'mem x':>7}{'1st s':>7}"
+    lines = [head, cols]
+    for r in res["rows"]:
+        lines.append(f"{r['variant']:<24}{r['median_s'] * 1e3:>9.0f}{r['min_s'] * 1e3:>8.0f}{r['images_per_s']:>8.2f}"
+                     f"{r['achieved_flops'] / 1e9:>9.1f}{100 * r['fraction_of_peak']:>7.1f}{r['step_memory_mb']:>8.0f}"
+                     f"{r['speedup_vs_' + ref]:>8.2f}{r['memory_vs_' + ref]:>7.2f}{r['first_step_s']:>7.1f}")
+        if "graph_breaks_during_timing" in r:
+            lines.append(f"{'':<24}compile: {r['graph_breaks_during_warmup']} graph breaks while compiling, "
+                         f"{r['graph_breaks_during_timing']} breaks / {r['new_graphs_during_timing']} new graphs "
+                         f"during the timed steps")
+    lines.append(f"(ratios vs '{ref}'; mem = peak resident memory of one step above the memory before it)")
+    return "\n".join(lines)
+
+
+def format_data_table(res: Dict[str, Any]) -> str:
+    lines = [f"data: rgb(JPEG)+depth(16-bit PNG)+semseg(PNG) {res['source_size']}px -> {res['input_size']}px, "
+             f"batch {res['batch_size']}, {res['num_images']} images per epoch",
+             f"{'pipeline':<10}{'workers':>8}{'img/s':>9}{'vs pil':>8}"]
+    for r in res["rows"]:
+        ratio = f"{r['speedup_vs_pil']:.2f}" if r["speedup_vs_pil"] is not None else "-"
+        lines.append(f"{r['pipeline']:<10}{r['workers']:>8}{r['images_per_s']:>9.1f}{ratio:>8}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = get_args_parser().parse_args(argv)
+    if args.quick:
+        apply_quick(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = list(MODES) if args.mode == "all" else [m.strip() for m in args.mode.split(",")]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"--mode: unknown mode(s) {unknown}; expected a comma list of {', '.join(MODES)} or 'all'")
+    device = torch.device(args.device)
+    variants = resolve_variants(args)
+    out: Dict[str, Any] = {"machine": machine_info(device), "args": vars(args), "results": []}
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in out["machine"].items()), flush=True)
+    for mode in modes:
+        res = run_model_mode(mode, args, variants, device) if mode != "data" else run_data_mode(args)
+        out["results"].append(res)
+        print((format_data_table if mode == "data" else format_model_table)(res) + "\n", flush=True)
+    out["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    return out
+
+
+if __name__ == "__main__":
+    main()
