@@ -165,3 +165,15 @@ def test_two_process_eval_equals_single_process(trained, data, tmp_path):
         assert dist[f"val/{k}"] == single[f"val/{k}"]
     assert dist["val/loss"] == pytest.approx(single["val/loss"], rel=1e-9)
     assert "rank 1/2" in proc.stdout + proc.stderr  # it really ran as two processes
+
+
+def test_label_out_of_range_names_the_file(data):
+    from utils.datasets import BadSampleError
+    from utils.finetune_dense import build_semseg_dataset
+
+    args = parse_args(script.get_args_parser(), argv_for(data, "unused", "--num_classes", "2"),
+                      validate=validate_semseg_args, exit_on_error=False)
+    ds = build_semseg_dataset(args, "val")
+    with pytest.raises(BadSampleError, match=r"semseg file '.*\.png' holds class id"):
+        for i in range(len(ds)):  # every synthetic scene has floor, wall and at least one object (id >= 2)
+            ds[i]
