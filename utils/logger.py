@@ -18,7 +18,8 @@ Public API:
     MetricLogger(delimiter='  ', window_size=20, printer=None)
         .update(**values) (None values ignored), .add_meter(name, meter), .meters,
         .log_every(iterable, print_freq=10, header='', batch_size=None, total=None) -> generator,
-        .global_avg() -> dict[str, float], .synchronize_between_processes() (collective), str(logger)
+        .global_avg() -> dict[str, float], .synchronize_between_processes() (collective), str(logger),
+        .state() -> {name: [total, count]}, .restore(state) (mid-epoch resume)
     append_log_txt(output_dir, record, filename='log.txt')      one JSON object per line, rank 0 only
     JsonLogger(output_dir, filename='log.txt').log(record)
     WandbLogger(args, enabled=None)   rank 0 and ``args.log_wandb`` only, ``wandb`` imported lazily;
@@ -37,7 +38,7 @@ import os
 import time
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -127,6 +128,14 @@ class SmoothedValue:
         w = self._window()
         return w[-1] if w else math.nan
 
+    def restore(self, total: float, count: int) -> None:
+        """Continue a series from a saved ``(total, count)`` (e.g. a mid-epoch checkpoint); the window
+        starts with the saved average."""
+        self._total_t, self._total, self.count = None, float(total), int(count)
+        self.deque.clear()
+        if count:
+            self.deque.append(self._total / self.count)
+
     def synchronize_between_processes(self) -> None:
         """Sum ``count`` and ``total`` over ranks (collective; the window stays local)."""
         if get_world_size() == 1:
@@ -178,6 +187,17 @@ class MetricLogger:
 
     def __str__(self) -> str:
         return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
+
+    def state(self) -> dict[str, list[float]]:
+        """``{name: [total, count]}`` of every meter (this rank only), for checkpoints."""
+        return {name: [meter.total, meter.count] for name, meter in self.meters.items()}
+
+    def restore(self, state: Mapping[str, Sequence[float]]) -> None:
+        """Continue the meters from :meth:`state` (mid-epoch resume)."""
+        for name, (total, count) in state.items():
+            if name not in self.meters and name in _VALUE_FMT:
+                self.meters[name] = SmoothedValue(self.window_size, _VALUE_FMT[name])
+            self.meters[name].restore(total, int(count))
 
     def global_avg(self) -> dict[str, float]:
         """``{name: global average}`` of every meter (call synchronize_between_processes first)."""
