@@ -45,7 +45,7 @@ def sample_alphas(B: int, n_tasks: int, alphas: Union[float, Sequence[float]] = 
     indices follow ``itertools.product([0, 1], repeat=n_tasks)`` order (first task = most
     significant bit), as published.
     """
-    alphas_t = torch.as_tensor(alphas, dtype=torch.float32, device=device).expand(n_tasks)
+    alphas_t = _per_task_tensor(alphas, n_tasks, device)
     choice = torch.randint(0, 2 ** n_tasks - 1, (B,), device=device) + 1  # skip the all-zero subset
     shifts = torch.arange(n_tasks - 1, -1, -1, device=device)
     chosen = torch.bitwise_and(torch.bitwise_right_shift(choice[:, None], shifts), 1).to(torch.float32)
@@ -198,8 +198,12 @@ class MultiMAE(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute encoder block activations in backward (``use_reentrant=False``) to save memory."""
+        """Recompute activations in backward (``use_reentrant=False``) to save memory: every encoder block,
+        and the attention blocks of output adapters that support it (the pre-training decoders)."""
         self.grad_checkpointing = enable
+        for adapter in (self.output_adapters.values() if self.output_adapters is not None else ()):
+            if hasattr(adapter, "set_grad_checkpointing"):
+                adapter.set_grad_checkpointing(enable)
 
     def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -278,7 +282,7 @@ class MultiMAE(nn.Module):
         if sample_tasks_uniformly:
             concentration = sample_alphas(B, n_tasks, alphas=alphas, device=device)
         else:
-            concentration = torch.tensor(alphas, dtype=torch.float32, device=device).expand(B, n_tasks)
+            concentration = _per_task_tensor(alphas, n_tasks, device).expand(B, n_tasks)
         proportions = _sample_dirichlet(concentration)
         samples_per_task = (proportions * num_encoded_tokens).round().long()  # (B, T)
 
@@ -400,6 +404,19 @@ class MultiViT(MultiMAE):
             return encoder_tokens
         return {task: adapter(encoder_tokens=encoder_tokens, input_info=input_info)
                 for task, adapter in self.output_adapters.items()}
+
+
+def _per_task_tensor(values: Union[float, Sequence[float]], n_tasks: int, device: Optional[torch.device]) -> Tensor:
+    """``(n_tasks,)`` float32 tensor on ``device`` built with fill kernels: a host-to-device copy of a Python
+    list (``torch.tensor(values, device='cuda')``) would synchronise the host on every training step."""
+    if isinstance(values, (int, float)):
+        return torch.full((n_tasks,), float(values), dtype=torch.float32, device=device)
+    values = [float(v) for v in values]
+    if len(values) != n_tasks:
+        raise ValueError(f"expected {n_tasks} per-task values, got {len(values)}: {values}")
+    if len(set(values)) == 1:
+        return torch.full((n_tasks,), values[0], dtype=torch.float32, device=device)
+    return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in values])
 
 
 def _sample_dirichlet(concentration: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .multimae_utils import Block, CrossAttention, Mlp, build_2d_sincos_posemb, pair, trunc_normal_
 from .output_adapter_utils import ConvNeXtBlock, Interpolate, make_fusion_block, make_scratch
@@ -136,9 +137,19 @@ class SpatialOutputAdapter(nn.Module):
 
         self.dim_patch = num_channels * self.P_H * self.P_W
         self.out_proj = nn.Linear(dim_tokens, self.dim_patch)
+        self.grad_checkpointing = False
 
         if dim_tokens_enc is not None:
             self.init(dim_tokens_enc=dim_tokens_enc)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the cross-attention and each decoder block in backward instead of storing activations."""
+        self.grad_checkpointing = enable
+
+    def _checkpointed(self, fn: Any, *args: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def init(self, dim_tokens_enc: int = 768) -> None:
         """Create the projection from the encoder width ``dim_tokens_enc`` to the decoder width."""
@@ -199,6 +210,11 @@ class SpatialOutputAdapter(nn.Module):
             context = torch.cat([context, global_tokens], dim=1)
         return queries, context
 
+    def _cross_attend(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # no residual around the cross-attention (published architecture)
+        x = self.decoder(self.query_norm(queries), self.context_norm(context))
+        return x + self.mlp(self.out_norm(x))
+
     def forward(self, encoder_tokens: torch.Tensor, input_info: InputInfo, ids_keep: torch.Tensor,
                 ids_restore: torch.Tensor) -> torch.Tensor:
         if self.dim_tokens_enc is None:
@@ -209,13 +225,11 @@ class SpatialOutputAdapter(nn.Module):
 
         x = self.proj_context(encoder_tokens)
         queries, context = self.get_queries_and_context(x, input_info, ids_keep, ids_restore)
-        if self.use_xattn:
-            # no residual around the cross-attention (published architecture)
-            x = self.decoder(self.query_norm(queries), self.context_norm(context))
-            x = x + self.mlp(self.out_norm(x))
-        else:
-            x = queries
-        x = self.out_proj(self.decoder_transformer(x))  # (B, N_H*N_W, C*P_H*P_W)
+        x = self._checkpointed(self._cross_attend, queries, context) if self.use_xattn else queries
+        if isinstance(self.decoder_transformer, nn.Sequential):
+            for block in self.decoder_transformer:
+                x = self._checkpointed(block, x)
+        x = self.out_proj(x)  # (B, N_H*N_W, C*P_H*P_W)
         B = x.shape[0]
         x = x.reshape(B, N_H, N_W, self.num_channels, self.P_H, self.P_W)
         return x.permute(0, 3, 1, 4, 2, 5).reshape(B, self.num_channels, N_H * self.P_H, N_W * self.P_W)
