@@ -12,6 +12,7 @@ import warnings
 from utils.config import (OMIT, add_bool_arg, add_checkpoint_args, add_dist_args, add_optim_args,
                           add_runtime_args, add_wandb_args, create_parser, parse_args, save_config)
 from utils.pretrain import validate_pretrain_args
+from utils.validation import check_pretrain_args
 
 
 def get_args_parser():
@@ -57,7 +58,7 @@ def get_args_parser():
     g.add_argument("--data_path", type=str, default="data/synthetic/train",
                    help="split root holding rgb/, depth/, semseg/ (<modality>/<class>/<image>)")
     add_bool_arg(g, "imagenet_default_mean_and_std", True, "ImageNet mean/std (else 0.5/0.5)")
-    add_checkpoint_args(p, save_every_steps=OMIT)
+    add_checkpoint_args(p)
     add_runtime_args(p, amp=OMIT)
     p.add_argument("--amp", type=str, default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="mixed precision; auto = fp16 on CUDA (published), none on CPU")
@@ -98,4 +99,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args(get_args_parser(), validate=validate_pretrain_args))
+    main(parse_args(get_args_parser(), validate=[validate_pretrain_args, check_pretrain_args]))

@@ -83,6 +83,8 @@ class PerSampleSeed(Dataset):
     workers or processes therefore see the same crops and flips (the per-process RNG of the published code
     does not), and the training RNG stream is left untouched. Call :meth:`set_epoch` every epoch."""
 
+    seeded_per_sample = True  # tells the Trainer that a mid-epoch resume may skip batches without loading them
+
     def __init__(self, dataset: Dataset, seed: int = 0):
         self.dataset, self.seed, self.epoch = dataset, int(seed), 0
 
@@ -171,11 +173,26 @@ def _transform(args: argparse.Namespace, train: bool = True) -> PretrainTransfor
                              imagenet_default_mean_and_std=args.imagenet_default_mean_and_std)
 
 
+def _label_ranges(domains: Sequence[str], in_domains: Sequence[str]) -> dict:
+    # An input label feeds an embedding of num_classes rows (any other id is an index error, a device-side
+    # assert on CUDA); a target-only label may also hold the ignore index of its loss.
+    ranges = {}
+    for d in domains:
+        m = get_modality(d)
+        if m.kind == "label" and m.num_classes:
+            ignore = m.loss_kwargs.get("ignore_index")
+            ranges[d] = (m.num_classes, () if d in in_domains or ignore is None else (int(ignore),))
+    return ranges
+
+
 def build_pretrain_loader(args: argparse.Namespace) -> tuple[PerSampleSeed, DataLoader]:
     """Dataset over every domain under ``args.data_path`` (augmentation seeded per sample and epoch) and a
     loader with a (drop-last, shuffling) ``DistributedSampler`` over the processes."""
-    domains = ordered_domains(parse_domains(args.in_domains), parse_domains(args.out_domains))
-    dataset = PerSampleSeed(MultiModalImageFolder(args.data_path, domains, transform=_transform(args)), args.seed)
+    in_domains = parse_domains(args.in_domains)
+    domains = ordered_domains(in_domains, parse_domains(args.out_domains))
+    folder = MultiModalImageFolder(args.data_path, domains, transform=_transform(args),
+                                   label_ranges=_label_ranges(domains, in_domains))
+    dataset = PerSampleSeed(folder, args.seed)
     sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
                                  drop_last=True, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
