@@ -28,6 +28,9 @@ def get_args_parser():
     add_finetune_args(p, data_path="data/synthetic/train", eval_data_path="data/synthetic/val",
                       test_data_path=OMIT, test=OMIT, max_val_images=OMIT)
     g = p.add_argument_group("classification model")
+    g.add_argument("--encoder_depth", type=int, default=None, help="override the model's number of blocks")
+    g.add_argument("--encoder_dim", type=int, default=None, help="override the model's token width")
+    g.add_argument("--encoder_num_heads", type=int, default=None, help="override the model's attention heads")
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
     g.add_argument("--attn_drop_rate", type=float, default=0.0)
     g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")

@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import sys
-import warnings
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -130,11 +129,34 @@ def _mean_std(args: argparse.Namespace) -> tuple[tuple, tuple]:
     return tuple(IMAGENET_INCEPTION_MEAN), tuple(IMAGENET_INCEPTION_STD)
 
 
+def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize with the old Pillow result for 0 bits (a black image): Pillow >= 11 raises on 0,
+    which ``rand-m9-mstd0.5-inc1`` draws whenever its magnitude reaches 10 (a crash every few hundred
+    batches)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep >= 1:
+        return ImageOps.posterize(img, bits_to_keep)
+    return img.point([0] * 256 * len(img.getbands()))
+
+
+def _patch_timm_posterize() -> None:
+    # Transforms built afterwards hold this function (pickled by reference, so spawned workers get it too).
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def build_cls_transform_from_args(args: argparse.Namespace, is_train: bool) -> Callable:
     """Fine-tuning: timm ``create_transform`` (RandAugment, random erasing; spec 6.7). Linear probe
     (train): RandomResizedCrop + horizontal flip only, as MAE. Eval: resize + centre crop."""
     from utils.transforms_finetune import build_cls_transform
 
+    _patch_timm_posterize()
     mean, std = _mean_std(args)
     if is_train and args.linear_probe:
         from torchvision import transforms as T
@@ -175,7 +197,9 @@ def build_cls_dataset(args: argparse.Namespace, is_train: bool) -> Dataset:
     if found > args.nb_classes or (found != args.nb_classes and args.data_set != "IMNET"):
         raise ValueError(f"{where} has {found} classes but --nb_classes is {args.nb_classes}")
     if found != args.nb_classes:
-        warnings.warn(f"{where} has {found} classes; the head has --nb_classes {args.nb_classes} outputs")
+        # printed, not warnings.warn: the scripts hide UserWarnings unless --show_user_warnings
+        print(f"warning: {where} has {found} classes; the head has --nb_classes {args.nb_classes} outputs",
+              file=sys.stderr)
     return ds
 
 
@@ -192,7 +216,8 @@ def check_same_classes(train: Dataset, val: Dataset | None) -> None:
 # model
 
 def build_cls_model(args: argparse.Namespace) -> nn.Module:
-    """``args.model`` (a MultiViT) with an ``rgb`` input adapter and the ``cls`` head.
+    """``args.model`` (a MultiViT, size preset overridden by ``encoder_depth/_dim/_num_heads`` when set) with
+    an ``rgb`` input adapter and the ``cls`` head.
 
     Fine-tuning head: LayerNorm + linear, weights trunc-normal(0.02) x ``init_scale`` (the published
     model's global Xavier init silently overwrote ``init_scale``, spec 9.1; here it takes effect).
@@ -204,9 +229,12 @@ def build_cls_model(args: argparse.Namespace) -> nn.Module:
     norm = partial(nn.BatchNorm1d, affine=False, eps=1e-6) if args.linear_probe else partial(nn.LayerNorm, eps=1e-6)
     head = LinearOutputAdapter(args.nb_classes, use_mean_pooling=args.use_mean_pooling, norm_layer=norm,
                                init_scale=args.init_scale)
+    size = {k: v for k, v in (("depth", args.encoder_depth), ("dim_tokens", args.encoder_dim),
+                              ("num_heads", args.encoder_num_heads)) if v is not None}
     model = create_model(args.model, input_adapters=build_input_adapters([RGB], args.patch_size, args.input_size),
                          output_adapters={CLS: head}, num_global_tokens=args.num_global_tokens,
-                         drop_rate=args.drop, attn_drop_rate=args.attn_drop_rate, drop_path_rate=args.drop_path)
+                         drop_rate=args.drop, attn_drop_rate=args.attn_drop_rate, drop_path_rate=args.drop_path,
+                         **size)
     linear = model.output_adapters[CLS].head
     with torch.no_grad():
         trunc_normal_(linear.weight, std=0.01 if args.linear_probe else 0.02)
