@@ -115,6 +115,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~20-40 s on 2 shared cores; the semseg twin (same sampler and reduction path) runs by default
 def test_two_process_eval_equals_single_process(trained, data, tmp_path):
     ckpt = str(trained / "checkpoint-2.pth")
     extra = ("--eval", "--resume", ckpt, "--batch_size", "1", "--num_vis", "0")  # eval batch 1: same forward per image
