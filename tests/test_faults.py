@@ -163,10 +163,11 @@ def test_sigkill_after_periodic_checkpoint_loses_only_later_steps(data, referenc
     ck = load(out / "checkpoint-last.pth")
     assert ck["global_step"] >= 8 and ck["data_position"]["epoch"] >= 1
 
-    code, text = run(argv(data, out, "--save_every_steps", "4"))
+    code, text = run(argv(data, out, "--save_every_steps", "4", "--keep_last", "1"))
     assert code == 0, text[-4000:]
     assert "Resumed from" in text
     assert_same_training_state(load(reference / "checkpoint-2.pth"), load(out / "checkpoint-2.pth"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2.pth", "checkpoint-last.pth"]
 
 
 # ---------------------------------------------------------------------------------------------- full disk
@@ -518,3 +519,21 @@ def test_torchrun_sigterm_all_ranks_stop_together_and_resume_exactly(data, tmp_p
     code, text = run([*launcher[1:], *argv(data, out, "--batch_size", "2")], script=launcher[0])
     assert code == 0, text[-4000:]
     assert_same_training_state(load(ref / "checkpoint-2.pth"), load(out / "checkpoint-2.pth"))
+
+
+def test_resume_from_safetensors_and_untrusted_formats_in_process(tmp_path):
+    """``--resume`` of a .safetensors file sets the weights; a file without weights is named in the error."""
+    from safetensors.torch import save_file
+    from test_engine import _trainer
+
+    from utils.checkpoint import CheckpointError
+
+    src, _ = _trainer(seed=3)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(path))
+    trainer, _ = _trainer(seed=4)
+    assert trainer.resume(str(path)) and trainer.start_epoch == 0
+    assert all(torch.equal(a, b) for a, b in zip(src.model.state_dict().values(), trainer.model.state_dict().values()))
+    torch.save({"epoch": 3, "args": {}}, tmp_path / "empty.pth")
+    with pytest.raises(CheckpointError, match=r"empty\.pth has no 'model' entry"):
+        trainer.resume(str(tmp_path / "empty.pth"))

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from utils.dist import all_gather_object, all_reduce_sum, barrier, get_rank, get_world_size, is_main_process
 from utils.logger import MetricLogger, append_log_txt
 from utils.preemption import Preempted, StopRequest
@@ -355,9 +355,9 @@ class Trainer:
             set_rng_state(resume["rng_epoch_start"])  # the state this epoch's iterator was created from
         self._epoch_rng = get_rng_state()
         sampler = getattr(loader, "batch_sampler", None)
-        dataset = getattr(loader, "dataset", None)
+        inner = getattr(getattr(loader, "dataset", None), "dataset", None)  # under the SampleGuard
         fast = isinstance(sampler, ResumableBatchSampler) and (
-            getattr(loader, "num_workers", 0) == 0 or getattr(getattr(dataset, "dataset", None), "seeded_per_sample", False))
+            getattr(loader, "num_workers", 0) == 0 or getattr(inner, "seeded_per_sample", False))
         if skip and fast:
             sampler.skip_next(skip)  # indices drawn, nothing loaded
         it = iter(loader)
@@ -391,9 +391,9 @@ class Trainer:
         bad_samples = 0
         step_loss: Tensor | None = None
         seen = first
-        for k, batch in enumerate(ml.log_every(batches, self.print_freq, f"Epoch: [{epoch}]",
-                                               batch_size=batch_size, total=n_micro - first)):
-            i = first + k
+        for local, batch in enumerate(ml.log_every(batches, self.print_freq, f"Epoch: [{epoch}]",
+                                                   batch_size=batch_size, total=n_micro - first)):
+            i = first + local
             seen = i + 1
             step_in_epoch, last_micro = i // self.update_freq, (i + 1) % self.update_freq == 0
             step = epoch * self.steps_per_epoch + step_in_epoch
@@ -407,17 +407,9 @@ class Trainer:
                 step_loss = None
             if batch_size is None:
                 batch_size = self.batch_size = _infer_batch_size(batch)
-            batch = move_to_device(batch, self.device)
-            with contextlib.nullcontext() if last_micro else self._no_sync():
-                with autocast(self.device, self.amp):
-                    loss, logs = self.step_fn(self.model, batch)
-                scaled = loss / self.update_freq if self.update_freq > 1 else loss
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            record = {"loss": loss.detach(), **{k: (v.detach() if isinstance(v, Tensor) else v)
-                                                 for k, v in logs.items()}}
-            record["_loss"] = loss.detach()
+            loss, record = self._forward_backward(batch, last_micro)
             if self.skip_nonfinite:
-                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+                step_loss = loss if step_loss is None else step_loss + loss
             if last_micro:
                 record["grad_norm"] = self.optimizer_step(step_loss)
                 self.global_step = step + 1
@@ -428,7 +420,7 @@ class Trainer:
                     self.model_ema.update(unwrap_model(self.model), step=self.global_step)
             record.update(hparams)
             pending.append((step, step_in_epoch, record, meta))
-            if k % self.print_freq == 0 or i == n_micro - 1:
+            if local % self.print_freq == 0 or i == n_micro - 1:
                 self._flush(pending, ml, epoch)
                 pending = []
             if last_micro and i < n_micro - 1:
@@ -436,6 +428,23 @@ class Trainer:
         if seen < n_micro:
             raise RuntimeError(f"the data loader ended after {seen} batches; epoch {epoch} needs "
                                f"{n_micro} ({self.steps_per_epoch} steps x update_freq {self.update_freq})")
+        return self._epoch_stats(ml, epoch, bad_samples)
+
+    def _forward_backward(self, batch: Any, last_micro: bool) -> tuple[Tensor, dict]:
+        """One micro-batch: forward under autocast, (scaled) backward, DDP sync only on the last micro-batch.
+        Returns the detached loss and the step's log record (device tensors)."""
+        batch = move_to_device(batch, self.device)
+        with contextlib.nullcontext() if last_micro else self._no_sync():
+            with autocast(self.device, self.amp):
+                loss, logs = self.step_fn(self.model, batch)
+            scaled = loss / self.update_freq if self.update_freq > 1 else loss
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        record = {"loss": loss.detach(), **{k: (v.detach() if isinstance(v, Tensor) else v) for k, v in logs.items()}}
+        record["_loss"] = loss.detach()
+        return loss.detach(), record
+
+    def _epoch_stats(self, ml: MetricLogger, epoch: int, bad_samples: int) -> dict[str, float]:
+        """Epoch averages over all ranks, plus the bad-sample and skipped-step counts when those are on."""
         ml.synchronize_between_processes()
         stats = ml.global_avg()
         if self.on_bad_sample == "skip":
@@ -475,8 +484,9 @@ class Trainer:
         barrier()  # nobody exits (and makes torchrun kill the others) before rank 0 has written the file
         why = self.stop.reason if self.stop is not None else "stop requested"
         if self.output_dir and self.save_ckpt:
-            msg = (f"Stopped at {where} ({why}); checkpoint {path or os.path.join(self.output_dir, 'checkpoint-last.pth')} "
-                   f"written. Start again with the same output_dir to resume from there (exit code 75).")
+            path = path or os.path.join(self.output_dir, "checkpoint-last.pth")
+            msg = (f"Stopped at {where} ({why}); checkpoint {path} written. Start again with the same output_dir "
+                   f"to resume from there (exit code 75).")
         else:
             msg = (f"Stopped at {where} ({why}); no checkpoint written (no output_dir or checkpoints disabled; "
                    f"exit code 75).")
@@ -503,28 +513,43 @@ class Trainer:
 
     def _flush(self, pending: list[tuple[int, int, dict, dict]], ml: MetricLogger, epoch: int) -> None:
         """Turn the pending per-step tensors into numbers (one host sync), check the loss, feed the
-        console meters and W&B."""
+        console meters and W&B. Collective with several processes (all ranks flush at the same steps and
+        agree on a non-finite loss, so they stop together)."""
         tensors = [v for _, _, rec, _ in pending for v in rec.values() if isinstance(v, Tensor)]
         numbers = iter(torch.stack([t.reshape(()).float().to(self.device) for t in tensors]).tolist()) \
             if tensors else iter(())
+        rows, bad = [], None
         for step, step_in_epoch, rec, meta in pending:
             values = {k: (next(numbers) if isinstance(v, Tensor) else float(v)) for k, v in rec.items()}
             raw_loss = values.pop("_loss")
             if meta.get("skipped"):
                 continue  # reported when it happened; NaNs stay out of the averages
-            if not math.isfinite(raw_loss):
-                shown = ", ".join(f"{k}={v:.6g}" for k, v in values.items() if k not in ("lr", "min_lr", "weight_decay"))
-                files = self._describe(meta)
-                raise NonFiniteLossError(
-                    f"non-finite loss {raw_loss} at epoch {epoch}, step {step_in_epoch}/{self.steps_per_epoch} "
-                    f"(global step {step}); stopping without saving a checkpoint. Logged values: {shown}"
-                    + ("\nsamples of this batch:\n  " + "\n  ".join(files) if files else "")
-                    + ("\n(--skip_nonfinite N skips up to N such steps)" if not self.skip_nonfinite else ""))
+            if bad is None and not math.isfinite(raw_loss):
+                bad = (step, step_in_epoch, raw_loss, values, meta)
+            rows.append((step, values))
+        anywhere = bad is not None
+        if get_world_size() > 1:
+            anywhere = bool(all_reduce_sum(torch.tensor([int(anywhere)], dtype=torch.int32)).item())
+        if anywhere:
+            raise NonFiniteLossError(self._nonfinite_message(epoch, bad, len(pending)))
+        for step, values in rows:
             ml.update(**values)
             if self.wandb is not None:
                 self.wandb.log(values, step=step)
         if self.scaler is not None:
             ml.update(loss_scale=self.scaler.get_scale())
+
+    def _nonfinite_message(self, epoch: int, bad: tuple | None, window: int) -> str:
+        hint = "\n(--skip_nonfinite N skips up to N such steps)" if not self.skip_nonfinite else ""
+        if bad is None:
+            return (f"non-finite loss on another process within the last {window} steps of epoch {epoch} (see its "
+                    f"message); stopping without saving a checkpoint{hint}")
+        step, step_in_epoch, raw_loss, values, meta = bad
+        shown = ", ".join(f"{k}={v:.6g}" for k, v in values.items() if k not in ("lr", "min_lr", "weight_decay"))
+        files = self._describe(meta)
+        return (f"non-finite loss {raw_loss} at epoch {epoch}, step {step_in_epoch}/{self.steps_per_epoch} "
+                f"(global step {step}); stopping without saving a checkpoint. Logged values: {shown}"
+                + ("\nsamples of this batch:\n  " + "\n  ".join(files) if files else "") + hint)
 
     # ------------------------------------------------------------------------------------------
     # epochs, checkpoints, resume
@@ -619,8 +644,16 @@ class Trainer:
     def load_state(self, ckpt: Mapping[str, Any], source: str = "checkpoint") -> None:
         """Restore a checkpoint dict: model (strict); and when it holds ``optimizer`` and ``epoch``: the
         optimizer, scaler, extra modules, EMA, RNG states (same world size), best value, the next epoch and,
-        for a mid-epoch checkpoint, the step inside it."""
-        load_model_state(unwrap_model(self.model), ckpt["model"], strict=True, source=source)
+        for a mid-epoch checkpoint, the step inside it. A bare state dict (e.g. from ``.safetensors``) only
+        sets the model weights."""
+        if "model" in ckpt:
+            weights = ckpt["model"]
+        elif ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
+            weights, ckpt = ckpt, {}
+        else:
+            raise CheckpointError(f"{source} has no 'model' entry (keys: {sorted(map(str, ckpt))[:10]}); expected a "
+                                  f"training checkpoint or a bare state dict")
+        load_model_state(unwrap_model(self.model), weights, strict=True, source=source)
         if "optimizer" not in ckpt or not isinstance(ckpt.get("epoch"), int):
             print(f"Loaded model weights from {source} (no optimizer state: starting at epoch {self.start_epoch})")
             return
