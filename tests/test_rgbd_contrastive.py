@@ -1,0 +1,281 @@
+"""Two-stage RGB-D pre-training (utils/rgbd_contrastive.py, utils/rgbd_pretrain.py): the invariants of the
+method (InfoNCE at log N, zero noise targets at sigma 0, zero distillation at the start of stage 2, 80 %
+masking keeps 39 of 196 patches, invalid depth never scored), key layout for fine-tuning, and short runs of
+both stages through run_pretraining_multimae.py."""
+import argparse
+import math
+
+import pytest
+import torch
+
+from utils.rgbd_contrastive import (MODALITIES, decoder_inputs, dirichlet_visible_split, keep_to_mask,
+                                    masked_pixel_mse, max_pool_distill_loss, num_visible_patches, patch_info_nce,
+                                    random_keep)
+from utils.rgbd_pretrain import RGBDStage1Step, RGBDStage2Step, build_rgbd_model, build_rgbd_step
+
+P, S = 8, 32  # patch size, image size: 16 patches per modality
+
+
+def tiny_args(**kw) -> argparse.Namespace:
+    args = dict(method="rgbd_stage1", model="pretrain_multimae_tiny", encoder_depth=2, encoder_dim=32,
+                encoder_num_heads=2, num_global_tokens=1, patch_size=P, input_size=S, drop_path=0.0,
+                separate_encoders=False, proj_dim=16, proj_hidden_dim=None, temperature=0.07, learn_temperature=True,
+                rgb_reconstruction=False, decoder_dim=32, decoder_depth=1, decoder_num_heads=2,
+                decoder_use_task_queries=True, decoder_use_xattn=True, teacher_checkpoint="", distill_weight=1.0,
+                recon_weight=1.0, denoise_weight=1.0, mask_ratio=0.8, mask_sampler="independent", alphas=1.0,
+                sigma_max=1.0, teacher_input="full", standardize_depth=True, use_mask_valid=True,
+                min_valid_fraction=0.5, contrast_negatives="image")
+    args.update(kw)
+    return argparse.Namespace(**args)
+
+
+def batch(B=2, invalid_box=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.ones(B, 1, S, S, dtype=torch.bool)
+    if invalid_box:
+        valid[:, :, :P, :2 * P] = False  # two whole patches invalid
+        valid[:, :, P:P + 3, 3 * P:] = False  # a few rows of two more patches
+    x = {"rgb": torch.randn(B, 3, S, S, generator=g), "depth": torch.rand(B, 1, S, S, generator=g),
+         "mask_valid": valid}
+    return x, torch.zeros(B, dtype=torch.long)
+
+
+def save_stage1(tmp_path, args, model) -> str:
+    path = tmp_path / "stage1.pth"
+    torch.save({"model": model.state_dict(), "args": vars(args), "epoch": 0}, path)
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------- stage 1
+@pytest.mark.parametrize("negatives", ["image", "batch"])
+def test_info_nce_is_log_n_for_equal_features(negatives):
+    B, N = 3, 16
+    z = torch.nn.functional.normalize(torch.randn(1, 1, 8), dim=-1).expand(B, N, 8)
+    loss = patch_info_nce(z, z, torch.tensor(1 / 0.07), negatives=negatives)
+    n = N if negatives == "image" else B * N
+    assert loss.item() == pytest.approx(math.log(n), rel=1e-6)
+    # with invalid patches: log of the number of valid candidates
+    valid = torch.ones(B, N, dtype=torch.bool)
+    valid[:, :6] = False
+    loss = patch_info_nce(z, z, torch.tensor(1 / 0.07), valid, negatives=negatives)
+    n = N - 6 if negatives == "image" else B * (N - 6)
+    assert loss.item() == pytest.approx(math.log(n), rel=1e-6)
+
+
+def test_info_nce_valid_mask_equals_dropping_the_patches():
+    B, N = 2, 12
+    za = torch.nn.functional.normalize(torch.randn(B, N, 8), dim=-1)
+    zb = torch.nn.functional.normalize(za + 0.5 * torch.randn(B, N, 8), dim=-1)
+    valid = torch.zeros(B, N, dtype=torch.bool)
+    valid[:, 3:10] = True
+    masked = patch_info_nce(za, zb, torch.tensor(10.0), valid)
+    kept = patch_info_nce(za[:, 3:10], zb[:, 3:10], torch.tensor(10.0))
+    assert masked.item() == pytest.approx(kept.item(), rel=1e-6)
+    # symmetric: swapping the modalities gives the same loss
+    assert patch_info_nce(zb, za, torch.tensor(10.0)).item() == pytest.approx(
+        patch_info_nce(za, zb, torch.tensor(10.0)).item(), rel=1e-6)
+
+
+def _smooth_images(B, g):
+    # low-frequency random images, so patches differ from each other and from image to image
+    return torch.nn.functional.interpolate(torch.randn(B, 3, 4, 4, generator=g), size=(S, S), mode="bilinear")
+
+
+@pytest.mark.parametrize("depth_from_rgb", [True, False])
+def test_stage1_loss_falls_only_when_depth_is_a_function_of_rgb(depth_from_rgb):
+    torch.manual_seed(0)
+    args = tiny_args()
+    model = build_rgbd_model(args)
+    step = RGBDStage1Step(P, standardize_depth=False, use_mask_valid=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(60):
+        rgb = _smooth_images(8, g)
+        depth = (rgb[:, :1] - rgb[:, 2:]) if depth_from_rgb else _smooth_images(8, g)[:, :1]
+        loss, logs = step(model, ({"rgb": rgb, "depth": depth}, None))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    if depth_from_rgb:
+        assert last < 0.5 * math.log(16) and last < 0.5 * first, (first, last)
+        assert logs["patch_acc"].item() > 0.5  # chance: 1/16
+    else:  # fresh independent depth each step: nothing to learn, the loss cannot go below log N
+        assert last > 0.9 * math.log(16), (first, last)
+
+
+# --------------------------------------------------------------------------------------------- stage 2
+def test_80_percent_masking_keeps_39_of_196_per_modality():
+    assert num_visible_patches(196, 0.8) == 39
+    step = RGBDStage2Step(None, 16, mask_ratio=0.8, distill_weight=0.0)
+    keep = step.sample_keep(4, 196, torch.device("cpu"))
+    for m in MODALITIES:
+        assert keep[m].shape == (4, 39)
+        assert all(len(set(row.tolist())) == 39 for row in keep[m])
+        assert torch.equal(keep[m], keep[m].sort(dim=1).values)
+        assert (keep_to_mask(keep[m], 196).sum(dim=1) == 196 - 39).all()
+    assert not torch.equal(keep["rgb"], keep["depth"])  # drawn independently
+    # the model encodes 39 + 1 global tokens per stream at 224 px / patch 16
+    model = build_rgbd_model(tiny_args(method="rgbd_stage2", patch_size=16, input_size=224, encoder_depth=1))
+    x = {"rgb": torch.randn(2, 3, 224, 224), "depth": torch.randn(2, 1, 224, 224)}
+    keep = step.sample_keep(2, 196, torch.device("cpu"))
+    out = model(x, torch.zeros(2), keep)
+    assert {m: tuple(f.shape) for m, f in out["features"].items()} == {"rgb": (2, 40, 32), "depth": (2, 40, 32)}
+    assert out["preds"]["depth"].shape == (2, 1, 224, 224)
+
+
+def test_dirichlet_split_keeps_the_total():
+    torch.manual_seed(0)
+    splits = [dirichlet_visible_split(78, 196, alpha=1.0) for _ in range(200)]
+    assert all(a + b == 78 and 1 <= a <= 77 for a, b in splits)
+    assert len({a for a, _ in splits}) > 20  # really random
+    step = RGBDStage2Step(None, 16, mask_sampler="dirichlet", distill_weight=0.0)
+    keep = step.sample_keep(3, 196, torch.device("cpu"))
+    assert keep["rgb"].shape[1] + keep["depth"].shape[1] == 78
+
+
+def test_decoder_inputs_put_every_visible_token_back_at_its_position():
+    B, N, G = 2, 16, 1
+    keep = {m: random_keep(B, N, 5 if m == "rgb" else 3) for m in MODALITIES}
+    # token value = its global position (rgb 0..N-1, depth N..2N-1); global tokens -1
+    feats = {m: torch.cat([keep[m].float().unsqueeze(-1) + i * N, -torch.ones(B, G, 1)], dim=1)
+             for i, m in enumerate(MODALITIES)}
+    context, info, ids_keep, ids_restore = decoder_inputs(feats, keep, N, G, (S, S))
+    assert context.shape == (B, 8 + 2 * G, 1) and info["num_global_tokens"] == 2 and info["num_task_tokens"] == 2 * N
+    visible = context[:, :8]
+    full = torch.cat([visible, torch.full((B, 2 * N - 8, 1), -5.0)], dim=1)
+    full = torch.gather(full, 1, ids_restore.unsqueeze(-1))
+    placed = full.squeeze(-1)
+    for b in range(B):
+        for pos in range(2 * N):
+            assert placed[b, pos] in (pos, -5.0)
+    assert (placed >= 0).sum().item() == B * 8
+    assert torch.equal(torch.gather(placed, 1, ids_keep), visible.squeeze(-1))
+
+
+def test_sigma_zero_gives_zero_noise_targets():
+    step = RGBDStage2Step(None, P, sigma_max=0.0, distill_weight=0.0)
+    depth = torch.randn(4, 1, S, S)
+    sigma, noise = step.sample_noise(depth, None)
+    assert torch.equal(sigma, torch.zeros(4)) and torch.equal(noise, torch.zeros_like(depth))
+    # in a step the model gets the clean depth and the denoising loss is the prediction's own energy
+    seen = {}
+    model = build_rgbd_model(tiny_args(method="rgbd_stage2"))
+
+    def spy(x, sigma, keep):
+        seen.update(x=x, sigma=sigma, keep=keep)
+        out = model(x, sigma, keep)
+        seen["pred"] = out["preds"]["depth"]
+        return out
+
+    x, _ = batch(invalid_box=False)
+    _, logs = step(spy, (x, None))
+    from utils.depth import robust_standardize
+    assert torch.equal(seen["x"]["depth"], robust_standardize(x["depth"]))
+    assert torch.equal(seen["sigma"], torch.zeros(2))
+    visible = 1 - keep_to_mask(seen["keep"]["depth"], 16)
+    expected = masked_pixel_mse(seen["pred"], torch.zeros_like(seen["pred"]), visible, P)
+    assert logs["denoise_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_noise_is_sigma_times_gaussian_on_valid_pixels_only():
+    torch.manual_seed(0)
+    step = RGBDStage2Step(None, P, sigma_max=2.0, distill_weight=0.0)
+    depth = torch.zeros(512, 1, S, S)
+    valid = torch.rand(512, 1, S, S) > 0.3
+    sigma, noise = step.sample_noise(depth, valid)
+    assert 0 <= sigma.min() and sigma.max() <= 2.0 and abs(sigma.mean().item() - 1.0) < 0.1
+    assert torch.equal(noise[~valid], torch.zeros_like(noise[~valid]))
+    std = noise.flatten(1).pow(2).sum(1).div(valid.flatten(1).sum(1)).sqrt()
+    torch.testing.assert_close(std, sigma, rtol=0.1, atol=0.02)
+
+
+@pytest.mark.parametrize("teacher_input,mask_ratio,sigma_max", [("same", 0.8, 1.0), ("full", 0.0, 0.0)])
+def test_distillation_is_exactly_zero_at_the_first_stage2_step(tmp_path, teacher_input, mask_ratio, sigma_max):
+    torch.manual_seed(0)
+    args1 = tiny_args(separate_encoders=True)
+    stage1 = build_rgbd_model(args1)
+    args2 = tiny_args(method="rgbd_stage2", separate_encoders=True,
+                      teacher_checkpoint=save_stage1(tmp_path, args1, stage1), teacher_input=teacher_input, mask_ratio=mask_ratio, sigma_max=sigma_max)
+    student = build_rgbd_model(args2)
+    step = build_rgbd_step(args2, torch.device("cpu"))
+    assert not any(p.requires_grad for p in step.teacher.parameters()) and not step.teacher.training
+    loss, logs = step(student, batch())
+    assert logs["distill_loss"].item() == 0.0
+    assert logs["distill_rgb_loss"].item() == 0.0 and logs["distill_depth_loss"].item() == 0.0
+    loss.backward()
+    # the student's encoder moves away after one update: then the distillation is positive
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    opt.step()
+    assert step(student, batch())[1]["distill_loss"].item() > 0
+
+
+def test_distillation_compares_max_pooled_features():
+    s = torch.tensor([[[1.0, 5.0], [3.0, 0.0]]])
+    t = torch.tensor([[[3.0, 2.0], [0.0, 1.0], [-1.0, 4.0]]])
+    # max pools: s -> (3, 5), t -> (3, 4): smooth-L1 per feature (0, 0.5), mean 0.25
+    assert max_pool_distill_loss(s, t).item() == pytest.approx(0.25)
+    # an invalid token is left out of the max: t without its last token -> (3, 2): (0 + |5-2|-0.5) / 2
+    assert max_pool_distill_loss(s, t, teacher_valid=torch.tensor([[True, True, False]])).item() == pytest.approx(1.25)
+
+
+# --------------------------------------------------------------------------------------------- invalid depth
+def _garbage_invalid_depth(x):
+    y = dict(x)
+    y["depth"] = torch.where(x["mask_valid"], x["depth"], torch.full_like(x["depth"], 50.0))
+    return y
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_invalid_depth_changes_no_loss(tmp_path, standardize):
+    x, label = batch()
+    args1 = tiny_args(standardize_depth=standardize)
+    stage1 = build_rgbd_model(args1)
+    step1 = build_rgbd_step(args1, torch.device("cpu"))
+    a = step1(stage1, (x, label))[1]
+    b = step1(stage1, (_garbage_invalid_depth(x), label))[1]
+    assert a == b
+    args2 = tiny_args(method="rgbd_stage2", standardize_depth=standardize, rgb_reconstruction=True,
+                      teacher_checkpoint=save_stage1(tmp_path, args1, stage1))
+    student, step2 = build_rgbd_model(args2), build_rgbd_step(args2, torch.device("cpu"))
+    with torch.random.fork_rng():
+        a = step2(student, (x, label))[1]
+    b = step2(student, (_garbage_invalid_depth(x), label))[1]
+    assert set(a) >= {"recon_loss", "denoise_loss", "rgb_recon_loss", "distill_loss"} and a == b
+
+
+def test_invalid_pixels_and_patches_are_left_out_of_the_losses():
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 1, S, S), torch.randn(2, 1, S, S)
+    valid = torch.rand(2, 1, S, S) > 0.4
+    mask = keep_to_mask(random_keep(2, 16, 5), 16)
+    ref = masked_pixel_mse(pred, target, mask, P, valid)
+    bad = torch.where(valid, pred, torch.full_like(pred, 1e3))
+    assert masked_pixel_mse(bad, target, mask, P, valid).item() == pytest.approx(ref.item(), rel=1e-6)
+    # by hand: mean over the scored valid pixels of each sample, then over samples
+    w = mask.reshape(2, 4, 4).repeat_interleave(P, 1).repeat_interleave(P, 2).unsqueeze(1) * valid
+    per = [((pred[i] - target[i]) ** 2 * w[i]).sum() / w[i].sum() for i in range(2)]
+    assert ref.item() == pytest.approx(sum(per).item() / 2, rel=1e-5)
+    # distillation: an invalid token's value does not matter
+    s, t = torch.randn(2, 5, 4), torch.randn(2, 7, 4)
+    tv = torch.rand(2, 7) > 0.3
+    t2 = torch.where(tv.unsqueeze(-1), t, torch.full_like(t, 99.0))
+    assert max_pool_distill_loss(s, t, None, tv).item() == max_pool_distill_loss(s, t2, None, tv).item()
+
+
+# --------------------------------------------------------------------------------------------- fine-tuning
+@pytest.mark.parametrize("method", ["rgbd_stage1", "rgbd_stage2"])
+def test_checkpoints_fine_tune_rgb_only(method):
+    from multimae import PatchedInputAdapter, create_model
+    from utils.pretrained import load_finetune_weights
+
+    model = build_rgbd_model(tiny_args(method=method, separate_encoders=True, distill_weight=0.0))
+    vit = create_model("multivit_tiny", input_adapters={"rgb": PatchedInputAdapter(3, 1, P, image_size=S)},
+                       output_adapters=None, depth=2, dim_tokens=32, num_heads=2)
+    report = load_finetune_weights(vit, {"model": model.state_dict()}, log=None)
+    assert not report.missing
+    x = torch.randn(2, 3, S, S)
+    model.eval()
+    torch.testing.assert_close(vit(x), model.encode_visible({"rgb": x})["rgb"])

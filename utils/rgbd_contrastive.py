@@ -1,0 +1,386 @@
+"""Two-stage RGB-D pre-training on the MultiMAE building blocks: model wrappers, masking and losses.
+
+Re-implements, from the paper's description (no code was released), Jamal & Mohareri, "Multi-Modal
+Contrastive Masked Autoencoders: A Two-Stage Progressive Pre-training Approach for RGBD Datasets"
+(CVPR 2025). PRETRAINING.md says which choices are the paper's and which are ours.
+
+* Stage 1 (:class:`RGBDContrastStage1`): RGB and depth are encoded as two separate token streams, without
+  masking, by the shared MultiMAE encoder (or one encoder per modality). Patch tokens go through a small
+  MLP head per modality and are L2-normalised; a symmetric patch-level InfoNCE (:func:`patch_info_nce`)
+  pairs every RGB patch with the depth patch at the same position, with a learnable temperature.
+* Stage 2 (:class:`RGBDMaskedStage2`): every stream keeps a random subset of its patches
+  (:func:`random_keep`), the depth input carries Gaussian noise ``sigma * e``, an embedding of ``sigma``
+  (:class:`SigmaEmbedding`) is added to the encoded depth tokens, and one depth decoder (a MultiMAE
+  ``SpatialOutputAdapter`` reading the visible tokens of both streams) predicts the clean depth on hidden
+  patches and the noise on visible ones (:func:`masked_pixel_mse`). Max-pooled features of each stream are
+  distilled from the frozen stage-1 model (:func:`max_pool_distill_loss`).
+
+The streams never mix inside the encoder, so the RGB stream sees exactly what RGB-only fine-tuning sees;
+the modalities meet in the stage-1 loss and in the stage-2 decoder. The encoder part keeps MultiMAE's
+state-dict keys (``encoder.*``, ``global_tokens``, ``input_adapters.{rgb,depth}.*``), so checkpoints load
+with ``--finetune`` in the fine-tuning scripts; the other keys (``depth_encoder.*``,
+``depth_global_tokens``, ``proj_heads.*``, ``logit_scale``, ``sigma_embed.*``, ``output_adapters.*``) are
+ignored there.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from multimae import MultiMAE
+
+__all__ = [
+    "MODALITIES", "RGBDEncoder", "RGBDContrastStage1", "RGBDMaskedStage2", "ProjectionHead", "SigmaEmbedding",
+    "sinusoidal_embedding", "num_visible_patches", "dirichlet_visible_split", "random_keep", "keep_to_mask",
+    "patch_valid_fraction", "decoder_inputs", "patch_info_nce", "patch_retrieval_accuracy", "masked_pixel_mse",
+    "max_pool_features", "max_pool_distill_loss", "stream_valid",
+]
+
+MODALITIES = ("rgb", "depth")
+_MASKED_LOGIT = torch.finfo(torch.float32).min / 2  # exp() of it is exactly 0, and it never overflows
+
+
+def _init_linear(m: nn.Module) -> None:
+    # the same Xavier / zero-bias init MultiMAE gives its own Linear layers
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def _run_blocks(blocks: nn.Sequential, x: Tensor, grad_checkpointing: bool) -> Tensor:
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if grad_checkpointing and torch.is_grad_enabled() else block(x)
+    return x
+
+
+def _gather_tokens(tokens: Tensor, ids: Tensor) -> Tensor:
+    """``tokens (B, N, D)``, ``ids (B, k)`` -> ``(B, k, D)``."""
+    return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class RGBDEncoder(nn.Module):
+    """RGB and depth as two token streams through the shared encoder of ``backbone`` (a MultiMAE whose
+    input adapters include 'rgb' and 'depth'), or the depth stream through ``depth_backbone``'s encoder.
+
+    The backbone's modules are taken over under their MultiMAE names, so the state dict has MultiMAE keys.
+    ``encode`` returns per stream ``(B, n + G, D)`` tokens, the ``G`` global tokens last as in MultiMAE.
+    """
+
+    def __init__(self, backbone: MultiMAE, depth_backbone: Optional[MultiMAE] = None):
+        super().__init__()
+        missing = [m for m in MODALITIES if m not in backbone.input_adapters]
+        if missing:
+            raise ValueError(f"RGBDEncoder needs input adapters for {list(MODALITIES)}; the backbone has "
+                             f"{list(backbone.input_adapters)} (missing {missing})")
+        self.input_adapters = backbone.input_adapters
+        self.encoder = backbone.encoder
+        self.global_tokens = backbone.global_tokens
+        self.num_global_tokens, self.dim_tokens = backbone.num_global_tokens, backbone.dim_tokens
+        self.separate_encoders = depth_backbone is not None
+        if depth_backbone is not None:
+            if (depth_backbone.dim_tokens, depth_backbone.num_global_tokens) != (self.dim_tokens,
+                                                                               self.num_global_tokens):
+                raise ValueError("the depth encoder must have the width and global tokens of the rgb encoder")
+            self.depth_encoder = depth_backbone.encoder
+            self.depth_global_tokens = depth_backbone.global_tokens
+        self.grad_checkpointing = False
+
+    # timm conventions ---------------------------------------------------------------------------
+    def get_num_layers(self) -> int:
+        return len(self.encoder)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        names = {"global_tokens", "depth_global_tokens", "logit_scale"}
+        for prefix in ("input_adapters", "output_adapters"):
+            for task, adapter in (getattr(self, prefix, None) or {}).items():
+                if hasattr(adapter, "no_weight_decay"):
+                    names |= {f"{prefix}.{task}.{n}" for n in adapter.no_weight_decay()}
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^global_tokens|^depth_global_tokens|^input_adapters",
+                    blocks=r"^(?:depth_)?encoder\.(\d+)" if coarse else [(r"^(?:depth_)?encoder\.(\d+)", None)])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for adapter in (getattr(self, "output_adapters", None) or {}).values():
+            if hasattr(adapter, "set_grad_checkpointing"):
+                adapter.set_grad_checkpointing(enable)
+
+    # streams -------------------------------------------------------------------------------------
+    def _stream(self, modality: str) -> Tuple[nn.Sequential, Tensor]:
+        if modality == "depth" and self.separate_encoders:
+            return self.depth_encoder, self.depth_global_tokens
+        return self.encoder, self.global_tokens
+
+    def tokenize(self, x: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """``{'rgb': (B, 3, H, W), 'depth': (B, 1, H, W)}`` -> ``{m: (B, N, D)}`` (modalities present in ``x``)."""
+        return {m: self.input_adapters[m](x[m]) for m in MODALITIES if m in x}
+
+    def encode(self, tokens: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """``{m: (B, n_m, D)}`` -> ``{m: (B, n_m + G, D)}``: each stream on its own; with a shared encoder and
+        equal lengths both streams run as one batch of ``2B`` sequences."""
+        seqs = {m: torch.cat([t, self._stream(m)[1].expand(t.shape[0], -1, -1)], dim=1) for m, t in tokens.items()}
+        shapes = {tuple(s.shape) for s in seqs.values()}
+        if not self.separate_encoders and len(seqs) > 1 and len(shapes) == 1:
+            out = _run_blocks(self.encoder, torch.cat(list(seqs.values()), dim=0), self.grad_checkpointing)
+            return dict(zip(seqs, out.chunk(len(seqs), dim=0)))
+        return {m: _run_blocks(self._stream(m)[0], s, self.grad_checkpointing) for m, s in seqs.items()}
+
+    def encode_visible(self, x: Mapping[str, Tensor], keep: Optional[Mapping[str, Tensor]] = None
+                       ) -> Dict[str, Tensor]:
+        """Tokenise, keep the patches ``keep[m] (B, k_m)`` of each stream (all if absent) and encode."""
+        tokens = self.tokenize(x)
+        if keep:
+            tokens = {m: _gather_tokens(t, keep[m]) if m in keep else t for m, t in tokens.items()}
+        return self.encode(tokens)
+
+    def patch_tokens(self, encoded: Tensor) -> Tensor:
+        """``(B, n + G, D) -> (B, n, D)``: drop the global tokens."""
+        return encoded[:, :encoded.shape[1] - self.num_global_tokens]
+
+
+class ProjectionHead(nn.Module):
+    """Linear -> GELU -> Linear: ``(..., dim_in) -> (..., dim_out)``."""
+
+    def __init__(self, dim_in: int, dim_hidden: int, dim_out: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim_in, dim_hidden), nn.GELU(), nn.Linear(dim_hidden, dim_out)
+        self.apply(_init_linear)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class RGBDContrastStage1(RGBDEncoder):
+    """Stage 1: full RGB and full depth, one stream each, projected per patch for the InfoNCE.
+
+    ``forward({'rgb': (B, 3, H, W), 'depth': (B, 1, H, W)})`` -> ``{'z': {m: (B, N, proj_dim)} L2-normalised,
+    'features': {m: (B, N + G, D)}, 'logit_scale': ()}``; ``logit_scale = 1 / temperature`` (at most 100).
+    """
+
+    def __init__(self, backbone: MultiMAE, depth_backbone: Optional[MultiMAE] = None, proj_dim: int = 256,
+                 proj_hidden_dim: Optional[int] = None, temperature: float = 0.07, learn_temperature: bool = True):
+        super().__init__(backbone, depth_backbone)
+        hidden = proj_hidden_dim or self.dim_tokens
+        self.proj_heads = nn.ModuleDict({m: ProjectionHead(self.dim_tokens, hidden, proj_dim) for m in MODALITIES})
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learn_temperature)
+
+    def forward(self, x: Mapping[str, Tensor]) -> Dict[str, Any]:
+        feats = self.encode_visible(x)
+        z = {m: F.normalize(self.proj_heads[m](self.patch_tokens(f)).float(), dim=-1) for m, f in feats.items()}
+        return {"z": z, "features": feats, "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp()}
+
+
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Diffusion-time-step features of ``t (B,)``: ``(B, dim)`` = [cos(t f_i), sin(t f_i)], geometric f_i."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return F.pad(emb, (0, dim - 2 * half))
+
+
+class SigmaEmbedding(nn.Module):
+    """Noise level ``sigma (B,)`` -> ``(B, dim)``: sinusoidal features of ``sigma * scale`` (``scale=1000``
+    maps sigma = 1 to the last step of a 1000-step diffusion schedule) -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, dim: int, freq_dim: int = 256, scale: float = 1000.0):
+        super().__init__()
+        self.freq_dim, self.scale = freq_dim, scale
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.apply(_init_linear)
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        return self.mlp(sinusoidal_embedding(sigma * self.scale, self.freq_dim))
+
+
+class RGBDMaskedStage2(RGBDEncoder):
+    """Stage 2: masked, noisy streams; a depth decoder predicts clean depth (hidden patches) and the noise
+    (visible patches). ``backbone.output_adapters`` must hold 'depth' (and 'rgb' for RGB reconstruction),
+    ``SpatialOutputAdapter``s with ``context_tasks`` rgb and depth.
+
+    ``forward(x, sigma (B,), keep {m: (B, k_m)})`` -> ``{'preds': {task: (B, C, H, W)}, 'features': {m: (B, k_m
+    + G, D)}}``; ``x['depth']`` is the noisy depth; ``features`` are the encoder outputs before the sigma
+    embedding is added to the depth stream (what the distillation compares).
+    """
+
+    def __init__(self, backbone: MultiMAE, depth_backbone: Optional[MultiMAE] = None, sigma_freq_dim: int = 256,
+                 sigma_scale: float = 1000.0):
+        super().__init__(backbone, depth_backbone)
+        if backbone.output_adapters is None or "depth" not in backbone.output_adapters:
+            raise ValueError("RGBDMaskedStage2 needs a 'depth' output adapter in the backbone")
+        self.output_adapters = backbone.output_adapters
+        self.sigma_embed = SigmaEmbedding(self.dim_tokens, sigma_freq_dim, sigma_scale)
+
+    def forward(self, x: Mapping[str, Tensor], sigma: Tensor, keep: Mapping[str, Tensor]) -> Dict[str, Any]:
+        tokens = self.tokenize(x)
+        num_patches = next(iter(tokens.values())).shape[1]
+        feats = self.encode({m: _gather_tokens(t, keep[m]) for m, t in tokens.items()})
+        conditioned = dict(feats)
+        conditioned["depth"] = feats["depth"] + self.sigma_embed(sigma).unsqueeze(1).to(feats["depth"].dtype)
+        image_size = tuple(x["rgb"].shape[-2:])
+        context, info, ids_keep, ids_restore = decoder_inputs(conditioned, keep, num_patches,
+                                                              self.num_global_tokens, image_size)
+        preds = {task: adapter(encoder_tokens=context, input_info=info, ids_keep=ids_keep, ids_restore=ids_restore)
+                 for task, adapter in self.output_adapters.items()}
+        return {"preds": preds, "features": feats}
+
+
+# ---------------------------------------------------------------------------------------------- masking
+def num_visible_patches(num_patches: int, mask_ratio: float) -> int:
+    """Visible patches per stream: ``round(num_patches * (1 - mask_ratio))``, at least 1 (196, 0.8 -> 39)."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    return max(1, int(round(num_patches * (1.0 - mask_ratio))))
+
+
+def dirichlet_visible_split(total: int, num_patches: int, alpha: float = 1.0) -> Tuple[int, int]:
+    """Split a budget of ``total`` visible patches between rgb and depth with one ``Dirichlet(alpha, alpha)``
+    draw (on the CPU, so no device synchronisation); each stream gets 1..num_patches patches.
+
+    One split per batch: the streams are encoded separately, so per-sample lengths would need padding.
+    """
+    share = float(torch.distributions.Dirichlet(torch.full((2,), float(alpha))).sample()[0])
+    lo, hi = max(1, total - num_patches), min(num_patches, total - 1)
+    k_rgb = min(max(int(round(share * total)), lo), hi)
+    return k_rgb, total - k_rgb
+
+
+def random_keep(batch_size: int, num_patches: int, num_keep: int, device: torch.device | str = "cpu") -> Tensor:
+    """A uniformly random subset of ``num_keep`` patch indices per sample, ascending: ``(B, num_keep)``."""
+    noise = torch.rand(batch_size, num_patches, device=device)
+    return torch.argsort(noise, dim=1)[:, :num_keep].sort(dim=1).values
+
+
+def keep_to_mask(keep: Tensor, num_patches: int) -> Tensor:
+    """``keep (B, k)`` indices -> int64 mask ``(B, num_patches)``, 1 = hidden (MultiMAE's convention)."""
+    mask = torch.ones(keep.shape[0], num_patches, dtype=torch.long, device=keep.device)
+    return mask.scatter(1, keep, 0)
+
+
+def patch_valid_fraction(valid: Tensor, patch_size: int) -> Tensor:
+    """Fraction of valid pixels per patch: ``valid (B, 1, H, W)`` bool -> ``(B, (H/p) * (W/p))`` float."""
+    return F.avg_pool2d(valid.float(), patch_size).flatten(1)
+
+
+def decoder_inputs(feats: Mapping[str, Tensor], keep: Mapping[str, Tensor], num_patches: int, num_global: int,
+                   image_size: Tuple[int, int]) -> Tuple[Tensor, dict, Tensor, Tensor]:
+    """Arguments of a MultiMAE ``SpatialOutputAdapter`` for separately encoded streams.
+
+    ``feats[m] (B, k_m + G, D)`` and ``keep[m] (B, k_m)`` for ``m`` in rgb, depth -> ``(context (B, Σk + 2G, D)``
+    (visible tokens of both streams, then the global tokens of both), ``input_info`` (rgb tokens 0..N-1, depth
+    N..2N-1), ``ids_keep (B, Σk)``, ``ids_restore (B, 2N))``, as the adapter receives them from ``MultiMAE``.
+    """
+    visible, glob, kept, hidden, tasks = [], [], [], [], {}
+    for i, m in enumerate(MODALITIES):
+        k = keep[m].shape[1]
+        visible.append(feats[m][:, :k])
+        glob.append(feats[m][:, k:])
+        order = torch.argsort(keep_to_mask(keep[m], num_patches), dim=1, stable=True) + i * num_patches
+        kept.append(order[:, :k])
+        hidden.append(order[:, k:])
+        tasks[m] = {"num_tokens": num_patches, "has_2d_posemb": True, "start_idx": i * num_patches,
+                    "end_idx": (i + 1) * num_patches}
+    ids_shuffle = torch.cat(kept + hidden, dim=1)
+    ids_restore = torch.empty_like(ids_shuffle).scatter_(
+        1, ids_shuffle, torch.arange(ids_shuffle.shape[1], device=ids_shuffle.device).expand_as(ids_shuffle))
+    info = {"tasks": tasks, "image_size": tuple(image_size), "num_task_tokens": len(MODALITIES) * num_patches,
+            "num_global_tokens": len(MODALITIES) * num_global}
+    return torch.cat(visible + glob, dim=1), info, torch.cat(kept, dim=1), ids_restore
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def patch_info_nce(z_a: Tensor, z_b: Tensor, logit_scale: Tensor, valid: Optional[Tensor] = None,
+                   negatives: str = "image") -> Tensor:
+    """Symmetric InfoNCE between patch embeddings ``z_a, z_b (B, N, P)`` (L2-normalised): the positive of
+    patch ``i`` of ``z_a`` is patch ``i`` of ``z_b``; negatives are the other patches of the same image
+    (``'image'``) or of the whole batch (``'batch'``). ``valid (B, N)`` bool removes patches as anchors and
+    as negatives. Mean over valid anchors of ``(CE(a -> b) + CE(b -> a)) / 2``; equals ``log(n)`` (n valid
+    candidates) when all embeddings are equal.
+    """
+    if negatives not in ("image", "batch"):
+        raise ValueError(f"negatives must be 'image' or 'batch', got {negatives!r}")
+    z_a, z_b = z_a.float(), z_b.float()
+    if valid is None:
+        valid = torch.ones(z_a.shape[:2], dtype=torch.bool, device=z_a.device)
+    if negatives == "batch":
+        z_a, z_b, valid = z_a.reshape(1, -1, z_a.shape[-1]), z_b.reshape(1, -1, z_b.shape[-1]), valid.reshape(1, -1)
+    B, N, _ = z_a.shape
+    logits = logit_scale.float() * torch.bmm(z_a, z_b.transpose(1, 2))  # (B, N, N): a-patches x b-patches
+    logits = logits.masked_fill(~(valid[:, :, None] & valid[:, None, :]), _MASKED_LOGIT)
+    target = torch.arange(N, device=z_a.device).repeat(B)
+    loss_ab = F.cross_entropy(logits.reshape(B * N, N), target, reduction="none")
+    loss_ba = F.cross_entropy(logits.transpose(1, 2).reshape(B * N, N), target, reduction="none")
+    w = valid.reshape(-1).float()
+    return ((loss_ab + loss_ba) * w).sum() / (2 * w.sum().clamp(min=1))
+
+
+@torch.no_grad()
+def patch_retrieval_accuracy(z_a: Tensor, z_b: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """Fraction of valid patches of ``z_a (B, N, P)`` whose most similar valid patch of the same image in
+    ``z_b`` is the one at the same position."""
+    sim = torch.bmm(z_a.float(), z_b.float().transpose(1, 2))
+    if valid is not None:
+        sim = sim.masked_fill(~valid[:, None, :], _MASKED_LOGIT)
+    hit = (sim.argmax(dim=-1) == torch.arange(sim.shape[1], device=sim.device)).float()
+    if valid is None:
+        return hit.mean()
+    return (hit * valid).sum() / valid.sum().clamp(min=1)
+
+
+def masked_pixel_mse(pred: Tensor, target: Tensor, patch_mask: Tensor, patch_size: int,
+                     valid: Optional[Tensor] = None) -> Tensor:
+    """Mean squared error over the pixels of the patches with ``patch_mask (B, N) == 1`` that are ``valid
+    (B, 1, H, W)``; per sample, then over the samples that have any such pixel (0 if none has).
+    ``pred, target (B, C, H, W)``."""
+    err = (pred.float() - target.float()).pow(2).mean(dim=1)  # (B, H, W)
+    B, H, W = err.shape
+    nh, nw = H // patch_size, W // patch_size
+    if patch_mask.shape[1] != nh * nw:
+        raise ValueError(f"patch_mask has {patch_mask.shape[1]} patches but a {H}x{W} map with patch size "
+                         f"{patch_size} has {nh * nw}")
+    w = patch_mask.reshape(B, nh, nw).to(err.dtype).repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
+    if valid is not None:
+        w = w * valid.reshape(B, H, W).to(err.dtype)
+    num, den = (err * w).flatten(1).sum(1), w.flatten(1).sum(1)
+    has = (den > 0).to(err.dtype)
+    return (num / den.clamp(min=1) * has).sum() / has.sum().clamp(min=1)
+
+
+def max_pool_features(tokens: Tensor, valid: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Max over tokens ``(B, n, D)`` of the ``valid (B, n)`` ones -> ``((B, D), has_any (B,))`` (rows without a
+    valid token are 0)."""
+    if valid is None:
+        return tokens.amax(dim=1), torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    pooled = tokens.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=1)
+    has = valid.any(dim=1)
+    return torch.where(has.unsqueeze(-1), pooled, torch.zeros_like(pooled)), has
+
+
+def max_pool_distill_loss(student: Tensor, teacher: Tensor, student_valid: Optional[Tensor] = None,
+                          teacher_valid: Optional[Tensor] = None, beta: float = 1.0) -> Tensor:
+    """Smooth-L1 between the max-pooled patch features of the student ``(B, n, D)`` and of the teacher
+    ``(B, m, D)`` (``valid`` masks drop tokens from the max), averaged over features and samples."""
+    s, s_has = max_pool_features(student.float(), student_valid)
+    t, t_has = max_pool_features(teacher.detach().float(), teacher_valid)
+    per_sample = F.smooth_l1_loss(s, t, reduction="none", beta=beta).mean(dim=1)
+    w = (s_has & t_has).to(per_sample.dtype)
+    return (per_sample * w).sum() / w.sum().clamp(min=1)
+
+
+def stream_valid(patch_valid: Optional[Tensor], keep: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Validity ``(B, k)`` of the kept patches (all patches when ``keep`` is None)."""
+    if patch_valid is None or keep is None:
+        return patch_valid
+    return torch.gather(patch_valid, 1, keep)

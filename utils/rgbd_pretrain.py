@@ -1,0 +1,377 @@
+"""The two-stage RGB-D method as configurations of ``run_pretraining_multimae.py``: its arguments, checks,
+model / teacher / data construction and the step functions handed to the shared :class:`utils.engine.Trainer`.
+
+    python run_pretraining_multimae.py -c cfgs/pretrain/rgbd_contrastive_stage1_tiny.yaml
+    python run_pretraining_multimae.py -c cfgs/pretrain/rgbd_contrastive_stage2_tiny.yaml
+
+``--method multimae`` (default) is the published MultiMAE (:mod:`utils.pretrain`); ``rgbd_stage1`` and
+``rgbd_stage2`` are the two stages of :mod:`utils.rgbd_contrastive`. :func:`pretrain_method` gives the
+script the builders of the chosen method.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from utils.config import add_bool_arg
+from utils.depth import robust_standardize
+from utils.modalities import build_input_adapters, build_pretrain_output_adapters, parse_domains
+from utils.rgbd_contrastive import (MODALITIES, RGBDContrastStage1, RGBDMaskedStage2, dirichlet_visible_split,
+                                    keep_to_mask, masked_pixel_mse, max_pool_distill_loss, num_visible_patches,
+                                    patch_info_nce, patch_retrieval_accuracy, patch_valid_fraction, random_keep,
+                                    stream_valid)
+
+__all__ = ["METHODS", "add_rgbd_args", "validate_rgbd_args", "validate_method_args", "prepare_rgbd",
+           "RGBDStage1Step", "RGBDStage2Step", "build_rgbd_model", "build_rgbd_teacher", "build_rgbd_loader",
+           "build_rgbd_trainer", "PretrainMethod", "pretrain_method"]
+
+METHODS = ("multimae", "rgbd_stage1", "rgbd_stage2")
+# architecture arguments a stage-2 student must share with its stage-1 teacher (it starts from its weights)
+_ARCH_KEYS = ("model", "encoder_depth", "encoder_dim", "encoder_num_heads", "num_global_tokens", "patch_size",
+              "input_size", "separate_encoders")
+_ENCODER_PREFIXES = ("encoder.", "depth_encoder.", "input_adapters.", "global_tokens", "depth_global_tokens")
+
+
+def add_rgbd_args(parser: argparse.ArgumentParser) -> None:
+    """``--method`` and the arguments of the two-stage RGB-D method (ignored by ``--method multimae``)."""
+    parser.add_argument("--method", type=str, default="multimae", choices=METHODS,
+                        help="multimae (published) or a stage of the two-stage RGB-D method (PRETRAINING.md)")
+    g = parser.add_argument_group("two-stage RGB-D method (--method rgbd_stage1 / rgbd_stage2)")
+    add_bool_arg(g, "separate_encoders", False, "one encoder per modality (default: the shared MultiMAE encoder)")
+    add_bool_arg(g, "use_mask_valid", False, "read mask_valid/ and leave invalid depth out of the input and losses")
+    g.add_argument("--min_valid_fraction", type=float, default=0.5,
+                   help="a patch counts as valid depth when at least this fraction of its pixels is valid")
+    g.add_argument("--temperature", type=float, default=0.07, help="stage 1: initial InfoNCE temperature")
+    add_bool_arg(g, "learn_temperature", True, "stage 1: learn the temperature")
+    g.add_argument("--contrast_negatives", type=str, default="image", choices=["image", "batch"],
+                   help="stage 1: negatives are the other patches of the same image or of the whole batch")
+    g.add_argument("--proj_dim", type=int, default=256, help="stage 1: projection head output width")
+    g.add_argument("--proj_hidden_dim", type=int, default=None, help="stage 1: head hidden width (default: encoder)")
+    g.add_argument("--mask_ratio", type=float, default=0.8, help="stage 2: hidden fraction of each modality")
+    g.add_argument("--mask_sampler", type=str, default="independent", choices=["independent", "dirichlet"],
+                   help="stage 2: fixed count per modality, or one Dirichlet(--alphas) split per batch")
+    g.add_argument("--sigma_max", type=float, default=1.0,
+                   help="stage 2: depth noise std drawn per sample from U[0, sigma_max] (standardised depth units)")
+    add_bool_arg(g, "rgb_reconstruction", False, "stage 2: also reconstruct the hidden rgb patches")
+    g.add_argument("--recon_weight", type=float, default=1.0, help="stage 2: weight of the masked reconstruction")
+    g.add_argument("--denoise_weight", type=float, default=1.0, help="stage 2: weight of the noise prediction")
+    g.add_argument("--distill_weight", type=float, default=1.0, help="stage 2: weight of the feature distillation")
+    g.add_argument("--teacher_checkpoint", type=str, default="",
+                   help="stage 2: the stage-1 checkpoint (teacher and initialisation)")
+    g.add_argument("--teacher_input", type=str, default="full", choices=["full", "same"],
+                   help="stage 2: the teacher sees the full clean images, or the student's masked noisy input")
+
+
+def validate_rgbd_args(args: argparse.Namespace) -> list[str]:
+    """Checks of the RGB-D method's arguments (nothing for ``--method multimae``)."""
+    if args.method == "multimae":
+        return []
+    errors = []
+    try:
+        ins = parse_domains(args.in_domains)
+    except ValueError as e:
+        return [f"--in_domains: {e}"]
+    if sorted(ins) != sorted(MODALITIES):
+        errors.append(f"--method {args.method} uses --in_domains rgb-depth, got '{args.in_domains}'")
+    if args.input_size % args.patch_size:
+        errors.append(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
+    if not 0.0 <= args.mask_ratio < 1.0:
+        errors.append(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if not 0.0 <= args.min_valid_fraction <= 1.0:
+        errors.append(f"--min_valid_fraction must be in [0, 1], got {args.min_valid_fraction}")
+    if args.temperature <= 0:
+        errors.append(f"--temperature must be > 0, got {args.temperature}")
+    if args.sigma_max < 0:
+        errors.append(f"--sigma_max must be >= 0, got {args.sigma_max}")
+    for name in ("recon_weight", "denoise_weight", "distill_weight"):
+        if getattr(args, name) < 0:
+            errors.append(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if min(args.proj_dim, args.proj_hidden_dim or 1) < 1:
+        errors.append("--proj_dim and --proj_hidden_dim must be >= 1")
+    if args.method == "rgbd_stage2" and not args.teacher_checkpoint and args.distill_weight > 0:
+        errors.append("--method rgbd_stage2 needs --teacher_checkpoint (the stage-1 checkpoint it starts from and "
+                      "distils); pass --distill_weight 0 to train stage 2 from scratch without a teacher")
+    if args.teacher_checkpoint and args.method == "rgbd_stage2":
+        from utils.validation import check_path_exists
+        err = check_path_exists("teacher_checkpoint", args.teacher_checkpoint, "file")
+        if err:
+            errors.append(err)
+    if args.use_mask_valid and args.data_path:
+        import os
+        if os.path.isdir(args.data_path) and not os.path.isdir(os.path.join(args.data_path, "mask_valid")):
+            errors.append(f"--use_mask_valid: '{args.data_path}' has no mask_valid/ folder")
+    return errors
+
+
+def validate_method_args(args: argparse.Namespace) -> list[str]:
+    """The pre-training checks of the chosen method (``utils.pretrain.validate_pretrain_args`` for multimae)."""
+    if args.method == "multimae":
+        from utils.pretrain import validate_pretrain_args
+        return validate_pretrain_args(args)
+    return validate_rgbd_args(args)
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def prepare_rgbd(x: dict[str, Tensor], standardize_depth: bool, use_mask_valid: bool
+                 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(rgb, depth, valid)`` on the device: depth robust-standardised (statistics of valid pixels only)
+    when asked, and 0 wherever ``mask_valid`` is False, so invalid depth values reach neither input nor loss."""
+    valid = x["mask_valid"].bool() if use_mask_valid else None
+    depth = x["depth"].float()
+    if standardize_depth:
+        depth = robust_standardize(depth, valid)
+    elif valid is not None:
+        depth = torch.where(valid, depth, torch.zeros_like(depth))
+    return x["rgb"], depth, valid
+
+
+def _batch_dict(batch: Any) -> dict[str, Tensor]:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+class RGBDStage1Step:
+    """Stage 1: ``step(model, (x, label)) -> (loss, logs)`` with the symmetric patch InfoNCE.
+
+    Patches with less than ``min_valid_fraction`` valid depth are neither anchors nor negatives.
+    Logs ``loss``, ``temperature`` and ``patch_acc`` (rgb -> depth top-1 retrieval within the image).
+    """
+
+    def __init__(self, patch_size: int, negatives: str = "image", standardize_depth: bool = True,
+                 use_mask_valid: bool = False, min_valid_fraction: float = 0.5):
+        self.patch_size, self.negatives = patch_size, negatives
+        self.standardize_depth, self.use_mask_valid = standardize_depth, use_mask_valid
+        self.min_valid_fraction = min_valid_fraction
+
+    def __call__(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        rgb, depth, valid = prepare_rgbd(_batch_dict(batch), self.standardize_depth, self.use_mask_valid)
+        out = model({"rgb": rgb, "depth": depth})
+        pv = None if valid is None else patch_valid_fraction(valid, self.patch_size) >= self.min_valid_fraction
+        z_rgb, z_depth = out["z"]["rgb"], out["z"]["depth"]
+        loss = patch_info_nce(z_rgb, z_depth, out["logit_scale"], pv, self.negatives)
+        return loss, {"loss": loss.detach(), "temperature": 1.0 / out["logit_scale"].detach(),
+                      "patch_acc": patch_retrieval_accuracy(z_rgb.detach(), z_depth.detach(), pv)}
+
+
+class RGBDStage2Step:
+    """Stage 2: ``step(model, (x, label)) -> (loss, logs)``.
+
+    Per batch: visible patches per modality (``mask_ratio`` each, or a Dirichlet split of the same total),
+    ``sigma ~ U[0, sigma_max]`` per sample and noise ``sigma * e`` on valid depth pixels; the decoder output
+    is scored against the clean depth on hidden patches (``recon``) and against the noise on visible ones
+    (``denoise``), both on valid pixels; ``distill`` is the mean over modalities of the smooth-L1 between
+    max-pooled student and teacher features (invalid depth patches left out of the max).
+    ``loss = recon_weight * (recon [+ rgb_recon]) + denoise_weight * denoise + distill_weight * distill``.
+    """
+
+    def __init__(self, teacher: Optional[RGBDContrastStage1], patch_size: int, mask_ratio: float = 0.8,
+                 mask_sampler: str = "independent", alphas: float = 1.0, sigma_max: float = 1.0,
+                 recon_weight: float = 1.0, denoise_weight: float = 1.0, distill_weight: float = 1.0,
+                 teacher_input: str = "full", standardize_depth: bool = True, use_mask_valid: bool = False,
+                 min_valid_fraction: float = 0.5):
+        if mask_sampler not in ("independent", "dirichlet"):
+            raise ValueError(f"mask_sampler must be 'independent' or 'dirichlet', got {mask_sampler!r}")
+        if teacher_input not in ("full", "same"):
+            raise ValueError(f"teacher_input must be 'full' or 'same', got {teacher_input!r}")
+        self.teacher, self.patch_size, self.mask_ratio = teacher, patch_size, mask_ratio
+        self.mask_sampler, self.alphas, self.sigma_max = mask_sampler, alphas, sigma_max
+        self.weights = {"recon": recon_weight, "denoise": denoise_weight, "distill": distill_weight}
+        self.teacher_input = teacher_input
+        self.standardize_depth, self.use_mask_valid = standardize_depth, use_mask_valid
+        self.min_valid_fraction = min_valid_fraction
+
+    def sample_keep(self, batch_size: int, num_patches: int, device: torch.device) -> dict[str, Tensor]:
+        """Visible patch indices per modality, ``{m: (B, k_m)}`` ascending."""
+        k = num_visible_patches(num_patches, self.mask_ratio)
+        counts = (k, k) if self.mask_sampler == "independent" else \
+            dirichlet_visible_split(2 * k, num_patches, self.alphas)
+        return {m: random_keep(batch_size, num_patches, n, device) for m, n in zip(MODALITIES, counts)}
+
+    def sample_noise(self, depth: Tensor, valid: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(sigma (B,), noise (B, 1, H, W))``: ``noise = sigma * e`` on valid pixels, 0 elsewhere."""
+        sigma = torch.rand(depth.shape[0], device=depth.device) * self.sigma_max
+        noise = sigma.view(-1, 1, 1, 1) * torch.randn_like(depth)
+        return sigma, noise if valid is None else noise * valid
+
+    def __call__(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        rgb, depth, valid = prepare_rgbd(_batch_dict(batch), self.standardize_depth, self.use_mask_valid)
+        B, _, H, W = rgb.shape
+        N = (H // self.patch_size) * (W // self.patch_size)
+        keep = self.sample_keep(B, N, rgb.device)
+        sigma, noise = self.sample_noise(depth, valid)
+        out = model({"rgb": rgb, "depth": depth + noise}, sigma, keep)
+        preds = out["preds"]
+        hidden = keep_to_mask(keep["depth"], N)
+        losses = {"recon": masked_pixel_mse(preds["depth"], depth, hidden, self.patch_size, valid),
+                  "denoise": masked_pixel_mse(preds["depth"], noise, 1 - hidden, self.patch_size, valid)}
+        if "rgb" in preds:
+            losses["rgb_recon"] = masked_pixel_mse(preds["rgb"], rgb, keep_to_mask(keep["rgb"], N), self.patch_size)
+        pv = None if valid is None else patch_valid_fraction(valid, self.patch_size) >= self.min_valid_fraction
+        if self.teacher is not None:
+            losses.update(self.distill(out["features"], rgb, depth, depth + noise, keep, pv))
+        w = self.weights
+        loss = w["recon"] * (losses["recon"] + losses.get("rgb_recon", 0.0)) + w["denoise"] * losses["denoise"]
+        if "distill" in losses:
+            loss = loss + w["distill"] * losses["distill"]
+        logs = {"loss": loss.detach(), **{f"{k}_loss": v.detach() for k, v in losses.items()}}
+        return loss, logs
+
+    def distill(self, feats: dict[str, Tensor], rgb: Tensor, depth: Tensor, noisy: Tensor,
+                keep: dict[str, Tensor], pv: Optional[Tensor]) -> dict[str, Tensor]:
+        """``{'distill', 'distill_rgb', 'distill_depth'}`` against the frozen teacher."""
+        teacher = self.teacher
+        with torch.no_grad():
+            if self.teacher_input == "full":
+                t_feats, t_keep = teacher.encode_visible({"rgb": rgb, "depth": depth}), {}
+            else:
+                t_feats, t_keep = teacher.encode_visible({"rgb": rgb, "depth": noisy}, keep), keep
+        out = {}
+        for m in MODALITIES:
+            s_valid = stream_valid(pv, keep[m]) if m == "depth" else None
+            t_valid = stream_valid(pv, t_keep.get(m)) if m == "depth" else None
+            out[f"distill_{m}"] = max_pool_distill_loss(teacher.patch_tokens(feats[m]),
+                                                        teacher.patch_tokens(t_feats[m]), s_valid, t_valid)
+        out["distill"] = sum(out[f"distill_{m}"] for m in MODALITIES) / len(MODALITIES)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- building
+def _backbone(args: argparse.Namespace, output_adapters: Optional[dict] = None) -> nn.Module:
+    from multimae import create_model
+
+    overrides = {k: v for k, v in (("depth", args.encoder_depth), ("dim_tokens", args.encoder_dim),
+                                   ("num_heads", args.encoder_num_heads)) if v is not None}
+    return create_model(args.model, input_adapters=build_input_adapters(list(MODALITIES), args.patch_size,
+                                                                        args.input_size),
+                        output_adapters=output_adapters, num_global_tokens=args.num_global_tokens,
+                        drop_path_rate=args.drop_path, **overrides)
+
+
+def _stage1_model(args: argparse.Namespace) -> RGBDContrastStage1:
+    depth_backbone = _backbone(args) if args.separate_encoders else None
+    return RGBDContrastStage1(_backbone(args), depth_backbone, proj_dim=args.proj_dim,
+                              proj_hidden_dim=args.proj_hidden_dim, temperature=args.temperature,
+                              learn_temperature=args.learn_temperature)
+
+
+def _stage2_model(args: argparse.Namespace) -> RGBDMaskedStage2:
+    out_domains = ["rgb", "depth"] if args.rgb_reconstruction else ["depth"]
+    decoders = build_pretrain_output_adapters(
+        out_domains, context_tasks=list(MODALITIES), patch_size=args.patch_size, image_size=args.input_size,
+        dim_tokens=args.decoder_dim, depth=args.decoder_depth, num_heads=args.decoder_num_heads,
+        use_task_queries=args.decoder_use_task_queries, use_xattn=args.decoder_use_xattn)
+    depth_backbone = _backbone(args) if args.separate_encoders else None
+    return RGBDMaskedStage2(_backbone(args, decoders), depth_backbone)
+
+
+def _load_stage1(path: str) -> tuple[dict[str, Tensor], dict]:
+    """``(model state dict, config dict)`` of a stage-1 checkpoint; an error names what is wrong."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not any(k.startswith("proj_heads.") for k in state):
+        raise CheckpointError(f"--teacher_checkpoint '{path}' is not a stage-1 checkpoint of --method rgbd_stage1 "
+                              f"(no 'proj_heads.*' weights)")
+    return state, dict(ckpt.get("args") or {})
+
+
+def _check_same_architecture(args: argparse.Namespace, cfg: dict, path: str) -> None:
+    diff = [f"--{k} {getattr(args, k)!r} (stage 1: {cfg[k]!r})" for k in _ARCH_KEYS
+            if k in cfg and cfg[k] != getattr(args, k)]
+    if diff:
+        raise ValueError(f"stage 2 must use the architecture of its stage-1 checkpoint '{path}'; different: "
+                         + ", ".join(diff))
+
+
+def build_rgbd_teacher(args: argparse.Namespace) -> Optional[RGBDContrastStage1]:
+    """The frozen stage-1 model of ``--teacher_checkpoint`` in eval mode (None without a checkpoint), built
+    from the configuration stored in the checkpoint."""
+    if not args.teacher_checkpoint or args.distill_weight == 0:
+        return None
+    state, cfg = _load_stage1(args.teacher_checkpoint)
+    _check_same_architecture(args, cfg, args.teacher_checkpoint)
+    stage1_args = argparse.Namespace(**{**vars(args), **{k: v for k, v in cfg.items() if k in vars(args)}})
+    teacher = _stage1_model(stage1_args)
+    load_model_state(teacher, state, strict=True, source=args.teacher_checkpoint)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def build_rgbd_model(args: argparse.Namespace) -> nn.Module:
+    """The stage-1 model, or the stage-2 model with its encoder (input adapters, encoder(s), global tokens)
+    initialised from ``--teacher_checkpoint``."""
+    if args.method == "rgbd_stage1":
+        return _stage1_model(args)
+    model = _stage2_model(args)
+    if args.teacher_checkpoint:
+        state, cfg = _load_stage1(args.teacher_checkpoint)
+        _check_same_architecture(args, cfg, args.teacher_checkpoint)
+        encoder_state = {k: v for k, v in state.items() if k.startswith(_ENCODER_PREFIXES)}
+        wanted = [k for k in model.state_dict() if k.startswith(_ENCODER_PREFIXES)]
+        missing = [k for k in wanted if k not in encoder_state]
+        if missing:
+            raise ValueError(f"--teacher_checkpoint '{args.teacher_checkpoint}' lacks encoder weights {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''} (--separate_encoders must match stage 1)")
+        model.load_state_dict(encoder_state, strict=False)
+        print(f"Stage 2 starts from the encoder of {args.teacher_checkpoint} ({len(wanted)} tensors)")
+    return model
+
+
+def build_rgbd_loader(args: argparse.Namespace):
+    """The pre-training loader (:func:`utils.pretrain.build_pretrain_loader`) over rgb, depth and, with
+    ``--use_mask_valid``, mask_valid."""
+    from utils.pretrain import build_pretrain_loader
+
+    data_args = argparse.Namespace(**vars(args))
+    data_args.in_domains, data_args.out_domains = "rgb-depth", "mask_valid" if args.use_mask_valid else ""
+    return build_pretrain_loader(data_args)
+
+
+def build_rgbd_step(args: argparse.Namespace, device: torch.device) -> Callable:
+    """The step function of ``args.method`` (stage 2: with its teacher on ``device``)."""
+    common = dict(standardize_depth=args.standardize_depth, use_mask_valid=args.use_mask_valid,
+                  min_valid_fraction=args.min_valid_fraction)
+    if args.method == "rgbd_stage1":
+        return RGBDStage1Step(args.patch_size, args.contrast_negatives, **common)
+    teacher = build_rgbd_teacher(args)
+    return RGBDStage2Step(teacher.to(device) if teacher is not None else None, args.patch_size, args.mask_ratio,
+                          args.mask_sampler, args.alphas, args.sigma_max, args.recon_weight, args.denoise_weight,
+                          args.distill_weight, args.teacher_input, **common)
+
+
+def build_rgbd_trainer(args: argparse.Namespace, model: nn.Module, loader: Any, device: torch.device,
+                       wandb: Any = None):
+    """The pre-training Trainer (:func:`utils.pretrain.build_pretrain_trainer`: optimizer, schedules, DDP)
+    running the RGB-D step function."""
+    from utils.pretrain import build_pretrain_trainer
+
+    trainer = build_pretrain_trainer(args, model, loader, device, wandb)
+    trainer.step_fn = build_rgbd_step(args, device)
+    return trainer
+
+
+@dataclass(frozen=True)
+class PretrainMethod:
+    """Builders of one pre-training method, as ``run_pretraining_multimae.py`` calls them."""
+    build_loader: Callable[[argparse.Namespace], tuple]
+    build_model: Callable[[argparse.Namespace], nn.Module]
+    build_trainer: Callable[..., Any]
+    callbacks: Callable[..., list]  # (args, trainer, device, wandb) -> Trainer callbacks
+
+
+def _multimae_callbacks(args: argparse.Namespace, trainer: Any, device: torch.device, wandb: Any) -> list:
+    from utils.pretrain import ReconstructionVis
+    return [ReconstructionVis(args, trainer.step_fn, device, wandb, seed=args.seed)]
+
+
+def pretrain_method(name: str) -> PretrainMethod:
+    """The builders of ``--method name``."""
+    if name == "multimae":
+        from utils.pretrain import build_pretrain_loader, build_pretrain_model, build_pretrain_trainer
+        return PretrainMethod(build_pretrain_loader, build_pretrain_model, build_pretrain_trainer, _multimae_callbacks)
+    if name in METHODS:
+        return PretrainMethod(build_rgbd_loader, build_rgbd_model, build_rgbd_trainer, lambda *a: [])
+    raise ValueError(f"unknown pre-training method {name!r}; expected one of {METHODS}")
