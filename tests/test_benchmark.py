@@ -156,3 +156,50 @@ def test_write_benchmark_images_reuses_a_complete_folder(tmp_path):
     mtime = (Path(root) / "rgb" / "scenes" / "img_000000.jpg").stat().st_mtime_ns
     write_benchmark_images(str(tmp_path), num_images=3, image_size=32, unique=2)
     assert (Path(root) / "rgb" / "scenes" / "img_000000.jpg").stat().st_mtime_ns == mtime
+
+
+def test_pretrain_transform_fast_path_equals_the_v2_tv_tensors_formulation():
+    """The lean PretrainTransform (crop views, uint8 channels-last resampling) gives bit-identical output to
+    the v2 transforms on tv_tensors (crop -> resize -> flip -> finish) it replaced, RNG use included."""
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2 import functional as TF
+
+    from utils.modalities import MODALITIES, get_modality, unregister_modality
+    from utils.synthetic_data import register_normal_modality
+    from utils.transforms import PretrainTransform
+
+    created = "normal" not in MODALITIES
+    register_normal_modality()
+    try:
+        _check_against_reference(PretrainTransform, get_modality, tv_tensors, TF)
+    finally:
+        if created:
+            unregister_modality("normal")
+
+
+def _check_against_reference(PretrainTransform, get_modality, tv_tensors, TF):
+    def reference(t, sample):
+        mods = {n: get_modality(n) for n in sample}
+        wrapped = {n: tv_tensors.Image(x) if mods[n].kind == "rgb" else tv_tensors.Image(x.float())
+                   if mods[n].kind == "dense" else tv_tensors.Mask(x) for n, x in sample.items()}
+        out = t.crop(wrapped)
+        flip = t.hflip > 0 and bool(torch.rand(()) < t.hflip)
+        return {n: t._finish(mods[n], (TF.horizontal_flip(x) if flip else x).as_subclass(torch.Tensor), flip)
+                for n, x in out.items()}
+
+    for seed in range(24):
+        g = torch.Generator().manual_seed(seed)
+        H, W = torch.randint(20, 120, (2,), generator=g).tolist()
+        sample = {"rgb": torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g),
+                  "depth": torch.randint(0, 65536, (1, H, W), dtype=torch.int32, generator=g),
+                  "semseg": torch.randint(0, 133, (1, H, W), dtype=torch.uint8, generator=g),
+                  "mask_valid": torch.randint(0, 2, (1, H, W), generator=g).to(torch.uint8) * 255,
+                  "normal": torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g)}
+        t = PretrainTransform(input_size=4 * (seed + 4), hflip=0.5, interpolation=("bicubic", "bilinear")[seed % 2])
+        torch.manual_seed(seed)
+        expected, after_ref = reference(t, sample), torch.rand(())
+        torch.manual_seed(seed)
+        got, after_new = t(sample), torch.rand(())
+        assert after_ref == after_new  # same random draws consumed
+        for k in expected:
+            assert got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]), (seed, k)

@@ -30,12 +30,18 @@ class JointRandomResizedCrop(v2.RandomResizedCrop):
         return super().transform(inpt, params)
 
 
-def _wrap(m: Modality, x: torch.Tensor):
-    if m.kind == 'rgb':
-        return tv_tensors.Image(x)
-    if m.kind == 'dense':
-        return tv_tensors.Image(x.float())
-    return tv_tensors.Mask(x)
+def _wrap_lazy(m: Modality, x: torch.Tensor):
+    """``tv_tensors`` view of ``x`` (no copy), only for the size check and the crop parameters."""
+    return tv_tensors.Mask(x) if m.kind in ('label', 'mask') else tv_tensors.Image(x)
+
+
+def _resize_image(x: torch.Tensor, size: Tuple[int, int], interpolation: InterpolationMode) -> torch.Tensor:
+    """Antialiased resize of a (C, H, W) image; uint8 goes through torch's vectorised channels-last uint8
+    kernel (about 4x faster than on a channels-first tensor, identical values), returned contiguous."""
+    if x.dtype == torch.uint8 and x.shape[0] in (3, 4):
+        x = x.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        return F.resize(x, list(size), interpolation=interpolation, antialias=True)[0].contiguous()
+    return F.resize(x, list(size), interpolation=interpolation, antialias=True)
 
 
 class PretrainTransform:
@@ -63,13 +69,30 @@ class PretrainTransform:
 
     def __call__(self, sample: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         mods = {name: get_modality(name) for name in sample}
-        out = self.crop({name: _wrap(mods[name], x) for name, x in sample.items()})
+        # one crop box for all (make_params also checks that every modality has the same size)
+        box = self.crop.make_params([_wrap_lazy(mods[name], x) for name, x in sample.items()])
         flip = self.hflip > 0 and bool(torch.rand(()) < self.hflip)
-        return {name: self._finish(mods[name], F.horizontal_flip(x) if flip else x, flip)
-                for name, x in out.items()}
+        return {name: self._process(mods[name], x, box, flip) for name, x in sample.items()}
+
+    def _process(self, m: Modality, x: torch.Tensor, box: Dict[str, int], flip: bool) -> torch.Tensor:
+        """Crop (a view, so only the kept pixels are converted or resampled), resize, flip, finish.
+
+        Same operations and values as running the v2 transforms on ``tv_tensors`` (the published order:
+        crop -> resize -> flip), without their per-call dispatch and with fast kernels: uint8 images are
+        resampled in uint8 through a channels-last view (torch's vectorised kernel, bit-identical output),
+        dense modalities are converted to float after cropping instead of before.
+        """
+        top, left, h, w = box['top'], box['left'], box['height'], box['width']
+        x = x[..., top:top + h, left:left + w]
+        if m.kind in ('label', 'mask'):
+            x = F.resize(x, list(self.size), interpolation=InterpolationMode.NEAREST_EXACT)
+        else:
+            if m.kind == 'dense':
+                x = x.float()
+            x = _resize_image(x, self.size, self.crop.interpolation)
+        return self._finish(m, F.horizontal_flip(x) if flip else x, flip)
 
     def _finish(self, m: Modality, x: torch.Tensor, flipped: bool) -> torch.Tensor:
-        x = x.as_subclass(torch.Tensor)
         if m.kind == 'rgb':
             return F.normalize(F.to_dtype(x, torch.float32, scale=True), self.mean, self.std)
         if m.kind == 'mask':
