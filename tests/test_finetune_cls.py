@@ -83,6 +83,17 @@ def test_published_config_runs(config, data, pretrained, tmp_path, capsys):
     assert 0.0 <= log[-1]["test_acc1"] <= log[-1]["test_acc5"] <= 100.0
 
 
+@pytest.mark.parametrize("config", ["synthetic.yaml", "synthetic_linprobe.yaml"])
+def test_synthetic_configs_run(config, data, pretrained, tmp_path):
+    out = tmp_path / "out"
+    cli(["-c", str(CFG_DIR / config), "--finetune", str(pretrained), "--output_dir", str(out), "--epochs", "1",
+         "--max_steps_per_epoch", "1", "--num_workers", "0"] + data)
+    cfg = parse_args(get_args_parser(), ["-c", str(out / "config.yaml")])
+    assert (cfg.nb_classes, cfg.data_set, cfg.linear_probe) == (4, "image_folder", config == "synthetic_linprobe.yaml")
+    assert (out / "vis" / "predictions_e0000.png").is_file()
+    assert 0.0 <= _log(out)[0]["test_acc1"] <= 100.0
+
+
 def test_short_run_learns_and_reports_ema(ema_run):
     log = _log(ema_run)
     assert [r["epoch"] for r in log] == list(range(6))
