@@ -19,6 +19,7 @@ def get_args_parser():
     p = create_parser("MultiMAE pre-training")
     p.add_argument("--batch_size", type=int, default=256, help="batch size per process")
     p.add_argument("--epochs", type=int, default=1600)
+    p.add_argument("--update_freq", type=int, default=1, help="gradient accumulation: batches per optimizer step")
     p.add_argument("--max_steps_per_epoch", type=int, default=None,
                    help="debugging: cap the optimizer steps per epoch (schedules follow the cap)")
     p.add_argument("--save_vis_freq", type=int, default=20, help="reconstruction pictures every N epochs (0: off)")

@@ -140,8 +140,9 @@ def validate_pretrain_args(args: argparse.Namespace) -> list[str]:
             errors.append(f"--fp32_output_adapters: '{t}' is not an output adapter (outputs: {outputs})")
     if args.extra_norm_pix_loss and "rgb" not in in_domains:
         errors.append("--extra_norm_pix_loss needs 'rgb' in --in_domains (or pass --no_extra_norm_pix_loss)")
-    if args.batch_size < 1 or args.epochs < 1:
-        errors.append(f"--batch_size ({args.batch_size}) and --epochs ({args.epochs}) must be >= 1")
+    if min(args.batch_size, args.epochs, args.update_freq) < 1:
+        errors.append(f"--batch_size ({args.batch_size}), --epochs ({args.epochs}) and --update_freq "
+                      f"({args.update_freq}) must be >= 1")
     return errors
 
 
@@ -208,15 +209,17 @@ def vis_dataset_root(data_path: str) -> str:
 
 def build_pretrain_trainer(args: argparse.Namespace, model: nn.Module, loader: DataLoader,
                            device: torch.device, wandb: Any = None) -> Trainer:
-    """Balancer, optimizer (published grouping), schedules (``lr = blr * batch * world / 256``), DDP and
-    the :class:`Trainer`. Sets ``args.lr``."""
+    """Balancer, optimizer (published grouping), schedules (``lr = blr * batch * update_freq * world / 256``),
+    DDP and the :class:`Trainer`. Sets ``args.lr``."""
     in_domains, out_domains = parse_domains(args.in_domains), parse_domains(args.out_domains)
     losses = build_pretrain_losses(out_domains, args.patch_size, extra_norm_pix_loss=args.extra_norm_pix_loss)
     balancer = build_task_balancer(args.task_balancer, list(losses)).to(device)
-    args.lr = args.blr * args.batch_size * get_world_size() / 256
+    args.lr = args.blr * args.batch_size * args.update_freq * get_world_size() / 256
     optimizer = create_optimizer(args, pretrain_param_groups(model, balancer, args.weight_decay,
                                                              args.balancer_lr_scale, args.decay_filter))
-    steps = len(loader) if not args.max_steps_per_epoch else min(len(loader), args.max_steps_per_epoch)
+    steps = len(loader) // args.update_freq
+    if args.max_steps_per_epoch:
+        steps = min(steps, args.max_steps_per_epoch)
     lr_schedule = cosine_scheduler(args.lr, args.min_lr, args.epochs, steps, args.warmup_epochs,
                                    args.warmup_lr, args.warmup_steps)
     wd_schedule = weight_decay_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps)
@@ -235,11 +238,13 @@ def build_pretrain_trainer(args: argparse.Namespace, model: nn.Module, loader: D
                            args.sample_tasks_uniformly, split_list(args.fp32_output_adapters),
                            args.standardize_depth, args.loss_on_unmasked,
                            log_weighted=args.task_balancer != "none")
-    print(f"lr: {args.lr:.3e} (blr {args.blr} x batch {args.batch_size} x {get_world_size()} processes / 256), "
+    print(f"lr: {args.lr:.3e} (blr {args.blr} x batch {args.batch_size} x update_freq {args.update_freq} x "
+          f"{get_world_size()} processes / 256), "
           f"{steps} steps per epoch, {n_parameters / 1e6:.2f}M trainable parameters")
     return Trainer(wrapped, optimizer, step_fn, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
                    steps_per_epoch=steps, epochs=args.epochs, device=device, amp=args.amp,
-                   clip_grad=args.clip_grad, skip_grad=args.skip_grad, modules={"loss_balancer": balancer},
+                   clip_grad=args.clip_grad, skip_grad=args.skip_grad, update_freq=args.update_freq,
+                   modules={"loss_balancer": balancer},
                    output_dir=args.output_dir, save_ckpt_freq=args.save_ckpt_freq, keep_last=args.keep_last,
                    print_freq=args.print_freq, config=args_to_dict(args), wandb=wandb,
                    batch_size=args.batch_size, extra_log={"n_parameters": n_parameters},
