@@ -30,14 +30,14 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
 from utils.dist import is_main_process
+from utils.io import atomic_open, fsync_dir
 
 __all__ = [
     'CheckpointError', 'atomic_open', 'atomic_save', 'save_checkpoint', 'find_resume_checkpoint',
@@ -55,60 +55,6 @@ class CheckpointError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------
 # writing
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform/file system, hence best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _file_mode(path: Path) -> int:
-    """Permission bits for a new version of ``path``: those of the existing file, else 0666 minus umask."""
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = 'wb') -> Iterator[IO]:
-    """Open a temporary file next to ``path`` for writing; on success it is flushed, fsynced and
-    renamed onto ``path`` (``os.replace``), on any exception it is deleted and ``path`` keeps its
-    previous content. Use for checkpoints, labels, configs and pictures::
-
-        with atomic_open(out / 'grid.png') as f:
-            image.save(f, format='PNG')
-    """
-    if 'w' not in mode:
-        raise ValueError(f"atomic_open writes whole files; mode must contain 'w', got {mode!r}")
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path('.')
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        # mkstemp creates the file private (0600); give it the mode a plain open() would have
-        if hasattr(os, 'fchmod'):
-            os.fchmod(fd, _file_mode(path))
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` that never leaves a half-written ``path`` behind."""
@@ -143,7 +89,7 @@ def _point_last_at(output_dir: Path, target: Path) -> None:
                 shutil.copyfileobj(src, dst)
             return
     os.replace(tmp, last)
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
 
 
 def save_checkpoint(output_dir: str | os.PathLike, tag: int | str, state: Mapping[str, Any],

@@ -7,6 +7,7 @@ the new file, or no file -- never a partial one. `fsync=True` also survives powe
 of one disk flush per file (worth it for checkpoints, not for a million pseudo labels).
 
 Public API:
+    atomic_open(path, mode="wb", fsync=True)      context manager behind every writer below
     atomic_write(path, data: bytes, fsync=False)
     encode_png(array, palette=None) -> bytes        uint8 (H,W)/(H,W,3)/(H,W,4) or uint16 (H,W)
     save_png(path, array, fsync=False, palette=None) atomic `encode_png`
@@ -17,41 +18,87 @@ Public API:
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Iterator, Mapping
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["atomic_write", "encode_png", "save_png", "label_dtype", "save_json", "load_json",
+__all__ = ["atomic_open", "atomic_write", "fsync_dir", "encode_png", "save_png", "label_dtype", "save_json", "load_json",
            "save_weights_file", "load_weights_with_metadata", "WEIGHTS_SUFFIXES"]
 
 WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
-    """Write `data` to `path` through a temporary file + rename (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _file_mode(path: Path) -> int:
+    """Permission bits for a new version of `path`: those of the existing file, else 0666 minus umask."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def fsync_dir(directory: Path) -> None:
+    """Best-effort fsync of a folder, so a rename in it survives power loss (not possible everywhere)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
+    """Open a hidden temporary file next to `path` for writing; on success it is flushed (and fsynced
+    when `fsync`) and renamed onto `path` (`os.replace`); on any exception it is deleted and `path`
+    keeps its previous content. Parent folders are created::
+
+        with atomic_open(out / "grid.png") as f:
+            image.save(f, format="PNG")
+    """
+    if "w" not in mode:
+        raise ValueError(f"atomic_open writes whole files; mode must contain 'w', got {mode!r}")
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp creates the file private (0600); give it the mode a plain open() would have
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _file_mode(path))
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
             if fsync:
-                f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
+    if fsync:
+        fsync_dir(directory)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
+    """Write `data` to `path` through `atomic_open` (parent folders are created)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"atomic_write expects bytes for {path}, got {type(data).__name__}")
+    with atomic_open(path, "wb", fsync=fsync) as f:
+        f.write(data)
 
 
 def encode_png(array: np.ndarray | torch.Tensor, compress_level: int = 6,
