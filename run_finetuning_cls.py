@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Image classification with a MultiViT: fine-tuning (spec 5.5) or linear probing (``--linear_probe``).
 
-    python run_finetuning_cls.py -c cfgs/finetune/cls/synthetic.yaml --finetune output/demo/checkpoint-last.pth
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node=8 run_finetuning_cls.py -c cfgs/finetune/cls/ft_in1k_100e_multimae-b.yaml \
-        --finetune /path/to/multimae-b_98_rgb+-depth-semseg_1600e_multivit-afff3f8c.pth \
+    python run_finetuning_cls.py -c cfgs/finetune/cls/synthetic.yaml            # from output/demo (make demo)
+    python run_finetuning_cls.py -c cfgs/finetune/cls/synthetic_linprobe.yaml   # linear probe
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node=8 run_finetuning_cls.py \
+        -c cfgs/finetune/cls/ft_in1k_100e_multimae-b.yaml --finetune multimae-b_..._multivit-afff3f8c.pth \
         --data_path /data/imagenet/train --eval_data_path /data/imagenet/val
     python run_finetuning_cls.py -c <config> --eval --resume <output_dir>/checkpoint-best.pth
 
@@ -48,14 +49,16 @@ def get_args_parser():
                    help="timm auto-augment policy ('': off, colour jitter instead)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--train_interpolation", type=str, default="bicubic", help="bicubic, bilinear or random")
-    g.add_argument("--crop_pct", type=float, default=None, help="eval centre-crop fraction (None: 224/256 below 384 px)")
+    g.add_argument("--crop_pct", type=float, default=None,
+                   help="eval centre-crop fraction (None: 224/256 below 384 px)")
     g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
     g.add_argument("--remode", type=str, default="pixel", help="random erasing mode")
     g.add_argument("--recount", type=int, default=1, help="random erasing count")
     add_bool_arg(g, "resplit", False, "published, unused")
     g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
-    g.add_argument("--cutmix_minmax", type=float, nargs="+", default=None, help="cutmix min/max ratio (overrides alpha)")
+    g.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
+                   help="cutmix min/max ratio (overrides alpha)")
     g.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
     g.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of cutmix when both are on")
     g.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"])

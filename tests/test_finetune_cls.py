@@ -53,7 +53,8 @@ def pretrained(tmp_path_factory):
 EMA_RUN = ["--input_size", "32", "--nb_classes", "4", "--data_set", "image_folder", "--batch_size", "8",
            "--epochs", "6", "--warmup_epochs", "1", "--lr", "1e-3", "--layer_decay", "0.75", "--drop_path", "0",
            "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--aa", "", "--color_jitter", "0",
-           "--model_ema", "--model_ema_decay", "0.9", "--save_ckpt_freq", "3", "--num_vis", "4", "--log_images_freq", "5"]
+           "--model_ema", "--model_ema_decay", "0.9", "--save_ckpt_freq", "3",
+           "--num_vis", "4", "--log_images_freq", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +136,14 @@ def test_linear_probe_freezes_encoder_and_trains(data, pretrained, tmp_path, cap
     out = tmp_path / "probe"
     cli(data + RUNTIME + ["--linear_probe", "--finetune", str(pretrained), "--output_dir", str(out),
                           "--input_size", "32", "--nb_classes", "4", "--data_set", "image_folder", "--batch_size", "8",
-                          "--epochs", "5", "--warmup_epochs", "1", "--opt", "momentum", "--lr", "0.01", "--num_vis", "0"])
-    assert "training only ['output_adapters.cls.head.weight', 'output_adapters.cls.head.bias']" in capsys.readouterr().out
+                          "--epochs", "5", "--warmup_epochs", "1", "--opt", "momentum", "--lr", "0.01",
+                          "--num_vis", "0"])
+    trainable = "['output_adapters.cls.head.weight', 'output_adapters.cls.head.bias']"
+    assert f"training only {trainable}" in capsys.readouterr().out
     args = parse_args(get_args_parser(), ["-c", str(out / "config.yaml")])
     # probe defaults where nothing was given, explicit values where they were
-    assert (args.weight_decay, args.mixup, args.cutmix, args.smoothing, args.drop_path, args.min_lr) == (0, 0, 0, 0, 0, 0)
+    probe_values = (args.weight_decay, args.mixup, args.cutmix, args.smoothing, args.drop_path, args.min_lr)
+    assert probe_values == (0, 0, 0, 0, 0, 0)
     assert (args.opt, args.batch_size, args.epochs) == ("momentum", 8, 5)
     initial = build_cls_model(args)
     load_cls_pretrained(initial, str(pretrained), keep_head=False, log=None)
@@ -261,4 +265,5 @@ def test_randaugment_posterize_to_zero_bits_does_not_crash(data):
         level = 10 if name == "PosterizeIncreasing" else 0
         out = AugmentOp(name, prob=1.0, magnitude=level, hparams={})(img)
         assert out.size == img.size and out.getextrema() == ((0, 0),) * 3
-    assert AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5, hparams={})(img).getpixel((0, 0)) == (192, 64, 0)  # 2 bits
+    two_bits = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5, hparams={})(img)
+    assert two_bits.getpixel((0, 0)) == (192, 64, 0)

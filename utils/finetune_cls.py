@@ -450,7 +450,8 @@ def render_cls_predictions(inputs: dict[str, Tensor], preds: dict[str, Tensor], 
     canvas = Image.new("RGB", (tile * len(images), tile + text_h), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for j, (img, y, p, q) in enumerate(zip(images, labels.tolist(), pred.tolist(), prob.tolist())):
-        canvas.paste(Image.fromarray(denormalize_rgb(img, mean, std)).resize((tile, tile), Image.BICUBIC), (j * tile, 0))
+        picture = Image.fromarray(denormalize_rgb(img, mean, std)).resize((tile, tile), Image.BICUBIC)
+        canvas.paste(picture, (j * tile, 0))
         colour = (0, 140, 0) if p == y else (200, 0, 0)
         draw.rectangle([j * tile, 0, (j + 1) * tile - 1, tile - 1], outline=colour, width=3)
         draw.text((j * tile + 3, tile + 2), f"gt: {name(y)}"[:22], fill=(0, 0, 0))
@@ -517,8 +518,8 @@ def build_cls_trainer(args: argparse.Namespace, model: nn.Module, loader: DataLo
     mode = "linear probe" if args.linear_probe else "fine-tuning"
     print(f"{mode}: lr {args.lr:.3e} ({lr_from}), {steps} steps per epoch, {n_parameters / 1e6:.3f}M trainable "
           f"parameters, {len(optimizer.param_groups)} parameter groups")
-    return Trainer(wrap_model(model, args, device), optimizer, step_fn, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
-                   steps_per_epoch=steps, epochs=args.epochs, device=device, amp=args.amp,
+    return Trainer(wrap_model(model, args, device), optimizer, step_fn, lr_schedule=lr_schedule,
+                   wd_schedule=wd_schedule, steps_per_epoch=steps, epochs=args.epochs, device=device, amp=args.amp,
                    clip_grad=args.clip_grad, skip_grad=args.skip_grad, update_freq=args.update_freq,
                    model_ema=model_ema, output_dir=args.output_dir, save_ckpt=args.save_ckpt,
                    save_ckpt_freq=args.save_ckpt_freq, keep_last=args.keep_last, print_freq=args.print_freq,
