@@ -110,9 +110,11 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
 def test_matmul_peak_and_interleaved_timing():
     assert matmul_peak("cpu", n=128, repeats=2) > 1e7
     calls = []
-    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, iters=3, warmup=1)
+    wall, cpu = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, iters=3, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then the order rotates per round
-    assert all(len(v) == 3 for v in times.values())
+    assert all(len(v) == 3 for v in wall.values()) and all(len(v) == 3 for v in cpu.values())
+    busy = time_interleaved({"spin": lambda: sum(range(200_000))}, iters=1, warmup=0)
+    assert 0 < busy[1]["spin"][0] and 0 < busy[0]["spin"][0]
     s = summarize_times([3.0, 1.0, 2.0])
     assert (s["median_s"], s["min_s"], s["max_s"]) == (2.0, 1.0, 3.0)
 

@@ -258,10 +258,10 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
 
     first_call: Dict[str, float] = {}
     breaks0, graphs0 = _graph_counters()
-    times = time_interleaved(runners, iters=0, warmup=args.warmup, device=device,
-                             on_first_call=lambda n, s: first_call.__setitem__(n, s))
+    time_interleaved(runners, iters=0, warmup=args.warmup, device=device,
+                     on_first_call=lambda n, s: first_call.__setitem__(n, s))
     breaks1, graphs1 = _graph_counters()
-    times = time_interleaved(runners, iters=args.iters, warmup=0, device=device)
+    times, cpu_times = time_interleaved(runners, iters=args.iters, warmup=0, device=device)
     breaks2, graphs2 = _graph_counters()
     memory = {}
     for name, run in runners.items():
@@ -279,6 +279,7 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
                "flops_per_step": flops, "achieved_flops": flops / stats["median_s"], "peak_flops": peak,
                "peak_dtype": str(PEAK_DTYPES[v.amp]).replace("torch.", ""),
                "fraction_of_peak": flops / stats["median_s"] / peak, "first_step_s": first_call[v.name],
+               "cpu_median_s": summarize_times(cpu_times[v.name])["median_s"],
                "step_memory_mb": memory[v.name].delta_bytes / 2 ** 20,
                "process_peak_mb": memory[v.name].peak_bytes / 2 ** 20, "memory_exact": memory[v.name].exact}
         if v.compile:
@@ -382,18 +383,20 @@ def format_model_table(res: Dict[str, Any]) -> str:
     head = (f"{res['mode']}: {res['model']}, batch {res['batch_size']}, {res['input_size']}px, "
             f"{res['parameters'] / 1e6:.1f}M params, {res['rows'][0]['flops_per_step'] / 1e9:.1f} GFLOP/step, "
             f"peaks " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in res["peaks"].items()) + " GFLOP/s")
-    cols = f"{'variant':<24}{'step ms':>9}{'(min)':>8}{'img/s':>8}{'GFLOP/s':>9}{'%peak':>7}{'mem MB':>8}" \
-           f"{'speed x':>8}{'mem x':>7}{'1st s':>7}"
+    cols = f"{'variant':<24}{'step ms':>9}{'(min)':>8}{'cpu ms':>8}{'img/s':>8}{'GFLOP/s':>9}{'%peak':>7}" \
+           f"{'mem MB':>8}{'speed x':>8}{'mem x':>7}{'1st s':>7}"
     lines = [head, cols]
     for r in res["rows"]:
-        lines.append(f"{r['variant']:<24}{r['median_s'] * 1e3:>9.0f}{r['min_s'] * 1e3:>8.0f}{r['images_per_s']:>8.2f}"
+        lines.append(f"{r['variant']:<24}{r['median_s'] * 1e3:>9.0f}{r['min_s'] * 1e3:>8.0f}"
+                     f"{r['cpu_median_s'] * 1e3:>8.0f}{r['images_per_s']:>8.2f}"
                      f"{r['achieved_flops'] / 1e9:>9.1f}{100 * r['fraction_of_peak']:>7.1f}{r['step_memory_mb']:>8.0f}"
                      f"{r['speedup_vs_' + ref]:>8.2f}{r['memory_vs_' + ref]:>7.2f}{r['first_step_s']:>7.1f}")
         if "graph_breaks_during_timing" in r:
             lines.append(f"{'':<24}compile: {r['graph_breaks_during_warmup']} graph breaks while compiling, "
                          f"{r['graph_breaks_during_timing']} breaks / {r['new_graphs_during_timing']} new graphs "
                          f"during the timed steps")
-    lines.append(f"(ratios vs '{ref}'; mem = peak resident memory of one step above the memory before it)")
+    lines.append(f"(medians of interleaved steps; ratios vs '{ref}'; cpu = process CPU time per step; mem = peak "
+                 f"resident memory of one step above the memory before it; 1st = first step incl. compilation)")
     return "\n".join(lines)
 
 

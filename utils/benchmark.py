@@ -225,13 +225,15 @@ class PeakMemory:
 
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], iters: int, warmup: int = 1,
                      device: torch.device | str = "cpu", on_first_call: Optional[Callable[[str, float], None]] = None
-                     ) -> Dict[str, List[float]]:
-    """Seconds per call of every function, measured round-robin.
+                     ) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """Seconds per call of every function, measured round-robin: ``(wall_times, cpu_times)``.
 
     All functions run ``warmup`` times (the first call's duration goes to ``on_first_call``, e.g. the
     compile time), then ``iters`` rounds in which each runs once; the order rotates every round. Slow
     drifts of the machine's load therefore hit every variant alike, which makes the ratios trustworthy
-    on a shared machine even when the absolute times are not.
+    on a shared machine even when the absolute times are not. ``cpu_times`` is the CPU time of the whole
+    process per call: with one thread it is close to the wall time on an idle machine even when other
+    processes compete for the cores (with several threads, OpenMP spin-waiting inflates it).
     """
     names = list(fns)
     for w in range(warmup):
@@ -241,15 +243,17 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], iters: int, warmup: i
             sync_device(device)
             if w == 0 and on_first_call is not None:
                 on_first_call(name, time.perf_counter() - t0)
-    times: Dict[str, List[float]] = {name: [] for name in names}
+    wall: Dict[str, List[float]] = {name: [] for name in names}
+    cpu: Dict[str, List[float]] = {name: [] for name in names}
     for i in range(iters):
         k = i % len(names)
         for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
             sync_device(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 def summarize_times(times: Sequence[float]) -> Dict[str, float]:
