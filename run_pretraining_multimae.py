@@ -6,12 +6,13 @@
         -c cfgs/pretrain/multimae-b_98_rgb+-depth-semseg_1600e.yaml --data_path /data/imagenet_multitask/train
 
 Every published argument keeps its name and default; see PRETRAINING.md for the few additions.
+``--method rgbd_stage1|rgbd_stage2`` runs the two-stage RGB-D method instead (cfgs/pretrain/rgbd_contrastive_*.yaml).
 """
 import warnings
 
 from utils.config import (OMIT, add_bool_arg, add_checkpoint_args, add_dist_args, add_optim_args,
                           add_runtime_args, add_wandb_args, create_parser, parse_args, save_config)
-from utils.pretrain import validate_pretrain_args
+from utils.rgbd_pretrain import add_rgbd_args, validate_method_args
 from utils.validation import check_pretrain_args
 
 
@@ -65,6 +66,7 @@ def get_args_parser():
                    help="mixed precision; auto = fp16 on CUDA (published), none on CPU")
     add_dist_args(p)
     add_wandb_args(p)
+    add_rgbd_args(p)
     return p
 
 
@@ -73,7 +75,7 @@ def main(args):
     from utils.dist import destroy_distributed, get_rank, init_distributed_mode, seed_everything, set_deterministic
     from utils.engine import resolve_amp
     from utils.logger import WandbLogger
-    from utils.pretrain import ReconstructionVis, build_pretrain_loader, build_pretrain_model, build_pretrain_trainer
+    from utils.rgbd_pretrain import pretrain_method
 
     if not args.show_user_warnings:
         warnings.filterwarnings("ignore", category=UserWarning)
@@ -83,16 +85,17 @@ def main(args):
     args.amp = resolve_amp(args.amp, device)
     if args.output_dir and get_rank() == 0:
         save_config(args, args.output_dir)
-    dataset, loader = build_pretrain_loader(args)
-    model = build_pretrain_model(args).to(device)
+    method = pretrain_method(args.method)  # multimae, or a stage of the two-stage RGB-D method
+    dataset, loader = method.build_loader(args)
+    model = method.build_model(args).to(device)
     print(f"Data: {len(dataset)} samples of {dataset.modalities} from {args.data_path}")
     wandb = WandbLogger(args) if args.log_wandb else None
-    trainer = build_pretrain_trainer(args, model, loader, device, wandb)
-    vis = ReconstructionVis(args, trainer.step_fn, device, wandb, seed=args.seed)
+    trainer = method.build_trainer(args, model, loader, device, wandb)
+    callbacks = method.callbacks(args, trainer, device, wandb)
     trainer.start_epoch = args.start_epoch
     trainer.resume(resolve_resume(args))  # last: restores the RNG states
     print(f"Training epochs {trainer.start_epoch}..{args.epochs - 1} on {device} (amp: {args.amp})")
-    trainer.fit(loader, callbacks=[vis])
+    trainer.fit(loader, callbacks=callbacks)
     if wandb is not None:
         wandb.finish()
     destroy_distributed()
@@ -100,4 +103,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args(get_args_parser(), validate=[validate_pretrain_args, check_pretrain_args]))
+    main(parse_args(get_args_parser(), validate=[validate_method_args, check_pretrain_args]))

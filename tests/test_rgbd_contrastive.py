@@ -279,3 +279,92 @@ def test_checkpoints_fine_tune_rgb_only(method):
     x = torch.randn(2, 3, S, S)
     model.eval()
     torch.testing.assert_close(vit(x), model.encode_visible({"rgb": x})["rgb"])
+
+
+# --------------------------------------------------------------------------------------------- the script
+# the tiny configs, shrunk further: 2-block encoder 64 wide, 32 px images, 8 px patches
+SHRINK = ["--encoder_depth", "2", "--encoder_dim", "64", "--encoder_num_heads", "2", "--input_size", "32",
+          "--patch_size", "8", "--decoder_dim", "32", "--decoder_num_heads", "2", "--proj_dim", "32",
+          "--batch_size", "8", "--epochs", "4", "--blr", "2e-2", "--num_workers", "0", "--print_freq", "4",
+          "--deterministic"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    from utils.synthetic_data import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_dataset(str(root), num_train=32, num_val=4, image_size=32, seed=0)
+    return root
+
+
+def _parse(argv):
+    import run_pretraining_multimae as script
+    from utils.config import parse_args
+    from utils.rgbd_pretrain import validate_method_args
+
+    return parse_args(script.get_args_parser(), argv, validate=validate_method_args, exit_on_error=False)
+
+
+def _epoch_losses(out):
+    import json
+    lines = (out / "log.txt").read_text().splitlines()
+    return [json.loads(line)["[Epoch] loss"] for line in lines]
+
+
+def test_both_stages_run_through_the_script_and_learn(synthetic_root, tmp_path):
+    import run_pretraining_multimae as script
+    from multimae import PatchedInputAdapter, create_model
+    from utils.pretrained import load_finetune_weights
+
+    data = ["--data_path", str(synthetic_root / "train")]
+    out1, out2 = tmp_path / "stage1", tmp_path / "stage2"
+    script.main(_parse(["-c", "cfgs/pretrain/rgbd_contrastive_stage1_tiny.yaml", *SHRINK, *data,
+                        "--output_dir", str(out1)]))
+    loss1 = _epoch_losses(out1)
+    # falls, and below log(16) = 2.77, the loss of features that tell the 16 patches of an image apart no better
+    # than chance
+    assert len(loss1) == 4 and loss1[-1] < 0.85 * loss1[0] and loss1[-1] < 0.92 * math.log(16), loss1
+    ckpt1 = out1 / "checkpoint-last.pth"
+    script.main(_parse(["-c", "cfgs/pretrain/rgbd_contrastive_stage2_tiny.yaml", *SHRINK, *data,
+                        "--output_dir", str(out2), "--teacher_checkpoint", str(ckpt1)]))
+    loss2 = _epoch_losses(out2)
+    assert len(loss2) == 4 and loss2[-1] < 0.8 * loss2[0], loss2
+    # the result fine-tunes RGB-only: every encoder weight of a MultiViT comes from the checkpoint
+    vit = create_model("multivit_tiny", input_adapters={"rgb": PatchedInputAdapter(3, 1, 8, image_size=32)},
+                       output_adapters=None, depth=2, dim_tokens=64, num_heads=2)
+    report = load_finetune_weights(vit, str(out2 / "checkpoint-last.pth"), log=None)
+    assert not report.missing and report.loaded
+    # stage 2 moved the encoder away from stage 1
+    sd1 = torch.load(ckpt1, weights_only=True)["model"]
+    assert not torch.equal(sd1["encoder.0.attn.qkv.weight"], vit.state_dict()["encoder.0.attn.qkv.weight"])
+
+
+def test_script_checks_the_method_arguments(synthetic_root, tmp_path):
+    from utils.config import ConfigError
+
+    data = ["--data_path", str(synthetic_root / "train")]
+    with pytest.raises(ConfigError, match="needs --teacher_checkpoint"):
+        _parse(["-c", "cfgs/pretrain/rgbd_contrastive_stage2_tiny.yaml", *data, "--teacher_checkpoint", ""])
+    with pytest.raises(ConfigError, match="uses --in_domains rgb-depth"):
+        _parse(["-c", "cfgs/pretrain/rgbd_contrastive_stage1_tiny.yaml", *data, "--in_domains", "rgb-semseg"])
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        _parse(["-c", "cfgs/pretrain/rgbd_contrastive_stage1_tiny.yaml", *data, "--mask_ratio", "1.0"])
+    # a stage-2 student must have the architecture of its stage-1 teacher
+    args1 = tiny_args()
+    path = save_stage1(tmp_path, args1, build_rgbd_model(args1))
+    with pytest.raises(ValueError, match="--encoder_dim 48"):
+        build_rgbd_model(tiny_args(method="rgbd_stage2", encoder_dim=48, teacher_checkpoint=path))
+    multimae = _parse(["--in_domains", "rgb-depth", "--num_encoded_tokens", "8", *data])
+    assert multimae.method == "multimae"
+
+
+@pytest.mark.parametrize("name", ["rgbd_contrastive_stage1", "rgbd_contrastive_stage2"])
+def test_vit_b_configs_parse(name, synthetic_root, tmp_path):
+    (tmp_path / "stage1.pth").write_bytes(b"")
+    args = _parse(["-c", f"cfgs/pretrain/{name}.yaml", "--data_path", str(synthetic_root / "train"),
+                   "--teacher_checkpoint", str(tmp_path / "stage1.pth")])
+    assert args.model == "pretrain_multimae_base" and args.separate_encoders and args.input_size == 224
+    if name.endswith("stage2"):
+        assert (args.mask_ratio, args.rgb_reconstruction, args.recon_weight, args.denoise_weight,
+                args.distill_weight) == (0.8, False, 1.0, 1.0, 1.0)
