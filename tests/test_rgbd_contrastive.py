@@ -348,6 +348,8 @@ def test_script_checks_the_method_arguments(synthetic_root, tmp_path):
         _parse(["-c", "cfgs/pretrain/rgbd_contrastive_stage2_tiny.yaml", *data, "--teacher_checkpoint", ""])
     with pytest.raises(ConfigError, match="uses --in_domains rgb-depth"):
         _parse(["-c", "cfgs/pretrain/rgbd_contrastive_stage1_tiny.yaml", *data, "--in_domains", "rgb-semseg"])
+    with pytest.raises(ConfigError, match="task_balancer uncertainty is a MultiMAE option"):
+        _parse(["-c", "cfgs/pretrain/rgbd_contrastive_stage1_tiny.yaml", *data, "--task_balancer", "uncertainty"])
     with pytest.raises(ConfigError, match="mask_ratio"):
         _parse(["-c", "cfgs/pretrain/rgbd_contrastive_stage1_tiny.yaml", *data, "--mask_ratio", "1.0"])
     # a stage-2 student must have the architecture of its stage-1 teacher

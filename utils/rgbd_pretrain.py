@@ -40,7 +40,9 @@ _ENCODER_PREFIXES = ("encoder.", "depth_encoder.", "input_adapters.", "global_to
 def add_rgbd_args(parser: argparse.ArgumentParser) -> None:
     """``--method`` and the arguments of the two-stage RGB-D method (ignored by ``--method multimae``)."""
     parser.add_argument("--method", type=str, default="multimae", choices=METHODS,
-                        help="multimae (published) or a stage of the two-stage RGB-D method (PRETRAINING.md)")
+                        help="multimae (published) or a stage of the two-stage RGB-D method (PRETRAINING.md); the "
+                             "RGB-D stages do not use num_encoded_tokens, alphas (except --mask_sampler dirichlet), "
+                             "out_domains, extra_norm_pix_loss, loss_on_unmasked, fp32_output_adapters")
     g = parser.add_argument_group("two-stage RGB-D method (--method rgbd_stage1 / rgbd_stage2)")
     add_bool_arg(g, "separate_encoders", False, "one encoder per modality (default: the shared MultiMAE encoder)")
     add_bool_arg(g, "use_mask_valid", False, "read mask_valid/ and leave invalid depth out of the input and losses")
@@ -91,6 +93,9 @@ def validate_rgbd_args(args: argparse.Namespace) -> list[str]:
     for name in ("recon_weight", "denoise_weight", "distill_weight"):
         if getattr(args, name) < 0:
             errors.append(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.task_balancer != "none":
+        errors.append(f"--task_balancer {args.task_balancer} is a MultiMAE option; the RGB-D method weighs its losses "
+                      f"with --recon_weight/--denoise_weight/--distill_weight")
     if min(args.proj_dim, args.proj_hidden_dim or 1) < 1:
         errors.append("--proj_dim and --proj_hidden_dim must be >= 1")
     if args.method == "rgbd_stage2" and not args.teacher_checkpoint and args.distill_weight > 0:
