@@ -271,3 +271,17 @@ def test_wandb_offline_smoke(synthetic_root, tmp_path, monkeypatch):
     assert len(runs) == 1
     assert list(runs[0].rglob("*.wandb")), "no run data written"
     assert list(runs[0].rglob("files/media/images/reconstructions*.png")), "reconstruction picture not logged"
+
+
+def test_demo_config_builds_the_finetuning_compatible_tiny_model():
+    """cfgs/pretrain/demo.yaml (make demo) must stay loadable by the synthetic fine-tuning configs:
+    ViT-Ti (12 blocks, 192 wide), patch 16, rgb/depth/semseg in and out."""
+    from utils.pretrain import build_pretrain_model
+
+    args = parse(["-c", "cfgs/pretrain/demo.yaml"])
+    assert args.model == "pretrain_multimae_tiny" and args.patch_size == 16
+    assert args.in_domains == args.out_domains == "rgb-depth-semseg" and args.extra_norm_pix_loss
+    assert args.encoder_depth is None and args.encoder_dim is None
+    model = build_pretrain_model(args)
+    assert model.get_num_layers() == 12 and model.global_tokens.shape == (1, 1, 192)
+    assert sorted(model.output_adapters) == ["depth", "norm_rgb", "rgb", "semseg"]
