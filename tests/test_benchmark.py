@@ -41,6 +41,9 @@ def test_quick_runs_every_mode_and_writes_consistent_json(tmp_path):
             assert row["achieved_flops"] == pytest.approx(flops / row["median_s"])
             assert row["fraction_of_peak"] == pytest.approx(row["achieved_flops"] / row["peak_flops"])
             assert row["peak_flops"] > 1e8 and row["step_memory_mb"] > 0
+            assert 0 <= row["activation_memory_mb"] <= row["step_memory_mb"]
+            assert row["fraction_of_peak_cpu"] == pytest.approx(
+                flops / row["cpu_median_s"] / r["peaks"][row["peak_dtype"] + "_cpu"])
         assert rows[0]["speedup_vs_math"] == 1.0 and rows[0]["memory_vs_math"] == 1.0
         assert rows[1]["speedup_vs_math"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
     data = res["results"][4]

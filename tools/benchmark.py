@@ -271,16 +271,21 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
     for k, v in _measure_peaks(variants, device, args.peak_size).items():
         peaks[k] = max(peaks[k], v)
 
+    # gradients are allocated during every step; what remains of the step memory is activations and temporaries
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     rows = []
     for v in variants:
         stats = summarize_times(times[v.name])
-        peak = peaks[str(PEAK_DTYPES[v.amp]).replace("torch.", "")]
+        peak = peaks[_dtype_name(v)]
         row = {"mode": mode, "variant": v.name, **stats, "images_per_s": args.batch_size / stats["median_s"],
                "flops_per_step": flops, "achieved_flops": flops / stats["median_s"], "peak_flops": peak,
-               "peak_dtype": str(PEAK_DTYPES[v.amp]).replace("torch.", ""),
+               "peak_dtype": _dtype_name(v),
                "fraction_of_peak": flops / stats["median_s"] / peak, "first_step_s": first_call[v.name],
                "cpu_median_s": summarize_times(cpu_times[v.name])["median_s"],
+               "fraction_of_peak_cpu": (flops / summarize_times(cpu_times[v.name])["median_s"]
+                                        / peaks.get(_dtype_name(v) + "_cpu", float("nan"))),
                "step_memory_mb": memory[v.name].delta_bytes / 2 ** 20,
+               "activation_memory_mb": max(0.0, memory[v.name].delta_bytes - grad_bytes) / 2 ** 20,
                "process_peak_mb": memory[v.name].peak_bytes / 2 ** 20, "memory_exact": memory[v.name].exact}
         if v.compile:
             row.update(graph_breaks_during_warmup=breaks1 - breaks0, new_graphs_during_timing=graphs2 - graphs1,
@@ -303,8 +308,20 @@ def _model_name(mode: str, args: Namespace) -> str:
 
 
 def _measure_peaks(variants: List[Variant], device: torch.device, n: int) -> Dict[str, float]:
-    dtypes = {PEAK_DTYPES[v.amp] for v in variants} | {torch.float32}
-    return {str(d).replace("torch.", ""): matmul_peak(device, d, n=n) for d in sorted(dtypes, key=str)}
+    """Matmul peak of every compute dtype in use (``'float32'``...) and, on CPU, its CPU-time twin
+    (``'float32_cpu'``...), the reference of the CPU-time columns."""
+    dtypes = sorted({PEAK_DTYPES[v.amp] for v in variants} | {torch.float32}, key=str)
+    peaks = {}
+    for d in dtypes:
+        name = str(d).replace("torch.", "")
+        peaks[name] = matmul_peak(device, d, n=n)
+        if device.type == "cpu":
+            peaks[name + "_cpu"] = matmul_peak(device, d, n=n, clock="cpu")
+    return peaks
+
+
+def _dtype_name(v: Variant) -> str:
+    return str(PEAK_DTYPES[v.amp]).replace("torch.", "")
 
 
 def _add_ratios(rows: List[Dict[str, Any]]) -> None:
@@ -382,21 +399,23 @@ def format_model_table(res: Dict[str, Any]) -> str:
     ref = res["rows"][0]["variant"]
     head = (f"{res['mode']}: {res['model']}, batch {res['batch_size']}, {res['input_size']}px, "
             f"{res['parameters'] / 1e6:.1f}M params, {res['rows'][0]['flops_per_step'] / 1e9:.1f} GFLOP/step, "
-            f"peaks " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in res["peaks"].items()) + " GFLOP/s")
-    cols = f"{'variant':<24}{'step ms':>9}{'(min)':>8}{'cpu ms':>8}{'img/s':>8}{'GFLOP/s':>9}{'%peak':>7}" \
-           f"{'mem MB':>8}{'speed x':>8}{'mem x':>7}{'1st s':>7}"
+            f"matmul peaks (GFLOP/s) " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in res["peaks"].items()))
+    cols = f"{'variant':<24}{'step ms':>9}{'(min)':>8}{'img/s':>8}{'GFLOP/s':>9}{'%peak':>7}{'cpu ms':>8}" \
+           f"{'%pk cpu':>8}{'mem MB':>8}{'speed x':>8}{'mem x':>7}{'1st s':>7}"
     lines = [head, cols]
     for r in res["rows"]:
-        lines.append(f"{r['variant']:<24}{r['median_s'] * 1e3:>9.0f}{r['min_s'] * 1e3:>8.0f}"
-                     f"{r['cpu_median_s'] * 1e3:>8.0f}{r['images_per_s']:>8.2f}"
-                     f"{r['achieved_flops'] / 1e9:>9.1f}{100 * r['fraction_of_peak']:>7.1f}{r['step_memory_mb']:>8.0f}"
+        lines.append(f"{r['variant']:<24}{r['median_s'] * 1e3:>9.0f}{r['min_s'] * 1e3:>8.0f}{r['images_per_s']:>8.2f}"
+                     f"{r['achieved_flops'] / 1e9:>9.1f}{100 * r['fraction_of_peak']:>7.1f}"
+                     f"{r['cpu_median_s'] * 1e3:>8.0f}{100 * r['fraction_of_peak_cpu']:>8.1f}{r['step_memory_mb']:>8.0f}"
                      f"{r['speedup_vs_' + ref]:>8.2f}{r['memory_vs_' + ref]:>7.2f}{r['first_step_s']:>7.1f}")
         if "graph_breaks_during_timing" in r:
             lines.append(f"{'':<24}compile: {r['graph_breaks_during_warmup']} graph breaks while compiling, "
                          f"{r['graph_breaks_during_timing']} breaks / {r['new_graphs_during_timing']} new graphs "
                          f"during the timed steps")
-    lines.append(f"(medians of interleaved steps; ratios vs '{ref}'; cpu = process CPU time per step; mem = peak "
-                 f"resident memory of one step above the memory before it; 1st = first step incl. compilation)")
+    lines.append(f"(medians of interleaved steps; ratios vs '{ref}' (images/s, step memory); %peak = model FLOP/s over "
+                 f"the matmul peak of the compute dtype; cpu = process CPU time per step and %pk cpu its utilisation "
+                 f"(meaningful with one thread on a shared machine); mem = peak resident memory of one step above the "
+                 f"memory before it; 1st = first step incl. compilation)")
     return "\n".join(lines)
 
 
