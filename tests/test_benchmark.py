@@ -50,7 +50,7 @@ def test_quick_runs_every_mode_and_writes_consistent_json(tmp_path):
     assert {(row["pipeline"], row["workers"]) for row in data["rows"]} == {(p, w) for p in ("pil", "ours")
                                                                            for w in (0, 1)}
     for row in data["rows"]:
-        assert row["images_per_s"] > 0
+        assert row["images_per_s"] > 0 and row["cpu_ms_per_image"] > 0
         assert row["speedup_vs_pil"] == pytest.approx(row["images_per_s"] / next(
             x["images_per_s"] for x in data["rows"] if x["pipeline"] == "pil" and x["workers"] == row["workers"]))
 

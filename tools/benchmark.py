@@ -48,7 +48,8 @@ PEAK_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", default="pretrain", help=f"comma list of {', '.join(MODES)} or 'all'")
+    p.add_argument("--mode", default=None, help=f"comma list of {', '.join(MODES)} or 'all' (default: pretrain; "
+                   f"all with --quick)")
     p.add_argument("--size", default="small", choices=["tiny", "small", "base", "large"], help="registered model size")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--input_size", type=int, default=224)
@@ -89,7 +90,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def apply_quick(args: Namespace) -> None:
     """Smallest settings that still exercise every code path (used by the test suite)."""
-    args.mode = "all" if args.mode == "pretrain" else args.mode
+    args.mode = args.mode or "all"
     args.size, args.encoder_depth, args.batch_size, args.input_size = "tiny", 4, 2, 64
     args.num_encoded_tokens, args.decoder_dim, args.decoder_depth, args.decoder_num_heads = 16, 64, 1, 4
     args.iters, args.warmup, args.peak_size = 2, 1, 256
@@ -354,11 +355,23 @@ def _pil_loader(root: str, args: Namespace, workers: int):
                       pin_memory=torch.cuda.is_available(), drop_last=True)
 
 
-def _time_epoch(loader) -> Tuple[float, int]:
-    t0, n = time.perf_counter(), 0
-    for x, _ in loader:
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its terminated (joined) children."""
+    import resource
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _time_epoch(loader) -> Tuple[float, float, int]:
+    """Wall seconds, CPU seconds (main process + its workers, which are joined at the end of the epoch)
+    and the number of images of one pass over ``loader``."""
+    t0, c0, n = time.perf_counter(), _cpu_seconds(), 0
+    it = iter(loader)
+    for x, _ in it:
         n += x["rgb"].shape[0]
-    return time.perf_counter() - t0, n
+    wall = time.perf_counter() - t0
+    del it  # shuts the workers down, so their CPU time is accounted to this process
+    return wall, _cpu_seconds() - c0, n
 
 
 def run_data_mode(args: Namespace) -> Dict[str, Any]:
@@ -376,18 +389,21 @@ def run_data_mode(args: Namespace) -> Dict[str, Any]:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     makers = {"pil": _pil_loader, "ours": _ours_loader}
     samples: Dict[Tuple[str, int], List[float]] = {(p, w): [] for p in pipelines for w in workers}
+    cpu: Dict[Tuple[str, int], List[float]] = {(p, w): [] for p in pipelines for w in workers}
     torch.manual_seed(args.seed)
     for _ in range(args.data_repeats):
         for w in workers:
             for p in pipelines:
-                seconds, n = _time_epoch(makers[p](root, args, w))
+                seconds, cpu_seconds, n = _time_epoch(makers[p](root, args, w))
                 samples[(p, w)].append(n / seconds)
+                cpu[(p, w)].append(1e3 * cpu_seconds / n)
     rows = []
     for (p, w), ips in samples.items():
-        ref = samples.get(("pil", w))
+        ref, ref_cpu = samples.get(("pil", w)), cpu.get(("pil", w))
         rows.append({"mode": "data", "pipeline": p, "workers": w, "images_per_s": float(np.median(ips)),
-                     "all_images_per_s": ips,
-                     "speedup_vs_pil": float(np.median(ips) / np.median(ref)) if ref else None})
+                     "all_images_per_s": ips, "cpu_ms_per_image": float(np.median(cpu[(p, w)])),
+                     "speedup_vs_pil": float(np.median(ips) / np.median(ref)) if ref else None,
+                     "cpu_ratio_vs_pil": float(np.median(ref_cpu) / np.median(cpu[(p, w)])) if ref_cpu else None})
     return {"mode": "data", "root": root, "source_size": args.source_size, "num_images": args.num_images,
             "input_size": args.input_size, "batch_size": args.batch_size, "generate_s": gen_s, "rows": rows}
 
@@ -422,10 +438,14 @@ def format_model_table(res: Dict[str, Any]) -> str:
 def format_data_table(res: Dict[str, Any]) -> str:
     lines = [f"data: rgb(JPEG)+depth(16-bit PNG)+semseg(PNG) {res['source_size']}px -> {res['input_size']}px, "
              f"batch {res['batch_size']}, {res['num_images']} images per epoch",
-             f"{'pipeline':<10}{'workers':>8}{'img/s':>9}{'vs pil':>8}"]
+             f"{'pipeline':<10}{'workers':>8}{'img/s':>9}{'vs pil':>8}{'cpu ms/img':>12}{'vs pil':>8}"]
     for r in res["rows"]:
         ratio = f"{r['speedup_vs_pil']:.2f}" if r["speedup_vs_pil"] is not None else "-"
-        lines.append(f"{r['pipeline']:<10}{r['workers']:>8}{r['images_per_s']:>9.1f}{ratio:>8}")
+        cpu_ratio = f"{r['cpu_ratio_vs_pil']:.2f}" if r["cpu_ratio_vs_pil"] is not None else "-"
+        lines.append(f"{r['pipeline']:<10}{r['workers']:>8}{r['images_per_s']:>9.1f}{ratio:>8}"
+                     f"{r['cpu_ms_per_image']:>12.2f}{cpu_ratio:>8}")
+    lines.append("(median epoch; img/s of the whole loader; cpu ms/img = CPU time of the main process and its "
+                 "workers per image, robust on a shared machine; 'vs pil' = ratio of img/s resp. of CPU cost)")
     return "\n".join(lines)
 
 
@@ -435,6 +455,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         apply_quick(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.mode = args.mode or "pretrain"
     modes = list(MODES) if args.mode == "all" else [m.strip() for m in args.mode.split(",")]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
