@@ -34,6 +34,18 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_modality_registry():
+    """Tests (and the Taskonomy set-up) may register modalities such as 'normal'; every test starts from
+    the registry as it was, so the order in which tests run does not matter."""
+    from utils import modalities
+
+    saved = dict(modalities.MODALITIES)
+    yield
+    modalities.MODALITIES.clear()
+    modalities.MODALITIES.update(saved)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """Directory of the golden fixtures produced with the published implementation."""

@@ -3,6 +3,7 @@ against the golden loss curve, exact resume, config handling of run_pretraining_
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -267,7 +268,13 @@ def test_wandb_offline_smoke(synthetic_root, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run(synthetic_root, tmp_path / "out", "--epochs", "1", "--log_wandb", "--wandb_project", "multimae-test",
         "--save_vis_freq", "1", "--num_vis", "2")
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    deadline = time.time() + 30  # the wandb service process may still be flushing after finish()
+    while time.time() < deadline:
+        runs = list((tmp_path / "wandb").glob("offline-run-*"))
+        if len(runs) == 1 and list(runs[0].rglob("*.wandb")) and list(
+                runs[0].rglob("files/media/images/reconstructions*.png")):
+            break
+        time.sleep(0.2)
     assert len(runs) == 1
     assert list(runs[0].rglob("*.wandb")), "no run data written"
     assert list(runs[0].rglob("files/media/images/reconstructions*.png")), "reconstruction picture not logged"
