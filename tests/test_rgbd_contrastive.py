@@ -20,7 +20,7 @@ def tiny_args(**kw) -> argparse.Namespace:
     args = dict(method="rgbd_stage1", model="pretrain_multimae_tiny", encoder_depth=2, encoder_dim=32,
                 encoder_num_heads=2, num_global_tokens=1, patch_size=P, input_size=S, drop_path=0.0,
                 separate_encoders=False, proj_dim=16, proj_hidden_dim=None, temperature=0.07, learn_temperature=True,
-                rgb_reconstruction=False, decoder_dim=32, decoder_depth=1, decoder_num_heads=2,
+                rgb_reconstruction=False, decoder_xattn_residual=True, decoder_dim=32, decoder_depth=1, decoder_num_heads=2,
                 decoder_use_task_queries=True, decoder_use_xattn=True, teacher_checkpoint="", distill_weight=1.0,
                 recon_weight=1.0, denoise_weight=1.0, mask_ratio=0.8, mask_sampler="independent", alphas=1.0,
                 sigma_max=1.0, teacher_input="full", standardize_depth=True, use_mask_valid=True,
@@ -153,6 +153,25 @@ def test_decoder_inputs_put_every_visible_token_back_at_its_position():
             assert placed[b, pos] in (pos, -5.0)
     assert (placed >= 0).sum().item() == B * 8
     assert torch.equal(torch.gather(placed, 1, ids_keep), visible.squeeze(-1))
+
+
+def test_stage2_decoder_has_a_residual_around_the_cross_attention():
+    from multimae import SpatialOutputAdapter
+    from utils.rgbd_contrastive import ResidualXattnSpatialOutputAdapter
+
+    kw = dict(num_channels=1, stride_level=1, patch_size_full=P, image_size=S, dim_tokens=16, num_heads=2,
+              task="depth", context_tasks=list(MODALITIES), dim_tokens_enc=16)
+    plain, residual = SpatialOutputAdapter(**kw), ResidualXattnSpatialOutputAdapter(**kw)
+    residual.load_state_dict(plain.state_dict())  # same keys and shapes
+    q, ctx = torch.randn(2, 16, 16), torch.randn(2, 5, 16)
+    attended = plain.decoder(plain.query_norm(q), plain.context_norm(ctx))
+    torch.testing.assert_close(plain._cross_attend(q, ctx), attended + plain.mlp(plain.out_norm(attended)))
+    x = q + attended
+    torch.testing.assert_close(residual._cross_attend(q, ctx), x + plain.mlp(plain.out_norm(x)))
+    model = build_rgbd_model(tiny_args(method="rgbd_stage2", rgb_reconstruction=True))
+    assert all(type(a) is ResidualXattnSpatialOutputAdapter for a in model.output_adapters.values())
+    model = build_rgbd_model(tiny_args(method="rgbd_stage2", decoder_xattn_residual=False))
+    assert list(model.output_adapters) == ["depth"] and type(model.output_adapters["depth"]) is SpatialOutputAdapter
 
 
 def test_sigma_zero_gives_zero_noise_targets():

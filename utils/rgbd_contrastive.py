@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from multimae import MultiMAE
+from multimae import MultiMAE, SpatialOutputAdapter
 
 __all__ = [
     "MODALITIES", "RGBDEncoder", "RGBDContrastStage1", "RGBDMaskedStage2", "ProjectionHead", "SigmaEmbedding",
+    "ResidualXattnSpatialOutputAdapter",
     "sinusoidal_embedding", "num_visible_patches", "dirichlet_visible_split", "random_keep", "keep_to_mask",
     "patch_valid_fraction", "decoder_inputs", "patch_info_nce", "patch_retrieval_accuracy", "masked_pixel_mse",
     "max_pool_features", "max_pool_distill_loss", "stream_valid",
@@ -203,6 +204,22 @@ class SigmaEmbedding(nn.Module):
 
     def forward(self, sigma: Tensor) -> Tensor:
         return self.mlp(sinusoidal_embedding(sigma * self.scale, self.freq_dim))
+
+
+class ResidualXattnSpatialOutputAdapter(SpatialOutputAdapter):
+    """MultiMAE's pre-training decoder with a residual connection around its cross-attention:
+    ``x = q + xattn(norm(q), norm(ctx))`` instead of ``x = xattn(...)``. Same arguments, parameters and
+    state-dict keys as ``SpatialOutputAdapter``.
+
+    Without the residual a query keeps nothing of its own token except what the attention routes back, so
+    the noise on the visible depth patches (per-pixel, unpredictable from any other token) is not learned:
+    in a small test the denoising loss stayed at ``E[sigma^2]`` (predicting zero noise) without it and fell
+    to about a quarter of that with it.
+    """
+
+    def _cross_attend(self, queries: Tensor, context: Tensor) -> Tensor:
+        x = queries + self.decoder(self.query_norm(queries), self.context_norm(context))
+        return x + self.mlp(self.out_norm(x))
 
 
 class RGBDMaskedStage2(RGBDEncoder):

@@ -17,11 +17,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from multimae import SpatialOutputAdapter
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from utils.config import add_bool_arg
 from utils.depth import robust_standardize
-from utils.modalities import build_input_adapters, build_pretrain_output_adapters, parse_domains
-from utils.rgbd_contrastive import (MODALITIES, RGBDContrastStage1, RGBDMaskedStage2, dirichlet_visible_split,
+from utils.modalities import build_input_adapters, get_modality, parse_domains
+from utils.rgbd_contrastive import (MODALITIES, RGBDContrastStage1, RGBDMaskedStage2,
+                                    ResidualXattnSpatialOutputAdapter, dirichlet_visible_split,
                                     keep_to_mask, masked_pixel_mse, max_pool_distill_loss, num_visible_patches,
                                     patch_info_nce, patch_retrieval_accuracy, patch_valid_fraction, random_keep,
                                     stream_valid)
@@ -60,6 +62,8 @@ def add_rgbd_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sigma_max", type=float, default=1.0,
                    help="stage 2: depth noise std drawn per sample from U[0, sigma_max] (standardised depth units)")
     add_bool_arg(g, "rgb_reconstruction", False, "stage 2: also reconstruct the hidden rgb patches")
+    add_bool_arg(g, "decoder_xattn_residual", True, "stage 2: residual connection around the decoder's "
+                 "cross-attention (MultiMAE's decoder has none; without it the noise on visible patches is not learned)")
     g.add_argument("--recon_weight", type=float, default=1.0, help="stage 2: weight of the masked reconstruction")
     g.add_argument("--denoise_weight", type=float, default=1.0, help="stage 2: weight of the noise prediction")
     g.add_argument("--distill_weight", type=float, default=1.0, help="stage 2: weight of the feature distillation")
@@ -264,11 +268,13 @@ def _stage1_model(args: argparse.Namespace) -> RGBDContrastStage1:
 
 
 def _stage2_model(args: argparse.Namespace) -> RGBDMaskedStage2:
-    out_domains = ["rgb", "depth"] if args.rgb_reconstruction else ["depth"]
-    decoders = build_pretrain_output_adapters(
-        out_domains, context_tasks=list(MODALITIES), patch_size=args.patch_size, image_size=args.input_size,
-        dim_tokens=args.decoder_dim, depth=args.decoder_depth, num_heads=args.decoder_num_heads,
-        use_task_queries=args.decoder_use_task_queries, use_xattn=args.decoder_use_xattn)
+    cls = ResidualXattnSpatialOutputAdapter if args.decoder_xattn_residual else SpatialOutputAdapter
+    decoders = {m: cls(num_channels=get_modality(m).num_channels, stride_level=get_modality(m).stride_level,
+                       patch_size_full=args.patch_size, image_size=args.input_size, dim_tokens=args.decoder_dim,
+                       depth=args.decoder_depth, num_heads=args.decoder_num_heads,
+                       use_task_queries=args.decoder_use_task_queries, task=m, context_tasks=list(MODALITIES),
+                       use_xattn=args.decoder_use_xattn)
+                for m in (MODALITIES if args.rgb_reconstruction else ("depth",))}
     depth_backbone = _backbone(args) if args.separate_encoders else None
     return RGBDMaskedStage2(_backbone(args, decoders), depth_backbone)
 
