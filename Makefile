@@ -24,12 +24,14 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow tests
 
 # Pre-train the tiny MultiMAE of cfgs/pretrain/demo.yaml on the synthetic scenes (CPU, a few minutes).
+# One intra-op thread by default: the matrices are small, and on a busy machine two spinning OpenMP
+# threads per process made steps several times slower (set OMP_NUM_THREADS=2 on an idle machine).
 demo: setup
 	@test -f $(DEMO_DATA)/info.json || $(PY) tools/make_synthetic_dataset.py --output_dir $(DEMO_DATA) \
 		--num_train 512 --num_val 64 --image_size 96
 	rm -rf $(DEMO_OUT)
-	$(PY) run_pretraining_multimae.py -c cfgs/pretrain/demo.yaml --data_path $(DEMO_DATA)/train \
-		--output_dir $(DEMO_OUT)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) run_pretraining_multimae.py -c cfgs/pretrain/demo.yaml \
+		--data_path $(DEMO_DATA)/train --output_dir $(DEMO_OUT)
 	@echo "checkpoint:      $(DEMO_OUT)/checkpoint-last.pth"
 	@echo "reconstructions: $$(ls $(DEMO_OUT)/vis/*.png | tail -n 1)"
 	@echo "loss per epoch:  $(DEMO_OUT)/log.txt"
