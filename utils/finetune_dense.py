@@ -151,7 +151,7 @@ def build_semseg_dataset(args: argparse.Namespace, split: str):
                                        reduce_zero_label=args.seg_reduce_zero_label,
                                        use_void_label=args.seg_use_void_label)
     prefixes = {'depth': 'pseudo_'} if args.load_pseudo_depth else None
-    max_images = args.max_val_images if split != 'train' else None
+    max_images = args.max_train_images if split == 'train' else args.max_val_images
     # ground-truth ids beyond the classes would crash the loss or vanish from the metrics: name the file instead
     ranges = {'semseg': (args.num_classes + int(args.seg_reduce_zero_label), (SEG_IGNORE_INDEX,))}
     return MultiModalImageFolder(root, domains, transform=transform, max_images=max_images, prefixes=prefixes,
