@@ -20,8 +20,9 @@ def tiny_args(**kw) -> argparse.Namespace:
     args = dict(method="rgbd_stage1", model="pretrain_multimae_tiny", encoder_depth=2, encoder_dim=32,
                 encoder_num_heads=2, num_global_tokens=1, patch_size=P, input_size=S, drop_path=0.0,
                 separate_encoders=False, proj_dim=16, proj_hidden_dim=None, temperature=0.07, learn_temperature=True,
-                rgb_reconstruction=False, decoder_xattn_residual=True, decoder_dim=32, decoder_depth=1, decoder_num_heads=2,
-                decoder_use_task_queries=True, decoder_use_xattn=True, teacher_checkpoint="", distill_weight=1.0,
+                rgb_reconstruction=False, decoder_xattn_residual=True, decoder_dim=32, decoder_depth=1,
+                decoder_num_heads=2, decoder_use_task_queries=True, decoder_use_xattn=True, teacher_checkpoint="",
+                distill_weight=1.0,
                 recon_weight=1.0, denoise_weight=1.0, mask_ratio=0.8, mask_sampler="independent", alphas=1.0,
                 sigma_max=1.0, teacher_input="full", standardize_depth=True, use_mask_valid=True,
                 min_valid_fraction=0.5, contrast_negatives="image")
@@ -134,6 +135,11 @@ def test_dirichlet_split_keeps_the_total():
     step = RGBDStage2Step(None, 16, mask_sampler="dirichlet", distill_weight=0.0)
     keep = step.sample_keep(3, 196, torch.device("cpu"))
     assert keep["rgb"].shape[1] + keep["depth"].shape[1] == 78
+    # streams of different lengths go through the encoder one by one and meet in the decoder
+    step = RGBDStage2Step(None, P, mask_ratio=0.5, mask_sampler="dirichlet", distill_weight=0.0)
+    model = build_rgbd_model(tiny_args(method="rgbd_stage2"))
+    loss, logs = step(model, batch())
+    assert torch.isfinite(loss) and logs["recon_loss"] > 0 and logs["denoise_loss"] > 0
 
 
 def test_decoder_inputs_put_every_visible_token_back_at_its_position():
@@ -217,7 +223,8 @@ def test_distillation_is_exactly_zero_at_the_first_stage2_step(tmp_path, teacher
     args1 = tiny_args(separate_encoders=True)
     stage1 = build_rgbd_model(args1)
     args2 = tiny_args(method="rgbd_stage2", separate_encoders=True,
-                      teacher_checkpoint=save_stage1(tmp_path, args1, stage1), teacher_input=teacher_input, mask_ratio=mask_ratio, sigma_max=sigma_max)
+                      teacher_checkpoint=save_stage1(tmp_path, args1, stage1), teacher_input=teacher_input,
+                      mask_ratio=mask_ratio, sigma_max=sigma_max)
     student = build_rgbd_model(args2)
     step = build_rgbd_step(args2, torch.device("cpu"))
     assert not any(p.requires_grad for p in step.teacher.parameters()) and not step.teacher.training

@@ -62,8 +62,8 @@ def add_rgbd_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sigma_max", type=float, default=1.0,
                    help="stage 2: depth noise std drawn per sample from U[0, sigma_max] (standardised depth units)")
     add_bool_arg(g, "rgb_reconstruction", False, "stage 2: also reconstruct the hidden rgb patches")
-    add_bool_arg(g, "decoder_xattn_residual", True, "stage 2: residual connection around the decoder's "
-                 "cross-attention (MultiMAE's decoder has none; without it the noise on visible patches is not learned)")
+    add_bool_arg(g, "decoder_xattn_residual", True, "stage 2: residual around the decoder's cross-attention "
+                 "(MultiMAE's decoder has none; without it the noise on visible patches is not learned)")
     g.add_argument("--recon_weight", type=float, default=1.0, help="stage 2: weight of the masked reconstruction")
     g.add_argument("--denoise_weight", type=float, default=1.0, help="stage 2: weight of the noise prediction")
     g.add_argument("--distill_weight", type=float, default=1.0, help="stage 2: weight of the feature distillation")
