@@ -98,6 +98,7 @@ def test_lookup_errors_and_domain_order():
 
 @pytest.fixture
 def normal_modality():
+    MODALITIES.pop('normal', None)  # the fine-tuning code may have registered its Taskonomy 'normal' already
     m = register_modality(Modality('normal', num_channels=3, kind='dense', decoder='rgb', value_scale=1 / 255,
                                    value_range=(0.0, 1.0), loss='l1', hflip_negate_channels=(0,)))
     yield m

@@ -346,6 +346,9 @@ class WandbLogger:
         self.run.log({key: self._wandb.Image(image, caption=caption)}, step=step)
 
     def finish(self) -> None:
+        """Finish the run and reset wandb's process-wide settings, so that a later run in the same process
+        (tests, notebooks, sweeps) honours its own ``WANDB_DIR``/mode instead of the first run's."""
         if self.run is not None:
             self.run.finish()
             self.run = None
+            self._wandb.teardown()
