@@ -208,3 +208,16 @@ def _check_against_reference(PretrainTransform, get_modality, tv_tensors, TF):
         assert after_ref == after_new  # same random draws consumed
         for k in expected:
             assert got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]), (seed, k)
+
+
+@pytest.mark.parametrize("groups, transposed", [(1, False), (8, False), (1, True)])
+def test_count_flops_of_convolutions_forward_and_backward(groups, transposed):
+    """Backward = 2x forward (input and weight gradients), also for grouped/depthwise convolutions, where
+    torch's own formula is off by about the number of groups."""
+    conv = (torch.nn.ConvTranspose2d(8, 16, 2, stride=2) if transposed
+            else torch.nn.Conv2d(8, 16, 3, padding=1, groups=groups))
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    forward = count_flops(lambda: conv(x))
+    spatial = 10 * 10  # output positions (conv) or input positions (transposed conv)
+    assert forward == 2 * 2 * spatial * conv.weight.numel()
+    assert count_flops(lambda: conv(x).sum().backward()) == 3 * forward

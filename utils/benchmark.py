@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import math
 import os
 import platform
 import random
@@ -134,12 +135,25 @@ def attention_impl(impl: str) -> Iterator[None]:
         set_attention_impl(previous)
 
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten.convolution_backward``: each requested gradient (input, weight) costs as much as the
+    forward convolution, ``2 * batch * prod(spatial) * prod(weight.shape)`` (``weight.shape`` already holds
+    ``in_channels / groups``). torch's own formula ignores ``groups`` and counts a depthwise 7x7 backward
+    about ``channels`` times too high (ConvNeXt heads)."""
+    spatial = x_shape[2:] if transposed else grad_out_shape[2:]
+    forward = 2 * x_shape[0] * math.prod(spatial) * math.prod(w_shape)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """Total FLOPs (matmuls, convolutions, attention) that ``fn()`` executes, forward and backward,
-    counted by ``torch.utils.flop_counter.FlopCounterMode`` with the explicit ``math`` attention."""
+    counted by ``torch.utils.flop_counter.FlopCounterMode`` with the explicit ``math`` attention (and a
+    grouped-convolution-aware backward formula)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with attention_impl("math"), FlopCounterMode(display=False) as counter:
+    fixes = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+    with attention_impl("math"), FlopCounterMode(display=False, custom_mapping=fixes) as counter:
         fn()
     return int(counter.get_total_flops())
 
