@@ -172,7 +172,7 @@ def test_stage2_decoder_has_a_residual_around_the_cross_attention():
     q, ctx = torch.randn(2, 16, 16), torch.randn(2, 5, 16)
     attended = plain.decoder(plain.query_norm(q), plain.context_norm(ctx))
     torch.testing.assert_close(plain._cross_attend(q, ctx), attended + plain.mlp(plain.out_norm(attended)))
-    x = q + attended
+    x = plain.query_norm(q) + attended
     torch.testing.assert_close(residual._cross_attend(q, ctx), x + plain.mlp(plain.out_norm(x)))
     model = build_rgbd_model(tiny_args(method="rgbd_stage2", rgb_reconstruction=True))
     assert all(type(a) is ResidualXattnSpatialOutputAdapter for a in model.output_adapters.values())

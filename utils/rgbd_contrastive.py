@@ -208,17 +208,20 @@ class SigmaEmbedding(nn.Module):
 
 class ResidualXattnSpatialOutputAdapter(SpatialOutputAdapter):
     """MultiMAE's pre-training decoder with a residual connection around its cross-attention:
-    ``x = q + xattn(norm(q), norm(ctx))`` instead of ``x = xattn(...)``. Same arguments, parameters and
-    state-dict keys as ``SpatialOutputAdapter``.
+    ``q' = norm(q); x = q' + xattn(q', norm(ctx))`` instead of ``x = xattn(q', norm(ctx))``. Same arguments,
+    parameters and state-dict keys as ``SpatialOutputAdapter``.
 
     Without the residual a query keeps nothing of its own token except what the attention routes back, so
     the noise on the visible depth patches (per-pixel, unpredictable from any other token) is not learned:
     in a small test the denoising loss stayed at ``E[sigma^2]`` (predicting zero noise) without it and fell
-    to about a quarter of that with it.
+    to about a quarter of that with it. The residual is the *normalised* query: the raw one carries the
+    un-normalised encoder output (MultiMAE has no final encoder norm), which made the first predictions of a
+    stage-2 run from a stage-1 encoder about 40 times too large.
     """
 
     def _cross_attend(self, queries: Tensor, context: Tensor) -> Tensor:
-        x = queries + self.decoder(self.query_norm(queries), self.context_norm(context))
+        q = self.query_norm(queries)
+        x = q + self.decoder(q, self.context_norm(context))
         return x + self.mlp(self.out_norm(x))
 
 
