@@ -82,7 +82,7 @@ class _FakeTrainer:
 
 
 def _weight_sum(model, loader):
-    return {"w": float(sum(p.sum() for p in model.parameters()))}
+    return {"w": float(sum(p.detach().sum() for p in model.parameters()))}
 
 
 def test_final_test_loads_the_best_checkpoint_strictly(tmp_path):
