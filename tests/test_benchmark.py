@@ -221,3 +221,16 @@ def test_count_flops_of_convolutions_forward_and_backward(groups, transposed):
     spatial = 10 * 10  # output positions (conv) or input positions (transposed conv)
     assert forward == 2 * 2 * spatial * conv.weight.numel()
     assert count_flops(lambda: conv(x).sum().backward()) == 3 * forward
+
+
+def test_eager_memory_return_makes_resident_size_follow_live_tensors():
+    from utils.benchmark import eager_memory_return, rss_bytes
+    with eager_memory_return() as ok:
+        if not ok:
+            pytest.skip("glibc mallopt not available")
+        before = rss_bytes()
+        chunks = [torch.ones(2 ** 18) for _ in range(64)]  # 64 x 1 MiB, below glibc's default 32 MiB cap
+        grown = rss_bytes() - before
+        del chunks
+        released = grown - (rss_bytes() - before)
+    assert grown > 50 * 2 ** 20 and released > 50 * 2 ** 20

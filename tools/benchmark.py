@@ -38,8 +38,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from utils.benchmark import (BASELINE, PeakMemory, PilPretrainPipeline, Variant, count_flops,  # noqa: E402
-                             machine_info, matmul_peak, parse_variant, summarize_times, time_interleaved,
-                             write_benchmark_images)
+                             eager_memory_return, machine_info, matmul_peak, parse_variant, summarize_times,
+                             time_interleaved, write_benchmark_images)
 
 MODEL_MODES = ("pretrain", "finetune-cls", "finetune-semseg", "finetune-depth")
 MODES = MODEL_MODES + ("data",)
@@ -265,10 +265,11 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
     times, cpu_times = time_interleaved(runners, iters=args.iters, warmup=0, device=device)
     breaks2, graphs2 = _graph_counters()
     memory = {}
-    for name, run in runners.items():
-        with PeakMemory(device) as pm:
-            run()
-        memory[name] = pm
+    with eager_memory_return():
+        for name, run in runners.items():
+            with PeakMemory(device) as pm:
+                run()
+            memory[name] = pm
     for k, v in _measure_peaks(variants, device, args.peak_size).items():
         peaks[k] = max(peaks[k], v)
 

@@ -12,8 +12,9 @@ Conventions (so numbers from different runs mean the same thing):
   in the same process as the steps. ``achieved / peak`` is the CPU analogue of MFU.
 * *Step memory* is the peak resident memory during one step above the resident memory just before it
   (activations, gradients, temporaries; model weights and optimizer state are resident before). On
-  Linux the kernel's high-water mark is reset through ``/proc/self/clear_refs``; on CUDA it is
-  ``max_memory_allocated``.
+  Linux the kernel's high-water mark is reset through ``/proc/self/clear_refs`` and, after the timed
+  steps, glibc is told to return freed blocks at once, so the resident size tracks live tensors like
+  ``max_memory_allocated`` does on CUDA (which is used there).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "machine_info", "matmul_peak", "count_flops", "attention_impl", "rss_bytes", "PeakMemory",
+    "eager_memory_return",
     "sync_device", "time_interleaved", "summarize_times", "Variant", "BASELINE", "parse_variant",
     "PilPretrainPipeline", "write_benchmark_images",
 ]
@@ -197,6 +199,30 @@ def _release_free_heap(collect: bool = False) -> None:
         gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@contextlib.contextmanager
+def eager_memory_return(threshold: int = 256 * 1024) -> Iterator[bool]:
+    """Inside the block glibc serves allocations of ``threshold`` bytes or more with their own ``mmap``
+    (returned to the OS on free) and trims the heap above that much free space, so the resident size
+    follows the live tensors instead of the allocator's cached free chunks (allocations get slower: use it
+    for memory measurements, not timing). Yields False where glibc's ``mallopt`` is unavailable.
+
+    On exit the thresholds are set to the values glibc's dynamic adjustment converges to (32 MiB mmap,
+    64 MiB trim); the dynamic adjustment itself stays off for the rest of the process.
+    """
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        yield False
+        return
+    ok = bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))
+    try:
+        yield ok
+    finally:
+        mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)
+        mallopt(M_TRIM_THRESHOLD, 64 * 2 ** 20)
 
 
 class PeakMemory:
