@@ -46,10 +46,12 @@ from utils.engine import Trainer, autocast, move_to_device, unwrap_model
 from utils.logger import append_log_txt
 
 __all__ = [
-    "add_finetune_args", "EncoderInfo", "encoder_info", "dpt_hooks", "dpt_layer_dims", "dpt_feature_dim", "build_dense_head",
+    "add_finetune_args", "EncoderInfo", "encoder_info", "dpt_hooks", "dpt_layer_dims", "dpt_feature_dim",
+    "build_dense_head",
     "build_multivit", "load_pretrained", "EvalShardSampler", "build_train_loader", "build_eval_loader",
     "build_schedules", "build_finetune_optimizer", "wrap_model", "build_finetune_trainer", "EvalCallback",
-    "run_evaluation", "log_record", "evaluate_best_checkpoint", "PredictionPictures", "resolve_finetune_amp", "count_params",
+    "run_evaluation", "log_record", "evaluate_best_checkpoint", "PredictionPictures", "resolve_finetune_amp",
+    "count_params",
     "FinetuneTask", "run_finetuning",
 ]
 
@@ -66,19 +68,19 @@ def add_finetune_args(parser: argparse.ArgumentParser, **overrides: Any) -> None
     max_steps_per_epoch, num_vis.
     """
     specs = {
-        'model': ('multivit_base', dict(type=str, help='registered MultiViT constructor (multivit_{tiny,small,base,large})')),
+        'model': ('multivit_base', dict(type=str, help='registered MultiViT (multivit_{tiny,small,base,large})')),
         'num_global_tokens': (1, dict(type=int, help='global tokens appended to the patch tokens')),
         'patch_size': (16, dict(type=int, help='patch size of the input adapters')),
         'input_size': (224, dict(type=int, help='image size the network sees (square)')),
-        'finetune': ('', dict(type=str, help='pre-trained weights (MultiMAE/MultiViT/timm; .pth, .safetensors or URL)')),
+        'finetune': ('', dict(type=str, help='pre-trained weights (MultiMAE/MultiViT/timm; .pth/.safetensors/URL)')),
         'data_path': ('', dict(type=str, help='training split folder (<modality>/<class>/<image>)')),
         'eval_data_path': ('', dict(type=str, help='validation split folder')),
-        'test_data_path': (None, dict(type=str, help='test split folder (evaluated with the best checkpoint after training)')),
+        'test_data_path': (None, dict(type=str, help='test split folder (best checkpoint tested after training)')),
         'max_val_images': (None, dict(type=int, help='validate on a fixed random subset of this many images')),
         'eval_freq': (1, dict(type=int, help='validate every N epochs (and after the last)')),
-        'eval': (False, dict(bool=True, help='only evaluate the validation split (weights from --resume / output_dir) and exit')),
+        'eval': (False, dict(bool=True, help='only evaluate the validation split (weights: --resume / output_dir)')),
         'test': (False, dict(bool=True, help='only evaluate the test split and exit')),
-        'dist_eval': (False, dict(bool=True, help='published; evaluation is always sharded over the processes (exact metrics)')),
+        'dist_eval': (False, dict(bool=True, help='published; evaluation is always sharded exactly over processes')),
         'max_steps_per_epoch': (None, dict(type=int, help='debugging: cap the optimizer steps per epoch')),
         'num_vis': (8, dict(type=int, help='validation images in the prediction pictures (0: none)')),
     }

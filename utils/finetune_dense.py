@@ -101,7 +101,8 @@ def _head_errors(args: argparse.Namespace) -> list[str]:
         errors.append(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
     p = args.decoder_preds_per_patch
     if args.output_adapter == 'convnext' and (round(p ** 0.5) ** 2 != p or args.decoder_dim % p):
-        errors.append(f"--decoder_preds_per_patch {p} must be a square number dividing --decoder_dim {args.decoder_dim}")
+        errors.append(f"--decoder_preds_per_patch {p} must be a square number dividing --decoder_dim "
+                      f"{args.decoder_dim}")
     if args.output_adapter == 'segmenter' and args.decoder_dim % 12:
         errors.append(f"--decoder_dim {args.decoder_dim}: the Segmenter head has 12 heads; use a multiple of 12")
     if args.output_adapter == 'dpt':
