@@ -53,6 +53,9 @@ def register_finetune_modalities() -> None:
         register_modality(Modality(PSEUDO_SEMSEG, num_channels=COCO_SEMSEG_NUM_CLASSES, stride_level=SEMSEG_STRIDE,
                                    num_classes=COCO_SEMSEG_NUM_CLASSES, kind='label', decoder='label',
                                    input_adapter=None, output_adapter=None))
+    from utils.synthetic_data import register_normal_modality
+
+    register_normal_modality()  # the one 'normal' definition (3 channels in [0, 1], flip negates x)
     for name, (channels, decoder) in TASKONOMY_TASKS.items():
         if name not in MODALITIES:
             register_modality(Modality(name, num_channels=channels, kind='dense', decoder=decoder,
