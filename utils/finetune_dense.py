@@ -58,9 +58,10 @@ def register_finetune_modalities() -> None:
     register_normal_modality()  # the one 'normal' definition (3 channels in [0, 1], flip negates x)
     for name, (channels, decoder) in TASKONOMY_TASKS.items():
         if name not in MODALITIES:
+            # 16-bit targets are scaled by 1/65535: an 8-bit file would be silently wrong, so it is an error
             register_modality(Modality(name, num_channels=channels, kind='dense', decoder=decoder,
                                        value_scale=1 / 255 if decoder == 'rgb' else 1 / 65535,
-                                       value_range=(0.0, 1.0), loss='l1'))
+                                       value_range=(0.0, 1.0), loss='l1', bit_depth=None if decoder == 'rgb' else 16))
 
 
 register_finetune_modalities()
