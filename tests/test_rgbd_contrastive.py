@@ -82,16 +82,14 @@ def _smooth_images(B, g):
     return torch.nn.functional.interpolate(torch.randn(B, 3, 4, 4, generator=g), size=(S, S), mode="bilinear")
 
 
-@pytest.mark.parametrize("depth_from_rgb", [True, False])
-def test_stage1_loss_falls_only_when_depth_is_a_function_of_rgb(depth_from_rgb):
+def _train_stage1(negatives, depth_from_rgb, steps=60):
     torch.manual_seed(0)
-    args = tiny_args()
-    model = build_rgbd_model(args)
-    step = RGBDStage1Step(P, standardize_depth=False, use_mask_valid=False)
+    model = build_rgbd_model(tiny_args())
+    step = RGBDStage1Step(P, negatives, standardize_depth=False, use_mask_valid=False)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(1)
     losses = []
-    for _ in range(60):
+    for _ in range(steps):
         rgb = _smooth_images(8, g)
         depth = (rgb[:, :1] - rgb[:, 2:]) if depth_from_rgb else _smooth_images(8, g)[:, :1]
         loss, logs = step(model, ({"rgb": rgb, "depth": depth}, None))
@@ -99,12 +97,46 @@ def test_stage1_loss_falls_only_when_depth_is_a_function_of_rgb(depth_from_rgb):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    if depth_from_rgb:
-        assert last < 0.5 * math.log(16) and last < 0.5 * first, (first, last)
-        assert logs["patch_acc"].item() > 0.5  # chance: 1/16
-    else:  # fresh independent depth each step: nothing to learn, the loss cannot go below log N
-        assert last > 0.9 * math.log(16), (first, last)
+    return sum(losses[:5]) / 5, sum(losses[-5:]) / 5, logs
+
+
+@pytest.mark.parametrize("negatives", ["image", "batch"])
+def test_stage1_loss_falls_when_depth_is_a_function_of_rgb(negatives):
+    first, last, logs = _train_stage1(negatives, depth_from_rgb=True)
+    n = 16 if negatives == "image" else 8 * 16
+    assert last < 0.6 * math.log(n) and last < 0.5 * first, (first, last)
+    assert logs["patch_acc"].item() > 0.5  # chance: 1/16
+
+
+def test_stage1_loss_cannot_fall_for_independent_depth_with_batch_negatives():
+    # fresh depth unrelated to the rgb at every step: only the patch position is shared, which leaves 8
+    # indistinguishable candidates (one per image), so the loss cannot go below log(8)
+    first, last, _ = _train_stage1("batch", depth_from_rgb=False)
+    assert last > 0.95 * math.log(8), (first, last)
+
+
+def test_within_image_negatives_are_solved_by_the_patch_position_alone():
+    # Features that only encode the patch position (the same in every image and both modalities) solve the
+    # InfoNCE with the other patches of the same image as negatives: its loss goes to 0. With the whole batch
+    # as negatives they leave one candidate per image: log(B). The step logs patch_acc_other_image (retrieval
+    # against the depth of another image) to expose this shortcut.
+    B, N = 4, 16
+    z = torch.eye(N).expand(B, N, N)
+    assert patch_info_nce(z, z, torch.tensor(100.0), negatives="image").item() < 1e-6
+    assert patch_info_nce(z, z, torch.tensor(100.0), negatives="batch").item() == pytest.approx(math.log(B), rel=1e-5)
+
+    def positional_model(x):
+        return {"z": {"rgb": z, "depth": z}, "logit_scale": torch.tensor(100.0)}
+
+    def content_model(x):  # the embedding of a patch is its (depth-derived) content
+        zz = torch.nn.functional.normalize(torch.randn(B, N, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+        return {"z": {"rgb": zz, "depth": zz}, "logit_scale": torch.tensor(100.0)}
+
+    x = {"rgb": torch.zeros(B, 3, 4 * P, 4 * P), "depth": torch.zeros(B, 1, 4 * P, 4 * P)}
+    logs = RGBDStage1Step(P, standardize_depth=False)(positional_model, (x, None))[1]
+    assert logs["patch_acc"].item() == 1.0 and logs["patch_acc_other_image"].item() == 1.0
+    logs = RGBDStage1Step(P, standardize_depth=False)(content_model, (x, None))[1]
+    assert logs["patch_acc"].item() == 1.0 and logs["patch_acc_other_image"].item() < 0.3
 
 
 # --------------------------------------------------------------------------------------------- stage 2

@@ -147,7 +147,9 @@ class RGBDStage1Step:
     """Stage 1: ``step(model, (x, label)) -> (loss, logs)`` with the symmetric patch InfoNCE.
 
     Patches with less than ``min_valid_fraction`` valid depth are neither anchors nor negatives.
-    Logs ``loss``, ``temperature`` and ``patch_acc`` (rgb -> depth top-1 retrieval within the image).
+    Logs ``loss``, ``temperature``, ``patch_acc`` (rgb -> depth top-1 retrieval within the image) and
+    ``patch_acc_other_image`` (the same against the depth of another image of the batch: close to
+    ``patch_acc`` when the features match patches by position instead of content).
     """
 
     def __init__(self, patch_size: int, negatives: str = "image", standardize_depth: bool = True,
@@ -162,8 +164,14 @@ class RGBDStage1Step:
         pv = None if valid is None else patch_valid_fraction(valid, self.patch_size) >= self.min_valid_fraction
         z_rgb, z_depth = out["z"]["rgb"], out["z"]["depth"]
         loss = patch_info_nce(z_rgb, z_depth, out["logit_scale"], pv, self.negatives)
+        z_rgb, z_depth = z_rgb.detach(), z_depth.detach()
+        # the same retrieval against the depth of another image: as high as patch_acc when the features
+        # encode the patch position rather than the content (the shortcut of within-image negatives)
+        other = z_depth.roll(1, dims=0)
+        pv_other = None if pv is None else pv & pv.roll(1, dims=0)
         return loss, {"loss": loss.detach(), "temperature": 1.0 / out["logit_scale"].detach(),
-                      "patch_acc": patch_retrieval_accuracy(z_rgb.detach(), z_depth.detach(), pv)}
+                      "patch_acc": patch_retrieval_accuracy(z_rgb, z_depth, pv),
+                      "patch_acc_other_image": patch_retrieval_accuracy(z_rgb, other, pv_other)}
 
 
 class RGBDStage2Step:
