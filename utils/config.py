@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Sequence
 import yaml
 
 __all__ = [
-    'OMIT', 'ConfigError', 'create_parser', 'add_bool_arg', 'add_optim_args', 'add_checkpoint_args',
+    'OMIT', 'ConfigError', 'create_parser', 'add_bool_arg', 'add_arg_group', 'add_optim_args', 'add_checkpoint_args',
     'add_runtime_args', 'add_dist_args', 'add_wandb_args', 'parse_args', 'load_yaml_config',
     'save_config', 'args_to_dict', 'split_list', 'check_list_arg', 'closest',
 ]
@@ -119,8 +119,10 @@ def add_bool_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name
                         help=f'turn off --{name}')
 
 
-def _add_group(parser: argparse.ArgumentParser, title: str, specs: dict[str, tuple[Any, dict]],
-               overrides: dict[str, Any]) -> None:
+def add_arg_group(parser: argparse.ArgumentParser, title: str, specs: dict[str, tuple[Any, dict]],
+                  overrides: dict[str, Any]) -> None:
+    """Add ``specs`` (name -> (default, argparse kwargs)) as an argument group, with a script's own
+    defaults from ``overrides``; an override naming no argument is an error suggesting the closest name."""
     unknown = sorted(set(overrides) - set(specs))
     if unknown:
         hint = closest(unknown[0], specs)
@@ -167,7 +169,7 @@ def add_optim_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
         'warmup_epochs': (5, dict(type=int, help='linear warm-up epochs')),
         'warmup_steps': (-1, dict(type=int, help='linear warm-up iterations (overrides warmup_epochs if > 0)')),
     }
-    _add_group(parser, 'optimizer', specs, overrides)
+    add_arg_group(parser, 'optimizer', specs, overrides)
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
@@ -184,7 +186,7 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, **overrides: Any) -> No
         'keep_last': (None, dict(type=int, help='keep only the K newest numbered checkpoints')),
         'save_every_steps': (0, dict(type=int, help='also save checkpoint-last.pth every N steps (0: off)')),
     }
-    _add_group(parser, 'checkpointing', specs, overrides)
+    add_arg_group(parser, 'checkpointing', specs, overrides)
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
@@ -209,7 +211,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
         'skip_nonfinite': (0, dict(type=int, help='skip up to N optimizer steps whose loss or gradient is '
                                                   'NaN/inf (0: stop at the first one)')),
     }
-    _add_group(parser, 'runtime', specs, overrides)
+    add_arg_group(parser, 'runtime', specs, overrides)
 
 
 def add_dist_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
@@ -223,7 +225,7 @@ def add_dist_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
         'dist_backend': (None, dict(type=str, choices=['nccl', 'gloo'], help='default: nccl on CUDA, else gloo')),
         'find_unused_params': (True, dict(bool=True, help='DDP find_unused_parameters')),
     }
-    _add_group(parser, 'distributed', specs, overrides)
+    add_arg_group(parser, 'distributed', specs, overrides)
 
 
 def add_wandb_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
@@ -238,7 +240,7 @@ def add_wandb_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
         'log_images_wandb': (OMIT, dict(bool=True, help='log prediction images to W&B')),
         'log_images_freq': (OMIT, dict(type=int, help='log images every N epochs')),
     }
-    _add_group(parser, 'wandb', specs, overrides)
+    add_arg_group(parser, 'wandb', specs, overrides)
 
 
 # ----------------------------------------------------------------------------------------------

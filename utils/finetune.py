@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from utils.config import _add_group, args_to_dict, split_list
+from utils.config import add_arg_group, args_to_dict, split_list
 from utils.dist import get_rank, get_world_size, is_main_process
 from utils.engine import Trainer, autocast, move_to_device, unwrap_model
 from utils.logger import append_log_txt
@@ -84,7 +84,7 @@ def add_finetune_args(parser: argparse.ArgumentParser, **overrides: Any) -> None
         'max_steps_per_epoch': (None, dict(type=int, help='debugging: cap the optimizer steps per epoch')),
         'num_vis': (8, dict(type=int, help='validation images in the prediction pictures (0: none)')),
     }
-    _add_group(parser, 'fine-tuning', specs, overrides)
+    add_arg_group(parser, 'fine-tuning', specs, overrides)
 
 
 def resolve_finetune_amp(amp: str, fp16: bool | None, device: torch.device) -> str:

@@ -130,34 +130,11 @@ def _mean_std(args: argparse.Namespace) -> tuple[tuple, tuple]:
     return tuple(IMAGENET_INCEPTION_MEAN), tuple(IMAGENET_INCEPTION_STD)
 
 
-def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
-    """timm's posterize with the old Pillow result for 0 bits (a black image): Pillow >= 11 raises on 0,
-    which ``rand-m9-mstd0.5-inc1`` draws whenever its magnitude reaches 10 (a crash every few hundred
-    batches)."""
-    from PIL import ImageOps
-
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep >= 1:
-        return ImageOps.posterize(img, bits_to_keep)
-    return img.point([0] * 256 * len(img.getbands()))
-
-
-def _patch_timm_posterize() -> None:
-    # Transforms built afterwards hold this function (pickled by reference, so spawned workers get it too).
-    from timm.data import auto_augment
-
-    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-        if name in auto_augment.NAME_TO_OP:
-            auto_augment.NAME_TO_OP[name] = _posterize
-
-
 def build_cls_transform_from_args(args: argparse.Namespace, is_train: bool) -> Callable:
     """Fine-tuning: timm ``create_transform`` (RandAugment, random erasing; spec 6.7). Linear probe
     (train): RandomResizedCrop + horizontal flip only, as MAE. Eval: resize + centre crop."""
     from utils.transforms_finetune import build_cls_transform
 
-    _patch_timm_posterize()
     mean, std = _mean_std(args)
     if is_train and args.linear_probe:
         from torchvision import transforms as T

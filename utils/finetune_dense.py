@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from utils.config import _add_group, check_list_arg, split_list
+from utils.config import add_arg_group, check_list_arg, split_list
 from utils.data_constants import COCO_SEMSEG_NUM_CLASSES, SEG_IGNORE_INDEX, SEMSEG_STRIDE
 from utils.depth import robust_standardize
 from utils.engine import autocast, move_to_device
@@ -96,7 +96,7 @@ def add_dense_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
                              help="mixed precision; 'auto' follows --fp16 (fp16 on CUDA, none on CPU)")),
         'fp16': (OMIT, dict(bool=True, help='published mixed-precision switch (used when --amp auto)')),
     }
-    _add_group(parser, 'dense task', specs, overrides)
+    add_arg_group(parser, 'dense task', specs, overrides)
 
 
 def _head_errors(args: argparse.Namespace) -> list[str]:

@@ -344,6 +344,28 @@ class ClsTransform:
         return f"ClsTransform({self.transform!r})"
 
 
+def _posterize(img, bits_to_keep: int, **_):
+    """timm's posterize with the old Pillow result for 0 bits (a black image): Pillow >= 11 raises on 0,
+    which ``rand-m9-mstd0.5-inc1`` draws whenever its magnitude reaches 10 (a crash every few hundred
+    batches)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep >= 1:
+        return ImageOps.posterize(img, bits_to_keep)
+    return img.point([0] * 256 * len(img.getbands()))
+
+
+def _patch_timm_posterize() -> None:
+    # Transforms built afterwards hold this function (pickled by reference, so spawned workers get it too).
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def build_cls_transform(is_train: bool, input_size: int = 224, color_jitter: float | None = 0.4,
                         aa: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.0, remode: str = "pixel",
                         recount: int = 1, train_interpolation: str = "bicubic", crop_pct: float | None = None,
@@ -357,6 +379,7 @@ def build_cls_transform(is_train: bool, input_size: int = 224, color_jitter: flo
     """
     from timm.data import create_transform
 
+    _patch_timm_posterize()
     if is_train:
         tf = create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
                               auto_augment=aa or None, interpolation=train_interpolation, re_prob=reprob,
