@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from utils.benchmark import (BASELINE, PeakMemory, PilPretrainPipeline, Variant, attention_impl, count_flops,
-                             matmul_peak, parse_variant, summarize_times, time_interleaved, write_benchmark_images)
+                             matmul_peak, parse_variant, summarize_times, tensor_peak_bytes, time_interleaved,
+                             write_benchmark_images)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,6 +109,24 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
     with PeakMemory("cpu") as small:
         torch.ones(1000)
     assert small.delta_bytes < 30 * 2 ** 20
+
+
+def test_tensor_peak_bytes_counts_live_tensors_not_the_heap():
+    kept = []
+
+    def step():
+        a = torch.ones(2 ** 20)  # 4 MiB
+        b = a * 2  # 8 MiB live
+        del a
+        c = b + 1  # 8 MiB live again (a was freed)
+        del b
+        kept.append(c)  # 4 MiB still allocated at the end
+
+    peak, end = tensor_peak_bytes(step)
+    assert peak == pytest.approx(8 * 2 ** 20, abs=1024) and end == pytest.approx(4 * 2 ** 20, abs=1024)
+    # freeing what existed before does not count as a peak
+    peak_free, end_free = tensor_peak_bytes(kept.clear)
+    assert peak_free == 0 and end_free <= 0
 
 
 def test_matmul_peak_and_interleaved_timing():

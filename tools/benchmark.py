@@ -39,7 +39,7 @@ from torch import nn  # noqa: E402
 
 from utils.benchmark import (BASELINE, PeakMemory, PilPretrainPipeline, Variant, count_flops,  # noqa: E402
                              eager_memory_return, machine_info, matmul_peak, parse_variant, summarize_times,
-                             time_interleaved, write_benchmark_images)
+                             tensor_peak_bytes, time_interleaved, write_benchmark_images)
 
 MODEL_MODES = ("pretrain", "finetune-cls", "finetune-semseg", "finetune-depth")
 MODES = MODEL_MODES + ("data",)
@@ -264,12 +264,7 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
     breaks1, graphs1 = _graph_counters()
     times, cpu_times = time_interleaved(runners, iters=args.iters, warmup=0, device=device)
     breaks2, graphs2 = _graph_counters()
-    memory = {}
-    with eager_memory_return():
-        for name, run in runners.items():
-            with PeakMemory(device) as pm:
-                run()
-            memory[name] = pm
+    memory = _measure_step_memory(runners, device)
     for k, v in _measure_peaks(variants, device, args.peak_size).items():
         peaks[k] = max(peaks[k], v)
 
@@ -286,9 +281,11 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
                "cpu_median_s": summarize_times(cpu_times[v.name])["median_s"],
                "fraction_of_peak_cpu": (flops / summarize_times(cpu_times[v.name])["median_s"]
                                         / peaks.get(_dtype_name(v) + "_cpu", float("nan"))),
-               "step_memory_mb": memory[v.name].delta_bytes / 2 ** 20,
-               "activation_memory_mb": max(0.0, memory[v.name].delta_bytes - grad_bytes) / 2 ** 20,
-               "process_peak_mb": memory[v.name].peak_bytes / 2 ** 20, "memory_exact": memory[v.name].exact}
+               "step_memory_mb": memory[v.name]["tensor_peak"] / 2 ** 20,
+               "activation_memory_mb": max(0.0, memory[v.name]["tensor_peak"] - grad_bytes) / 2 ** 20,
+               "step_rss_mb": memory[v.name]["rss"].delta_bytes / 2 ** 20,
+               "process_peak_mb": memory[v.name]["rss"].peak_bytes / 2 ** 20,
+               "memory_exact": memory[v.name]["rss"].exact}
         if v.compile:
             row.update(graph_breaks_during_warmup=breaks1 - breaks0, new_graphs_during_timing=graphs2 - graphs1,
                        graph_breaks_during_timing=breaks2 - breaks1)
@@ -297,6 +294,21 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
     n_params = sum(p.numel() for p in model.parameters())
     return {"mode": mode, "model": _model_name(mode, args), "batch_size": args.batch_size,
             "input_size": args.input_size, "parameters": n_params, "peaks": peaks, "rows": rows}
+
+
+def _measure_step_memory(runners: Dict[str, Callable[[], None]], device: torch.device) -> Dict[str, Dict[str, Any]]:
+    """Per variant: ``tensor_peak`` (bytes; peak tensor memory allocated during one step, see
+    ``tensor_peak_bytes``) and ``rss`` (a :class:`PeakMemory` of another step: resident memory, which also
+    counts the allocator's free-but-resident heap and so depends on what ran before)."""
+    memory: Dict[str, Dict[str, Any]] = {}
+    for name, run in runners.items():
+        memory[name] = {"tensor_peak": tensor_peak_bytes(run, device)[0]}
+    with eager_memory_return():
+        for name, run in runners.items():
+            with PeakMemory(device) as pm:
+                run()
+            memory[name]["rss"] = pm
+    return memory
 
 
 def _clone(model: nn.Module) -> nn.Module:
@@ -418,12 +430,13 @@ def format_model_table(res: Dict[str, Any]) -> str:
             f"{res['parameters'] / 1e6:.1f}M params, {res['rows'][0]['flops_per_step'] / 1e9:.1f} GFLOP/step, "
             f"matmul peaks (GFLOP/s) " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in res["peaks"].items()))
     cols = f"{'variant':<24}{'step ms':>9}{'(min)':>8}{'img/s':>8}{'GFLOP/s':>9}{'%peak':>7}{'cpu ms':>8}" \
-           f"{'%pk cpu':>8}{'mem MB':>8}{'speed x':>8}{'mem x':>7}{'1st s':>7}"
+           f"{'%pk cpu':>8}{'mem MB':>8}{'rss MB':>8}{'speed x':>8}{'mem x':>7}{'1st s':>7}"
     lines = [head, cols]
     for r in res["rows"]:
         lines.append(f"{r['variant']:<24}{r['median_s'] * 1e3:>9.0f}{r['min_s'] * 1e3:>8.0f}{r['images_per_s']:>8.2f}"
                      f"{r['achieved_flops'] / 1e9:>9.1f}{100 * r['fraction_of_peak']:>7.1f}"
                      f"{r['cpu_median_s'] * 1e3:>8.0f}{100 * r['fraction_of_peak_cpu']:>8.1f}{r['step_memory_mb']:>8.0f}"
+                     f"{r['step_rss_mb']:>8.0f}"
                      f"{r['speedup_vs_' + ref]:>8.2f}{r['memory_vs_' + ref]:>7.2f}{r['first_step_s']:>7.1f}")
         if "graph_breaks_during_timing" in r:
             lines.append(f"{'':<24}compile: {r['graph_breaks_during_warmup']} graph breaks while compiling, "
@@ -431,8 +444,10 @@ def format_model_table(res: Dict[str, Any]) -> str:
                          f"during the timed steps")
     lines.append(f"(medians of interleaved steps; ratios vs '{ref}' (images/s, step memory); %peak = model FLOP/s over "
                  f"the matmul peak of the compute dtype; cpu = process CPU time per step and %pk cpu its utilisation "
-                 f"(meaningful with one thread on a shared machine); mem = peak resident memory of one step above the "
-                 f"memory before it; 1st = first step incl. compilation)")
+                 f"(meaningful with one thread on a shared machine); mem = peak tensor memory allocated during one step "
+                 f"(max_memory_allocated; on CPU from the profiler's allocation records); rss = peak resident memory "
+                 f"of a step above the memory before it (includes free heap the allocator keeps); "
+                 f"1st = first step incl. compilation)")
     return "\n".join(lines)
 
 

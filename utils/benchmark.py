@@ -10,11 +10,13 @@ Conventions (so numbers from different runs mean the same thing):
   fused kernel never inflates utilisation.
 * *Peak* is the best of several large square GEMMs of the compute dtype on the same threads, measured
   in the same process as the steps. ``achieved / peak`` is the CPU analogue of MFU.
-* *Step memory* is the peak resident memory during one step above the resident memory just before it
-  (activations, gradients, temporaries; model weights and optimizer state are resident before). On
-  Linux the kernel's high-water mark is reset through ``/proc/self/clear_refs`` and, after the timed
-  steps, glibc is told to return freed blocks at once, so the resident size tracks live tensors like
-  ``max_memory_allocated`` does on CUDA (which is used there).
+* *Step memory* is the peak of the tensor memory allocated during one step (activations, gradients,
+  temporaries; model weights and optimizer state exist before): ``max_memory_allocated`` on CUDA, and on
+  CPU the same quantity from the allocation records of ``torch.profiler`` (:func:`tensor_peak_bytes`).
+  The peak resident memory of the step is reported beside it, but it depends on the heap's history:
+  glibc serves a new tensor from a free heap chunk left by earlier steps before mapping fresh memory,
+  and such a chunk stays resident when the tensor is freed again, so a step that frees its saved
+  activations early (gradient checkpointing) looks no smaller than one that keeps them.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "machine_info", "matmul_peak", "count_flops", "attention_impl", "rss_bytes", "PeakMemory",
-    "eager_memory_return",
+    "eager_memory_return", "tensor_peak_bytes",
     "sync_device", "time_interleaved", "summarize_times", "Variant", "BASELINE", "parse_variant",
     "PilPretrainPipeline", "write_benchmark_images",
 ]
@@ -262,6 +264,35 @@ class PeakMemory:
     @property
     def delta_bytes(self) -> int:
         return max(0, self.peak_bytes - self.start_bytes)
+
+
+def tensor_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> Tuple[int, int]:
+    """``(peak, end)``: the most tensor memory allocated at any moment while ``fn()`` runs, and what is
+    still allocated when it returns, both counted from the start of the call (``peak >= 0``; ``end`` is
+    negative when the call frees more than it allocates). The CPU analogue of ``max_memory_allocated`` minus
+    ``memory_allocated`` at the start (which is what CUDA uses): it reads the allocation records of
+    ``torch.profiler`` (``profile_memory=True``), so it sees every tensor the torch allocator hands out
+    (including inside compiled graphs and autograd) and nothing of the heap's fragmentation.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start, torch.cuda.memory_allocated(device) - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, live
 
 
 # ----------------------------------------------------------------------------------------------
