@@ -1,7 +1,8 @@
 """Pre-training augmentation: one random resized crop and one flip shared by all modalities (spec 6.3)."""
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple, Union
+from functools import lru_cache
+from typing import Any, Dict, Sequence, Tuple, Union
 
 import torch
 from torchvision import tv_tensors
@@ -30,9 +31,24 @@ class JointRandomResizedCrop(v2.RandomResizedCrop):
         return super().transform(inpt, params)
 
 
-def _wrap_lazy(m: Modality, x: torch.Tensor):
-    """``tv_tensors`` view of ``x`` (no copy), only for the size check and the crop parameters."""
-    return tv_tensors.Mask(x) if m.kind in ('label', 'mask') else tv_tensors.Image(x)
+@lru_cache(maxsize=4096)
+def _nearest_exact_index(in_len: int, out_len: int) -> torch.Tensor:
+    """Source index of every output position of a ``NEAREST_EXACT`` resize from ``in_len`` to ``out_len``
+    (int64, ``(out_len,)``), computed by that very resize on a ramp, so the float rounding is torch's."""
+    ramp = torch.arange(in_len, dtype=torch.float32).view(1, 1, in_len)
+    return F.resize(ramp, [1, out_len], interpolation=InterpolationMode.NEAREST_EXACT).view(out_len).long()
+
+
+def _label_index(start: int, crop_len: int, size: int, flip: bool, out_len: int) -> torch.Tensor:
+    """Source rows (or columns) of a label map cropped to ``[start, start + crop_len)``, resized to
+    ``size`` (nearest exact), optionally flipped, then resized to ``out_len``: nearest resizing only picks
+    source pixels, so the whole chain is one gather."""
+    idx = _nearest_exact_index(crop_len, size)
+    if flip:
+        idx = idx.flip(0)
+    if out_len != size:
+        idx = idx[_nearest_exact_index(size, out_len)]
+    return idx + start
 
 
 def _resize_image(x: torch.Tensor, size: Tuple[int, int], interpolation: InterpolationMode) -> torch.Tensor:
@@ -52,6 +68,9 @@ class PretrainTransform:
     labels (e.g. semseg) int64 (S / stride_level, S / stride_level); masks bool (1, S, S); other dense
     modalities float (C, S, S) scaled by their ``value_scale``. Random draws use the torch RNG only, so
     results are reproducible under ``torch.manual_seed`` (and per DataLoader worker).
+
+    ``__call__(sample) = apply(sample, sample_params(H, W))``: the parameters need only the image size,
+    so a loader can draw them before decoding.
     """
 
     def __init__(self, input_size: Union[int, Tuple[int, int]] = 224, hflip: float = 0.5,
@@ -67,29 +86,46 @@ class PretrainTransform:
         self.crop = JointRandomResizedCrop(self.size, scale=tuple(scale), ratio=tuple(ratio),
                                            interpolation=InterpolationMode(interpolation), antialias=True)
 
-    def __call__(self, sample: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        mods = {name: get_modality(name) for name in sample}
-        # one crop box for all (make_params also checks that every modality has the same size)
-        box = self.crop.make_params([_wrap_lazy(mods[name], x) for name, x in sample.items()])
-        flip = self.hflip > 0 and bool(torch.rand(()) < self.hflip)
-        return {name: self._process(mods[name], x, box, flip) for name, x in sample.items()}
+    def sample_params(self, height: int, width: int) -> Dict[str, Any]:
+        """Draw the crop box (``top, left, height, width``) and the flip (``flip``) for an image of
+        ``height x width`` pixels: the same torch RNG draws as ``v2.RandomResizedCrop`` + a flip."""
+        box = self.crop.make_params([torch.empty(0, height, width, dtype=torch.uint8)])
+        box['flip'] = self.hflip > 0 and bool(torch.rand(()) < self.hflip)
+        return box
 
-    def _process(self, m: Modality, x: torch.Tensor, box: Dict[str, int], flip: bool) -> torch.Tensor:
+    def __call__(self, sample: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        sizes = {name: tuple(x.shape[-2:]) for name, x in sample.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"modalities of one sample must have the same size (H, W), got {sizes}")
+        return self.apply(sample, self.sample_params(*next(iter(sizes.values()))))
+
+    def apply(self, sample: Dict[str, torch.Tensor], params: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Crop, resize, flip and convert every modality of ``sample`` with ``params`` (from
+        :meth:`sample_params`)."""
+        return {name: self._process(get_modality(name), x, params) for name, x in sample.items()}
+
+    def _process(self, m: Modality, x: torch.Tensor, p: Dict[str, Any]) -> torch.Tensor:
         """Crop (a view, so only the kept pixels are converted or resampled), resize, flip, finish.
 
         Same operations and values as running the v2 transforms on ``tv_tensors`` (the published order:
         crop -> resize -> flip), without their per-call dispatch and with fast kernels: uint8 images are
         resampled in uint8 through a channels-last view (torch's vectorised kernel, bit-identical output),
-        dense modalities are converted to float after cropping instead of before.
+        dense modalities are converted to float after cropping instead of before, and label maps and masks
+        (nearest resizing, which only picks pixels) are one gather of the output pixels.
         """
-        top, left, h, w = box['top'], box['left'], box['height'], box['width']
-        x = x[..., top:top + h, left:left + w]
+        top, left, h, w, flip = p['top'], p['left'], p['height'], p['width'], p['flip']
         if m.kind in ('label', 'mask'):
-            x = F.resize(x, list(self.size), interpolation=InterpolationMode.NEAREST_EXACT)
-        else:
-            if m.kind == 'dense':
-                x = x.float()
-            x = _resize_image(x, self.size, self.crop.interpolation)
+            out_h, out_w = self.size
+            if m.kind == 'label':
+                out_h, out_w = out_h // m.stride_level, out_w // m.stride_level
+            rows = _label_index(top, h, self.size[0], False, out_h)
+            cols = _label_index(left, w, self.size[1], flip, out_w)
+            x = x[:, rows[:, None], cols[None, :]]
+            return x != 0 if m.kind == 'mask' else x[0].long()
+        x = x[..., top:top + h, left:left + w]
+        if m.kind == 'dense':
+            x = x.float()
+        x = _resize_image(x, self.size, self.crop.interpolation)
         return self._finish(m, F.horizontal_flip(x) if flip else x, flip)
 
     def _finish(self, m: Modality, x: torch.Tensor, flipped: bool) -> torch.Tensor:
