@@ -114,3 +114,25 @@ def test_unknown_modality_in_sample():
 def test_bad_interpolation_name():
     with pytest.raises(ValueError, match="interpolation must be one of .*'bicubic'.*got 'random'"):
         PretrainTransform(input_size=8, interpolation='random')
+
+
+def test_params_from_the_size_alone_give_the_same_sample():
+    """A loader may draw the crop and flip before decoding (it knows only H, W): same draws, same output."""
+    t = PretrainTransform(input_size=32, hflip=0.5)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        direct = t(_coordinate_sample())
+        torch.manual_seed(seed)
+        params = t.sample_params(H, W)
+        assert set(params) == {'top', 'left', 'height', 'width', 'flip'}
+        assert 0 <= params['top'] <= H - params['height'] and 0 <= params['left'] <= W - params['width']
+        planned = t.apply(_coordinate_sample(), params)
+        for key in direct:
+            assert torch.equal(direct[key], planned[key]), (seed, key)
+
+
+def test_modalities_of_different_sizes_are_rejected():
+    sample = _coordinate_sample()
+    sample['depth'] = sample['depth'][..., :-1]
+    with pytest.raises(ValueError, match=r"same size .*'depth': \(96, 127\)"):
+        PretrainTransform(input_size=16)(sample)
