@@ -23,7 +23,7 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests
 
-# Pre-train the tiny MultiMAE of cfgs/pretrain/demo.yaml on the synthetic scenes (CPU, a few minutes).
+# Pre-train the tiny MultiMAE of cfgs/pretrain/demo.yaml on the synthetic scenes (CPU, ~7 minutes).
 # One intra-op thread by default: the matrices are small, and on a busy machine two spinning OpenMP
 # threads per process made steps several times slower (set OMP_NUM_THREADS=2 on an idle machine).
 demo: setup
