@@ -444,9 +444,9 @@ def format_model_table(res: Dict[str, Any]) -> str:
                          f"during the timed steps")
     lines.append(f"(medians of interleaved steps; ratios vs '{ref}' (images/s, step memory); %peak = model FLOP/s over "
                  f"the matmul peak of the compute dtype; cpu = process CPU time per step and %pk cpu its utilisation "
-                 f"(meaningful with one thread on a shared machine); mem = peak tensor memory allocated during one step "
-                 f"(max_memory_allocated; on CPU from the profiler's allocation records); rss = peak resident memory "
-                 f"of a step above the memory before it (includes free heap the allocator keeps); "
+                 f"(meaningful with one thread on a shared machine); mem = peak tensor memory allocated during one "
+                 f"step (max_memory_allocated; on CPU from the profiler's allocation records); rss = peak resident "
+                 f"memory of a step above the memory before it (includes free heap the allocator keeps); "
                  f"1st = first step incl. compilation)")
     return "\n".join(lines)
 
