@@ -80,7 +80,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", default="", help="folder for the generated files (default: a temp folder)")
     g.add_argument("--data_repeats", type=int, default=3, help="timed epochs per configuration (median)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's; data mode: 1, like a DataLoader worker)")
     p.add_argument("--peak_size", type=int, default=2048, help="matrix size of the matmul peak measurement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="write all results here")
@@ -404,12 +405,20 @@ def run_data_mode(args: Namespace) -> Dict[str, Any]:
     samples: Dict[Tuple[str, int], List[float]] = {(p, w): [] for p in pipelines for w in workers}
     cpu: Dict[Tuple[str, int], List[float]] = {(p, w): [] for p in pipelines for w in workers}
     torch.manual_seed(args.seed)
-    for _ in range(args.data_repeats):
-        for w in workers:
-            for p in pipelines:
-                seconds, cpu_seconds, n = _time_epoch(makers[p](root, args, w))
-                samples[(p, w)].append(n / seconds)
-                cpu[(p, w)].append(1e3 * cpu_seconds / n)
+    # Without --threads, the main process loads on one intra-op thread, as every DataLoader worker does
+    # (torch sets 1 there): OpenMP teams on 224 px images only add spin-waiting, which on a busy machine
+    # cost both pipelines up to 10x their CPU time and made the 0-worker ratio meaningless.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or 1)
+    try:
+        for _ in range(args.data_repeats):
+            for w in workers:
+                for p in pipelines:
+                    seconds, cpu_seconds, n = _time_epoch(makers[p](root, args, w))
+                    samples[(p, w)].append(n / seconds)
+                    cpu[(p, w)].append(1e3 * cpu_seconds / n)
+    finally:
+        torch.set_num_threads(threads)
     rows = []
     for (p, w), ips in samples.items():
         ref, ref_cpu = samples.get(("pil", w)), cpu.get(("pil", w))
@@ -418,7 +427,8 @@ def run_data_mode(args: Namespace) -> Dict[str, Any]:
                      "speedup_vs_pil": float(np.median(ips) / np.median(ref)) if ref else None,
                      "cpu_ratio_vs_pil": float(np.median(ref_cpu) / np.median(cpu[(p, w)])) if ref_cpu else None})
     return {"mode": "data", "root": root, "source_size": args.source_size, "num_images": args.num_images,
-            "input_size": args.input_size, "batch_size": args.batch_size, "generate_s": gen_s, "rows": rows}
+            "input_size": args.input_size, "batch_size": args.batch_size, "generate_s": gen_s,
+            "main_process_threads": args.threads or 1, "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,7 +463,8 @@ def format_model_table(res: Dict[str, Any]) -> str:
 
 def format_data_table(res: Dict[str, Any]) -> str:
     lines = [f"data: rgb(JPEG)+depth(16-bit PNG)+semseg(PNG) {res['source_size']}px -> {res['input_size']}px, "
-             f"batch {res['batch_size']}, {res['num_images']} images per epoch",
+             f"batch {res['batch_size']}, {res['num_images']} images per epoch, "
+             f"{res['main_process_threads']} torch thread(s) in the main process",
              f"{'pipeline':<10}{'workers':>8}{'img/s':>9}{'vs pil':>8}{'cpu ms/img':>12}{'vs pil':>8}"]
     for r in res["rows"]:
         ratio = f"{r['speedup_vs_pil']:.2f}" if r["speedup_vs_pil"] is not None else "-"
