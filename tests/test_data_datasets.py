@@ -143,3 +143,26 @@ def test_decode_file_rejects_colour_depth(tmp_path):
     assert decode_file(path, 'rgb').shape == (3, 4, 4)
     with pytest.raises(ImageDecodeError, match=r"cannot read rgb file '.*nope\.png'"):
         decode_file(str(tmp_path / 'nope.png'), 'rgb')
+
+
+def test_pretrain_transform_gets_uint16_depth_with_the_same_result(tmp_path):
+    # with PretrainTransform the dataset leaves 16-bit depth uint16 (converted to float after cropping);
+    # the output must equal the transform applied to the documented int32 decoding
+    from utils.transforms import PretrainTransform
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / 'rgb' / 'c'), os.makedirs(tmp_path / 'depth' / 'c')
+    depth = rng.integers(0, 65536, (40, 48), dtype=np.uint16)
+    Image.fromarray(depth).save(tmp_path / 'depth' / 'c' / 'a.png')
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / 'rgb' / 'c' / 'a.png')
+    tf = PretrainTransform(input_size=32)
+    ds = MultiModalImageFolder(str(tmp_path), ['rgb', 'depth'], transform=tf)
+    assert ds.load(0)['depth'].dtype == torch.uint16
+    wide = {m: decode_file(p, m) for m, p in ds.samples_paths(0).items()}
+    assert wide['depth'].dtype == torch.int32
+    for seed in range(4):
+        torch.manual_seed(seed)
+        got = ds[0][0]
+        torch.manual_seed(seed)
+        want = tf(wide)
+        assert torch.equal(got['depth'], want['depth']) and torch.equal(got['rgb'], want['rgb'])
+    assert got['depth'].max() > 0.5  # values above 2**15 survive (no signed 16-bit wrap)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -16,9 +17,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 try:  # torchvision's image decoders are deprecated since 0.29 (superseded by torchcodec); PIL is the fallback
-    from torchvision.io import ImageReadMode, decode_image, read_file
-except ImportError:  # pragma: no cover - depends on the installed torchvision
-    decode_image = None
+    from torchvision.io import ImageReadMode
+    # The registered op itself: the Python wrapper logs API usage and issues a deprecation warning on
+    # every call (~0.1 ms per sample of three files, as much as decoding the semseg PNG).
+    _decode_op = torch.ops.image.decode_image
+except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - depends on the installed torchvision
+    _decode_op = None
 
 from .data_constants import IMG_EXTENSIONS
 from .modalities import get_modality
@@ -50,18 +54,29 @@ def _pil_to_tensor(path: str, colour: bool) -> torch.Tensor:
     return t.permute(2, 0, 1).contiguous() if t.ndim == 3 else t.unsqueeze(0)
 
 
-def _decode(path: str, colour: bool) -> torch.Tensor:
-    """Decode with torchvision (uint8/uint16), falling back to PIL for formats it lacks (e.g. JPX, TIFF)."""
+def _read_bytes(path: str) -> torch.Tensor:
+    """The file as a 1-D uint8 tensor (a plain read: cheaper than ``torchvision.io.read_file``)."""
+    with open(path, 'rb') as f:
+        data = bytearray(f.read())
+    if not data:
+        raise ValueError('empty file')
+    return torch.frombuffer(data, dtype=torch.uint8)
+
+
+def _decode(path: str, colour: bool, widen_uint16: bool = True) -> torch.Tensor:
+    """Decode with torchvision (uint8/uint16), falling back to PIL for formats it lacks (e.g. JPX, TIFF).
+    16-bit images come out int32 unless ``widen_uint16`` is False (then uint16, as decoded)."""
     try:
-        if decode_image is None:
-            raise RuntimeError('torchvision.io.decode_image is not available')
-        img = decode_image(read_file(path), mode=ImageReadMode.RGB if colour else ImageReadMode.UNCHANGED)
+        if _decode_op is None:
+            raise RuntimeError('torchvision image decoding is not available')
+        mode = ImageReadMode.RGB if colour else ImageReadMode.UNCHANGED
+        img = _decode_op(_read_bytes(path), mode.value, False)
     except Exception as tv_err:  # unsupported format, corrupt file, or a warning turned into an error
         try:
             img = _pil_to_tensor(path, colour)
         except Exception as pil_err:  # PIL raises many exception types for bad files
             raise ImageDecodeError(f"torchvision: {tv_err}; PIL: {pil_err}") from pil_err
-    if img.dtype == torch.uint16:  # few torch ops support uint16; int32 holds it losslessly
+    if widen_uint16 and img.dtype == torch.uint16:  # few torch ops support uint16; int32 holds it losslessly
         img = img.to(torch.int32)
     return img
 
@@ -70,8 +85,8 @@ def _decode_rgb(path: str) -> torch.Tensor:
     return _decode(path, colour=True)
 
 
-def _decode_single(path: str) -> torch.Tensor:
-    img = _decode(path, colour=False)
+def _decode_single(path: str, widen_uint16: bool = True) -> torch.Tensor:
+    img = _decode(path, colour=False, widen_uint16=widen_uint16)
     if img.shape[0] != 1:
         raise ImageDecodeError(f"expected a single-channel image, got {img.shape[0]} channels")
     return img
@@ -82,14 +97,18 @@ DECODERS: Dict[str, Callable[[str], torch.Tensor]] = {
 }
 
 
-def decode_file(path: str, modality: str) -> torch.Tensor:
-    """Load ``path`` as ``modality`` -> (C, H, W) tensor: uint8 for 8-bit files, int32 for 16-bit files.
+def decode_file(path: str, modality: str, widen_uint16: bool = True) -> torch.Tensor:
+    """Load ``path`` as ``modality`` -> (C, H, W) tensor: uint8 for 8-bit files, int32 for 16-bit files
+    (``widen_uint16=False``: single-channel 16-bit files decoded by torchvision stay uint16, for a
+    consumer that converts them itself, e.g. ``PretrainTransform`` after cropping).
 
     Raises ImageDecodeError naming the modality and path if the file is missing, corrupt or of the
     wrong kind.
     """
     m = get_modality(modality)
     decoder = DECODERS[m.decoder] if isinstance(m.decoder, str) else m.decoder
+    if not widen_uint16 and m.decoder == 'gray':
+        decoder = partial(_decode_single, widen_uint16=False)
     try:
         img = decoder(path)
     except Exception as err:
@@ -204,6 +223,11 @@ class MultiModalImageFolder(Dataset):
         self.samples: List[Tuple[Dict[str, str], int]] = [
             ({m: found[m][k] for m in self.modalities}, self.class_to_idx[k[0]]) for k in keys]
         self.targets = [t for _, t in self.samples]
+        # PretrainTransform converts dense modalities (depth) to float right after cropping, straight from
+        # uint16: widening the whole decoded image to int32 first would be a wasted pass.
+        from .transforms import PretrainTransform
+        self._narrow = frozenset(m for m in self.modalities if isinstance(transform, PretrainTransform)
+                                 and get_modality(m).kind == 'dense')
 
     def _pair(self, found: Dict[str, Dict], strict: bool) -> List[Tuple[str, str]]:
         all_keys = set().union(*(found[m].keys() for m in self.modalities))
@@ -229,7 +253,7 @@ class MultiModalImageFolder(Dataset):
     def load(self, index: int) -> Dict[str, torch.Tensor]:
         """Decoded, untransformed tensors of sample ``index`` after checking that their sizes agree."""
         paths, _ = self.samples[index]
-        sample = {m: decode_file(p, m) for m, p in paths.items()}
+        sample = {m: decode_file(p, m, widen_uint16=m not in self._narrow) for m, p in paths.items()}
         sizes = {m: tuple(t.shape[-2:]) for m, t in sample.items()}
         if len(set(sizes.values())) > 1:
             detail = ', '.join(f"{m} {h}x{w} ('{paths[m]}')" for m, (h, w) in sizes.items())
