@@ -136,3 +136,23 @@ def test_modalities_of_different_sizes_are_rejected():
     sample['depth'] = sample['depth'][..., :-1]
     with pytest.raises(ValueError, match=r"same size .*'depth': \(96, 127\)"):
         PretrainTransform(input_size=16)(sample)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_rgb_equals_the_torchvision_v2_functional_chain(channels_last):
+    """uint8 rgb (channels-first, or interleaved as the decoders return it) gives exactly the values of
+    v2 resized_crop (bicubic, antialias) -> flip -> to_dtype(scale) -> normalize."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+    g = torch.Generator().manual_seed(3)
+    rgb = torch.randint(0, 256, (3, 50, 60), dtype=torch.uint8, generator=g)
+    if channels_last:
+        rgb = rgb.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    tf = PretrainTransform(input_size=32)
+    for top, left, h, w, flip in [(0, 0, 50, 60, False), (5, 9, 31, 40, True), (10, 3, 20, 17, True)]:
+        got = tf.apply({'rgb': rgb}, dict(top=top, left=left, height=h, width=w, flip=flip))['rgb']
+        want = F.resized_crop(rgb, top, left, h, w, [32, 32], InterpolationMode.BICUBIC, antialias=True)
+        want = F.horizontal_flip(want) if flip else want
+        want = F.normalize(F.to_dtype(want, torch.float32, scale=True), tf.mean, tf.std)
+        assert got.is_contiguous() and got.dtype == torch.float32
+        assert torch.equal(got, want), (top, left, h, w, flip)

@@ -123,10 +123,31 @@ class PretrainTransform:
             x = x[:, rows[:, None], cols[None, :]]
             return x != 0 if m.kind == 'mask' else x[0].long()
         x = x[..., top:top + h, left:left + w]
+        if m.kind == 'rgb' and x.dtype == torch.uint8 and x.shape[0] == 3:
+            return self._rgb_uint8(x, flip)
         if m.kind == 'dense':
             x = x.float()
         x = _resize_image(x, self.size, self.crop.interpolation)
         return self._finish(m, F.horizontal_flip(x) if flip else x, flip)
+
+    def _rgb_uint8(self, x: torch.Tensor, flip: bool) -> torch.Tensor:
+        """Resize a uint8 (3, h, w) crop in channels-last (the decoders return interleaved pixels, so this
+        is a cheap view or row copy), flip, and convert to float and to channels-first in one pass; then
+        the exact arithmetic of ``to_dtype(scale=True)`` + ``normalize``, in place. Bit-identical to
+        ``_finish(_resize_image(...))`` without its uint8 channels-first copy."""
+        x = x.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        x = F.resize(x, list(self.size), interpolation=self.crop.interpolation, antialias=True)[0]
+        if flip:
+            x = x.flip(-1)
+        out = x.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255)
+        mean, std = self._mean_std()
+        return out.sub_(mean).div_(std)
+
+    def _mean_std(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if getattr(self, '_mean_std_cache', None) is None:  # built lazily: pickled transforms stay small
+            self._mean_std_cache = (torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1),
+                                    torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1))
+        return self._mean_std_cache
 
     def _finish(self, m: Modality, x: torch.Tensor, flipped: bool) -> torch.Tensor:
         if m.kind == 'rgb':
