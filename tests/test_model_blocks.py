@@ -111,6 +111,28 @@ def test_whole_model_sdpa_equals_math_forward_and_backward(attention_impl):
     torch.testing.assert_close(results["sdpa"][1], results["math"][1], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype,num_keys,fused", [(torch.float32, 20, True), (torch.bfloat16, 20, False),
+                                                   (torch.float16, 20, False), (torch.bfloat16, 1024, True)])
+def test_auto_attention_dispatch_on_cpu(attention_impl, monkeypatch, dtype, num_keys, fused):
+    """'auto' (the default) calls the fused kernel except for short low-precision sequences on CPU, and
+    gives the same numbers either way."""
+    import multimae.multimae_utils as mu
+
+    calls = []
+    real = mu.F.scaled_dot_product_attention
+    monkeypatch.setattr(mu.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    attention_impl("auto")
+    assert get_attention_impl() == "auto"
+    attn = CrossAttention(32, num_heads=4).to(dtype)
+    x, ctx = torch.randn(2, 5, 32, dtype=dtype), torch.randn(2, num_keys, 32, dtype=dtype)
+    out = attn(x, ctx)
+    assert bool(calls) == fused
+    attention_impl("sdpa" if not fused else "math")
+    other = attn(x, ctx)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), other.float(), atol=tol, rtol=tol)
+
+
 def test_unknown_attention_impl_rejected(attention_impl):
     with pytest.raises(ValueError, match="unknown attention implementation"):
         attention_impl("flash3")

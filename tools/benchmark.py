@@ -62,7 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation happens here)")
     g = p.add_argument_group("variants (the step as configured by these flags is 'ours')")
-    g.add_argument("--attention", default="sdpa", choices=["sdpa", "math"])
+    g.add_argument("--attention", default="auto", choices=["auto", "sdpa", "math"],
+                   help="sdpa: the fused call; math: the published formulation; auto: the library default "
+                   "(explicit formulation for short sequences on CPU in bf16/fp16)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (encoder and decoders)")
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of the encoder blocks")

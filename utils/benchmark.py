@@ -374,7 +374,7 @@ def parse_variant(spec: str) -> Variant:
     ``math``, the published formulation)."""
     v = Variant()
     for token in [t for t in spec.strip().lower().split("+") if t]:
-        if token in ("baseline", "math", "sdpa"):
+        if token in ("baseline", "math", "sdpa", "auto"):
             v = replace(v, attention="math" if token == "baseline" else token)
         elif token == "compile":
             v = replace(v, compile=True)
@@ -388,7 +388,7 @@ def parse_variant(spec: str) -> Variant:
             v = replace(v, fused_optimizer=True)
         else:
             raise ValueError(f"unknown variant token {token!r} in {spec!r}; expected '+'-joined tokens from "
-                             f"baseline, math, sdpa, compile, bf16, fp16, fp32, ckpt, cl, fused")
+                             f"baseline, math, sdpa, auto, compile, bf16, fp16, fp32, ckpt, cl, fused")
     return v
 
 
