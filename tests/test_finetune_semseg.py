@@ -177,3 +177,19 @@ def test_label_out_of_range_names_the_file(data):
     with pytest.raises(BadSampleError, match=r"semseg file '.*\.png' holds class id"):
         for i in range(len(ds)):  # every synthetic scene has floor, wall and at least one object (id >= 2)
             ds[i]
+
+
+def test_channels_last_gives_the_same_run(data, tmp_path):
+    """--channels_last on (the CUDA default) changes the memory layout of the convolutions only."""
+    from utils.finetune import use_channels_last
+
+    assert use_channels_last("auto", torch.device("cuda")) and not use_channels_last("auto", torch.device("cpu"))
+    assert use_channels_last("on", torch.device("cpu")) and not use_channels_last("off", torch.device("cuda"))
+    with pytest.raises(ValueError, match="--channels_last must be"):
+        use_channels_last("yes", torch.device("cpu"))
+    recs = {}
+    for mode in ("off", "on"):
+        _, recs[mode] = run(argv_for(data, tmp_path / mode, "--channels_last", mode, "--epochs", "1",
+                                     "--max_steps_per_epoch", "2", "--no_save_ckpt", "--num_vis", "0", "--seed", "3"))
+    assert recs["on"]["val/loss"] == pytest.approx(recs["off"]["val/loss"], rel=1e-4)
+    assert recs["on"]["val/mean_iou"] == pytest.approx(recs["off"]["val/mean_iou"], abs=1e-3)

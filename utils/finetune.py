@@ -51,7 +51,7 @@ __all__ = [
     "build_multivit", "load_pretrained", "EvalShardSampler", "build_train_loader", "build_eval_loader",
     "build_schedules", "build_finetune_optimizer", "wrap_model", "build_finetune_trainer", "EvalCallback",
     "run_evaluation", "log_record", "evaluate_best_checkpoint", "PredictionPictures", "resolve_finetune_amp",
-    "count_params",
+    "count_params", "use_channels_last",
     "FinetuneTask", "run_finetuning",
 ]
 
@@ -252,6 +252,15 @@ def build_schedules(args: argparse.Namespace, steps_per_epoch: int) -> tuple[np.
     lr = cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, warm_epochs, args.warmup_lr, warm_steps)
     wd = weight_decay_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
     return lr, wd
+
+
+def use_channels_last(mode: str, device: torch.device) -> bool:
+    """``--channels_last auto|on|off``: channels-last convolution weights pay on CUDA (tensor-core
+    convolutions); on CPU it gained 1-2 % (tools/benchmark.py, ViT-S semseg and depth steps), so 'auto' means
+    CUDA only."""
+    if mode not in ('auto', 'on', 'off'):
+        raise ValueError(f"--channels_last must be 'auto', 'on' or 'off', got {mode!r}")
+    return mode == 'on' or (mode == 'auto' and torch.device(device).type == 'cuda')
 
 
 def build_finetune_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
@@ -528,6 +537,8 @@ def run_finetuning(args: argparse.Namespace, make_task: Callable[[argparse.Names
         save_config(args, args.output_dir)
     model = task.model(args).to(device)
     load_pretrained(model, args.finetune, task.allow_missing)
+    if use_channels_last(getattr(args, 'channels_last', 'off'), device):
+        model.to(memory_format=torch.channels_last)
     wandb = WandbLogger(args) if args.log_wandb else None
     try:
         if args.eval or args.test:

@@ -95,6 +95,9 @@ def add_dense_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
         'amp': ('auto', dict(type=str, choices=['auto', 'bf16', 'fp16', 'none'],
                              help="mixed precision; 'auto' follows --fp16 (fp16 on CUDA, none on CPU)")),
         'fp16': (OMIT, dict(bool=True, help='published mixed-precision switch (used when --amp auto)')),
+        'channels_last': ('auto', dict(type=str, choices=['auto', 'on', 'off'],
+                                       help="channels-last convolution weights (patch embeddings, ConvNeXt / DPT "
+                                            "heads); 'auto': on CUDA only")),
     }
     add_arg_group(parser, 'dense task', specs, overrides)
 
