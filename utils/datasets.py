@@ -223,11 +223,11 @@ class MultiModalImageFolder(Dataset):
         self.samples: List[Tuple[Dict[str, str], int]] = [
             ({m: found[m][k] for m in self.modalities}, self.class_to_idx[k[0]]) for k in keys]
         self.targets = [t for _, t in self.samples]
-        # PretrainTransform converts dense modalities (depth) to float right after cropping, straight from
-        # uint16: widening the whole decoded image to int32 first would be a wasted pass.
-        from .transforms import PretrainTransform
-        self._narrow = frozenset(m for m in self.modalities if isinstance(transform, PretrainTransform)
-                                 and get_modality(m).kind == 'dense')
+        # A transform that converts dense modalities (depth) to float right after cropping says so
+        # (``accepts_uint16_dense``, e.g. PretrainTransform): widening the whole decoded image to int32
+        # first would be a wasted pass.
+        narrow = bool(getattr(transform, 'accepts_uint16_dense', False))
+        self._narrow = frozenset(m for m in self.modalities if narrow and get_modality(m).kind == 'dense')
 
     def _pair(self, found: Dict[str, Dict], strict: bool) -> List[Tuple[str, str]]:
         all_keys = set().union(*(found[m].keys() for m in self.modalities))

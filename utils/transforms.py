@@ -73,6 +73,9 @@ class PretrainTransform:
     so a loader can draw them before decoding.
     """
 
+    # dense modalities may come as uint16 (converted to float after cropping, see MultiModalImageFolder)
+    accepts_uint16_dense = True
+
     def __init__(self, input_size: Union[int, Tuple[int, int]] = 224, hflip: float = 0.5,
                  imagenet_default_mean_and_std: bool = True, scale: Sequence[float] = (0.2, 1.0),
                  ratio: Sequence[float] = (3 / 4, 4 / 3), interpolation: str = 'bicubic'):
