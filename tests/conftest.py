@@ -50,3 +50,13 @@ def _restore_modality_registry():
 def fixtures_dir() -> Path:
     """Directory of the golden fixtures produced with the published implementation."""
     return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """32 training and 4 held-out synthetic scenes of 32 px (read-only; shared by the pre-training tests)."""
+    from utils.synthetic_data import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_dataset(str(root), num_train=32, num_val=4, image_size=32, seed=0)
+    return root

@@ -27,15 +27,6 @@ TINY = ["--model", "pretrain_multimae_tiny", "--input_size", "32", "--patch_size
         "--save_vis_freq", "0", "--save_ckpt_freq", "1", "--deterministic"]
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    from utils.synthetic_data import make_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic_dataset(str(root), num_train=32, num_val=4, image_size=32, seed=0)
-    return root
-
-
 def parse(argv):
     return parse_args(script.get_args_parser(), argv, validate=validate_pretrain_args, exit_on_error=False)
 

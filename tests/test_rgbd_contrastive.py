@@ -347,15 +347,6 @@ SHRINK = ["--encoder_depth", "2", "--encoder_dim", "64", "--encoder_num_heads", 
           "--deterministic"]
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    from utils.synthetic_data import make_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic_dataset(str(root), num_train=32, num_val=4, image_size=32, seed=0)
-    return root
-
-
 def _parse(argv):
     import run_pretraining_multimae as script
     from utils.config import parse_args
