@@ -156,3 +156,26 @@ def test_rgb_equals_the_torchvision_v2_functional_chain(channels_last):
         want = F.normalize(F.to_dtype(want, torch.float32, scale=True), tf.mean, tf.std)
         assert got.is_contiguous() and got.dtype == torch.float32
         assert torch.equal(got, want), (top, left, h, w, flip)
+
+
+@pytest.mark.parametrize('imagenet', [True, False])
+def test_compact_output_finished_per_batch_equals_the_default_output(imagenet):
+    """compact=True hands out uint8 rgb and uint8 label maps (what the pre-training loader ships); finish()
+    on the collated batch gives bit-identically the batch of the default transform, and leaves finished
+    tensors alone."""
+    from torch.utils.data import default_collate
+    full = PretrainTransform(input_size=32, hflip=0.5, imagenet_default_mean_and_std=imagenet)
+    compact = PretrainTransform(input_size=32, hflip=0.5, imagenet_default_mean_and_std=imagenet, compact=True)
+    torch.manual_seed(4)
+    expected = default_collate([(full(_coordinate_sample()), i) for i in range(5)])
+    torch.manual_seed(4)
+    shipped = default_collate([(compact(_coordinate_sample()), i) for i in range(5)])
+    assert shipped[0]['rgb'].dtype == torch.uint8 and shipped[0]['rgb'].shape == (5, 3, 32, 32)
+    assert shipped[0]['semseg'].dtype == torch.uint8 and shipped[0]['depth'].dtype == torch.float32
+    got = compact.finish(shipped)
+    assert torch.equal(got[1], expected[1])
+    for key, want in expected[0].items():
+        assert got[0][key].dtype == want.dtype and torch.equal(got[0][key], want), key
+        assert got[0][key].is_contiguous()
+    again = compact.finish(got)
+    assert all(again[0][k] is got[0][k] for k in got[0])

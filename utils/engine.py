@@ -210,6 +210,8 @@ class Trainer:
             count it). None: ``config['on_bad_sample']`` (default 'error').
         stop_check_every: optimizer steps between two stop-flag reductions across ranks (see
             :mod:`utils.preemption`).
+        batch_transform: applied to every batch on the device, before autocast and ``step_fn`` (e.g.
+            :meth:`utils.transforms.PretrainTransform.finish`, which normalises uint8 rgb there).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFn, *,
@@ -224,7 +226,8 @@ class Trainer:
                  extra_log: Mapping[str, Any] | None = None,
                  epoch_start_hooks: Iterable[Callable[["Trainer", int], None]] = (),
                  save_every_steps: int | None = None, skip_nonfinite: int | None = None,
-                 on_bad_sample: str | None = None, stop_check_every: int = 1):
+                 on_bad_sample: str | None = None, stop_check_every: int = 1,
+                 batch_transform: Callable[[Any], Any] | None = None):
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch} (is the dataset smaller "
                              f"than one batch per process?)")
@@ -260,6 +263,7 @@ class Trainer:
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
         self.stop_check_every = max(1, int(stop_check_every))
+        self.batch_transform = batch_transform
         self.start_epoch = 0
         self.start_step = 0  # optimizer steps of start_epoch already done (mid-epoch resume)
         self.global_step = 0
@@ -434,6 +438,8 @@ class Trainer:
         """One micro-batch: forward under autocast, (scaled) backward, DDP sync only on the last micro-batch.
         Returns the detached loss and the step's log record (device tensors)."""
         batch = move_to_device(batch, self.device)
+        if self.batch_transform is not None:
+            batch = self.batch_transform(batch)
         with contextlib.nullcontext() if last_micro else self._no_sync():
             with autocast(self.device, self.amp):
                 loss, logs = self.step_fn(self.model, batch)

@@ -14,7 +14,7 @@ from .data_constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGEN
                              IMAGENET_INCEPTION_STD)
 from .modalities import Modality, get_modality
 
-__all__ = ['PretrainTransform', 'JointRandomResizedCrop']
+__all__ = ['PretrainTransform', 'JointRandomResizedCrop', 'finish_compact_batch']
 
 
 class JointRandomResizedCrop(v2.RandomResizedCrop):
@@ -60,6 +60,13 @@ def _resize_image(x: torch.Tensor, size: Tuple[int, int], interpolation: Interpo
     return F.resize(x, list(size), interpolation=interpolation, antialias=True)
 
 
+def _normalize_uint8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(..., C, H, W)`` in any memory layout -> contiguous float32 ``(x / 255 - mean) / std``, with
+    the exact arithmetic of ``to_dtype(scale=True)`` + ``normalize`` (one conversion pass, then in place)."""
+    out = x.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255)
+    return out.sub_(mean.to(torch.float32)).div_(std.to(torch.float32))
+
+
 class PretrainTransform:
     """Joint random-resized-crop + horizontal flip, then per-modality conversion to model inputs.
 
@@ -71,6 +78,11 @@ class PretrainTransform:
 
     ``__call__(sample) = apply(sample, sample_params(H, W))``: the parameters need only the image size,
     so a loader can draw them before decoding.
+
+    ``compact=True`` leaves the last conversions to the consumer: rgb comes out uint8 (3, S, S) (resized
+    and flipped, not normalised) and label maps keep the dtype of their file (uint8 for 8-bit PNGs). That
+    is 4x less rgb to copy between loader workers and to the GPU and 8x less label map; :meth:`finish`
+    (on the device, on whole batches) turns them into exactly the values the default mode returns.
     """
 
     # dense modalities may come as uint16 (converted to float after cropping, see MultiModalImageFolder)
@@ -78,7 +90,9 @@ class PretrainTransform:
 
     def __init__(self, input_size: Union[int, Tuple[int, int]] = 224, hflip: float = 0.5,
                  imagenet_default_mean_and_std: bool = True, scale: Sequence[float] = (0.2, 1.0),
-                 ratio: Sequence[float] = (3 / 4, 4 / 3), interpolation: str = 'bicubic'):
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), interpolation: str = 'bicubic',
+                 compact: bool = False):
+        self.compact = bool(compact)
         self.size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         self.hflip = hflip
         self.mean = IMAGENET_DEFAULT_MEAN if imagenet_default_mean_and_std else IMAGENET_INCEPTION_MEAN
@@ -124,7 +138,9 @@ class PretrainTransform:
             rows = _label_index(top, h, self.size[0], False, out_h)
             cols = _label_index(left, w, self.size[1], flip, out_w)
             x = x[:, rows[:, None], cols[None, :]]
-            return x != 0 if m.kind == 'mask' else x[0].long()
+            if m.kind == 'mask':
+                return x != 0
+            return x[0] if self.compact else x[0].long()
         x = x[..., top:top + h, left:left + w]
         if m.kind == 'rgb' and x.dtype == torch.uint8 and x.shape[0] == 3:
             return self._rgb_uint8(x, flip)
@@ -142,9 +158,12 @@ class PretrainTransform:
         x = F.resize(x, list(self.size), interpolation=self.crop.interpolation, antialias=True)[0]
         if flip:
             x = x.flip(-1)
-        out = x.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255)
-        mean, std = self._mean_std()
-        return out.sub_(mean).div_(std)
+        return x.contiguous() if self.compact else _normalize_uint8(x, *self._mean_std())
+
+    def finish(self, batch: Any) -> Any:
+        """Complete a ``compact`` sample or batch (a dict, or a ``(dict, label)`` pair): see
+        :func:`finish_compact_batch`."""
+        return finish_compact_batch(batch, self.mean, self.std)
 
     def _mean_std(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if getattr(self, '_mean_std_cache', None) is None:  # built lazily: pickled transforms stay small
@@ -174,3 +193,21 @@ class PretrainTransform:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(size={self.size}, hflip={self.hflip}, scale={self.crop.scale}, "
                 f"ratio={self.crop.ratio}, mean={self.mean}, std={self.std})")
+
+
+def finish_compact_batch(batch: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """The conversions ``PretrainTransform(compact=True)`` leaves out, on whatever device ``batch`` is:
+    uint8 rgb-kind modalities -> float32 ``(x / 255 - mean) / std``, label maps -> int64. Bit-identical to
+    the default (non-compact) transform, per sample or per batch. Other entries, and tensors that are
+    already converted, pass through. ``batch``: dict modality -> tensor, or a ``(dict, label)`` pair."""
+    if isinstance(batch, (tuple, list)):
+        return type(batch)([finish_compact_batch(batch[0], mean, std), *batch[1:]])
+    out = dict(batch)
+    for name, x in batch.items():
+        kind = get_modality(name).kind
+        if kind == 'rgb' and x.dtype == torch.uint8:
+            out[name] = _normalize_uint8(x, torch.tensor(mean, device=x.device).view(-1, 1, 1),
+                                         torch.tensor(std, device=x.device).view(-1, 1, 1))
+        elif kind == 'label' and x.dtype != torch.int64:
+            out[name] = x.long()
+    return out
