@@ -51,7 +51,7 @@ def test_quick_runs_every_mode_and_writes_consistent_json(tmp_path):
     assert {(row["pipeline"], row["workers"]) for row in data["rows"]} == {(p, w) for p in ("pil", "ours")
                                                                            for w in (0, 1)}
     for row in data["rows"]:
-        assert row["images_per_s"] > 0 and row["cpu_ms_per_image"] > 0
+        assert row["images_per_s"] > 0 and row["cpu_ms_per_image"] > 0 and row["first_epoch_images_per_s"] > 0
         assert row["speedup_vs_pil"] == pytest.approx(row["images_per_s"] / next(
             x["images_per_s"] for x in data["rows"] if x["pipeline"] == "pil" and x["workers"] == row["workers"]))
 
@@ -169,6 +169,22 @@ def test_pil_baseline_computes_what_the_project_pipeline_computes(tmp_path):
         torch.testing.assert_close(a["depth"], b["depth"], atol=1e-6, rtol=0)
         # both decode the JPEG with libjpeg; allow a couple of grey levels for IDCT/upsampling differences
         assert (a["rgb"] - b["rgb"]).abs().max() < 3 / 255 / 0.224
+
+
+def test_data_mode_times_both_pipelines_to_the_same_finished_batches(tmp_path):
+    """The project loader ships compact batches (uint8 rgb and labels); the data benchmark times it with the
+    device-side finishing, so both pipelines end at model-ready tensors of the same types and shapes."""
+    from argparse import Namespace
+    root = write_benchmark_images(str(tmp_path), num_images=4, image_size=48, unique=2)
+    args = Namespace(input_size=32, seed=0, batch_size=2)
+    (ours, finish), (pil, no_finish) = tool._ours_loader(root, args, 1), tool._pil_loader(root, args, 1)
+    assert no_finish is None and ours.persistent_workers and pil.persistent_workers
+    shipped = next(iter(ours))
+    assert shipped[0]["rgb"].dtype == torch.uint8 and shipped[0]["semseg"].dtype == torch.uint8
+    a, b = finish(shipped)[0], next(iter(pil))[0]
+    assert {k: (v.dtype, v.shape) for k, v in a.items()} == {k: (v.dtype, v.shape) for k, v in b.items()}
+    tool._shutdown(ours)
+    tool._shutdown(pil)
 
 
 def test_write_benchmark_images_reuses_a_complete_folder(tmp_path):

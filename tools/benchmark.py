@@ -353,12 +353,14 @@ def _add_ratios(rows: List[Dict[str, Any]]) -> None:
 # data mode
 
 def _ours_loader(root: str, args: Namespace, workers: int):
+    """The training loader (compact batches) and the step that finishes them on the device."""
     from utils.pretrain import build_pretrain_loader
     ns = Namespace(in_domains="rgb-depth-semseg", out_domains="rgb-depth-semseg", data_path=root,
                    input_size=args.input_size, hflip=0.5, train_interpolation="bicubic",
                    imagenet_default_mean_and_std=True, seed=args.seed, batch_size=args.batch_size,
                    num_workers=workers, pin_mem=True)
-    return build_pretrain_loader(ns)[1]
+    dataset, loader = build_pretrain_loader(ns)
+    return _persistent(loader), dataset.transform.finish
 
 
 def _pil_loader(root: str, args: Namespace, workers: int):
@@ -367,32 +369,60 @@ def _pil_loader(root: str, args: Namespace, workers: int):
     from utils.datasets import MultiModalImageFolder
     samples = MultiModalImageFolder(root, ["rgb", "depth", "semseg"]).samples
     ds = PilPretrainPipeline(samples, input_size=args.input_size)
-    return DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=True)
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), drop_last=True)
+    return _persistent(loader), None
+
+
+def _persistent(loader):
+    """The same loader with persistent workers, so that timed epochs measure throughput, not the start-up
+    of the worker processes (a training epoch has thousands of batches; these have 16)."""
+    from torch.utils.data import DataLoader
+    if loader.num_workers == 0:
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                      persistent_workers=True)
 
 
 def _cpu_seconds() -> float:
-    """User + system CPU time of this process and of its terminated (joined) children."""
+    """User + system CPU time of this process and of its live and terminated (joined) children."""
     import resource
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    live = 0.0
+    for pid in _child_pids():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            live += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + live
 
 
-def _time_epoch(loader) -> Tuple[float, float, int]:
-    """Wall seconds, CPU seconds (main process + its workers, which are joined at the end of the epoch)
-    and the number of images of one pass over ``loader``."""
+def _child_pids() -> List[int]:
+    try:
+        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:  # not Linux: only joined workers are counted
+        return []
+
+
+def _time_epoch(loader, finish: Optional[Callable[[Any], Any]] = None) -> Tuple[float, float, int]:
+    """Wall seconds, CPU seconds (this process and its loader workers) and the number of images of one
+    pass over ``loader``; ``finish`` (the device-side completion of compact batches) is timed with it."""
     t0, c0, n = time.perf_counter(), _cpu_seconds(), 0
-    it = iter(loader)
-    for x, _ in it:
-        n += x["rgb"].shape[0]
-    wall = time.perf_counter() - t0
-    del it  # shuts the workers down, so their CPU time is accounted to this process
-    return wall, _cpu_seconds() - c0, n
+    for batch in loader:
+        if finish is not None:
+            batch = finish(batch)
+        n += batch[0]["rgb"].shape[0]
+    return time.perf_counter() - t0, _cpu_seconds() - c0, n
 
 
 def run_data_mode(args: Namespace) -> Dict[str, Any]:
-    """Images/s of one epoch (fresh workers, as in training) for each pipeline and worker count; the
-    configurations are interleaved per repeat and the median epoch is reported."""
+    """Images/s of each pipeline and worker count in steady state: ``data_repeats`` times, the configurations
+    interleaved, a fresh loader runs one warm-up epoch (starts its persistent workers, fills caches) and one
+    timed epoch; the median is reported. The warm-up epochs (worker start-up included) are kept in the JSON."""
     root = args.data_dir or os.path.join(tempfile.gettempdir(), f"multimae_bench_{args.source_size}px_{args.num_images}")
     t0 = time.perf_counter()
     write_benchmark_images(root, args.num_images, args.source_size, unique=min(32, args.num_images), seed=args.seed)
@@ -404,33 +434,47 @@ def run_data_mode(args: Namespace) -> Dict[str, Any]:
     pipelines = ["pil", "ours"] if args.pipeline == "both" else [args.pipeline]
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     makers = {"pil": _pil_loader, "ours": _ours_loader}
-    samples: Dict[Tuple[str, int], List[float]] = {(p, w): [] for p in pipelines for w in workers}
-    cpu: Dict[Tuple[str, int], List[float]] = {(p, w): [] for p in pipelines for w in workers}
+    configs = [(p, w) for w in workers for p in pipelines]
+    samples: Dict[Tuple[str, int], List[float]] = {c: [] for c in configs}
+    cpu: Dict[Tuple[str, int], List[float]] = {c: [] for c in configs}
     torch.manual_seed(args.seed)
     # Without --threads, the main process loads on one intra-op thread, as every DataLoader worker does
     # (torch sets 1 there): OpenMP teams on 224 px images only add spin-waiting, which on a busy machine
     # cost both pipelines up to 10x their CPU time and made the 0-worker ratio meaningless.
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or 1)
+    first: Dict[Tuple[str, int], List[float]] = {c: [] for c in configs}
     try:
         for _ in range(args.data_repeats):
-            for w in workers:
-                for p in pipelines:
-                    seconds, cpu_seconds, n = _time_epoch(makers[p](root, args, w))
-                    samples[(p, w)].append(n / seconds)
-                    cpu[(p, w)].append(1e3 * cpu_seconds / n)
+            for c in configs:
+                loader, finish = makers[c[0]](root, args, c[1])
+                seconds, _, n = _time_epoch(loader, finish)  # warm-up: starts the workers, fills caches
+                first[c].append(n / seconds)
+                seconds, cpu_seconds, n = _time_epoch(loader, finish)
+                samples[c].append(n / seconds)
+                cpu[c].append(1e3 * cpu_seconds / n)
+                _shutdown(loader)
     finally:
         torch.set_num_threads(threads)
     rows = []
     for (p, w), ips in samples.items():
         ref, ref_cpu = samples.get(("pil", w)), cpu.get(("pil", w))
         rows.append({"mode": "data", "pipeline": p, "workers": w, "images_per_s": float(np.median(ips)),
-                     "all_images_per_s": ips, "cpu_ms_per_image": float(np.median(cpu[(p, w)])),
+                     "all_images_per_s": ips, "first_epoch_images_per_s": float(np.median(first[(p, w)])),
+                     "cpu_ms_per_image": float(np.median(cpu[(p, w)])),
                      "speedup_vs_pil": float(np.median(ips) / np.median(ref)) if ref else None,
                      "cpu_ratio_vs_pil": float(np.median(ref_cpu) / np.median(cpu[(p, w)])) if ref_cpu else None})
     return {"mode": "data", "root": root, "source_size": args.source_size, "num_images": args.num_images,
             "input_size": args.input_size, "batch_size": args.batch_size, "generate_s": gen_s,
             "main_process_threads": args.threads or 1, "rows": rows}
+
+
+def _shutdown(loader) -> None:
+    """Stop the persistent workers of ``loader`` now (not whenever the garbage collector gets to it)."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
 
 
 # ----------------------------------------------------------------------------------------------
