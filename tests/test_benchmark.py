@@ -56,6 +56,22 @@ def test_quick_runs_every_mode_and_writes_consistent_json(tmp_path):
             x["images_per_s"] for x in data["rows"] if x["pipeline"] == "pil" and x["workers"] == row["workers"]))
 
 
+def test_fresh_rss_measures_every_variant_in_a_process_of_its_own(tmp_path):
+    out_json = tmp_path / "bench.json"
+    tool.main(["--quick", "--mode", "pretrain", "--fresh_rss", "--variants", "math,auto+ckpt", "--json", str(out_json)])
+    rows = json.loads(out_json.read_text())["results"][0]["rows"]
+    assert [r["variant"] for r in rows] == ["math", "auto+ckpt"]
+    assert all(r["fresh_process_rss_mb"] > 0 for r in rows)
+    assert rows[1]["fresh_rss_vs_math"] == pytest.approx(rows[1]["fresh_process_rss_mb"] / rows[0]["fresh_process_rss_mb"])
+
+
+def test_fresh_rss_probe_failure_names_the_variant():
+    args = tool.get_args_parser().parse_args(["--quick"])
+    args.size = "nonexistent"  # the child process rejects it
+    with pytest.raises(RuntimeError, match="memory probe of variant 'math' failed .*--size"):
+        tool._fresh_process_rss("pretrain", args, [tool.parse_variant("math")])
+
+
 def test_math_and_sdpa_attention_give_the_same_pretraining_step():
     args = tool.get_args_parser().parse_args(["--quick"])
     tool.apply_quick(args)

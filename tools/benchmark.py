@@ -85,6 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's; data mode: 1, like a DataLoader worker)")
     p.add_argument("--peak_size", type=int, default=2048, help="matrix size of the matmul peak measurement")
+    p.add_argument("--fresh_rss", action="store_true",
+                   help="also measure each variant's resident-set growth of one step in a process of its own")
+    p.add_argument("--rss_probe", action="store_true", help=argparse.SUPPRESS)  # the child of --fresh_rss
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="write all results here")
     p.add_argument("--quick", action="store_true", help="tiny model and images, few steps, every mode (< 20 s)")
@@ -233,10 +236,7 @@ def _graph_counters() -> Tuple[int, int]:
 
 def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: torch.device) -> Dict[str, Any]:
     """Time every variant of ``mode`` (interleaved), count model FLOPs once, measure step memory."""
-    from utils.optim import create_optimizer
-
     model, step, batch, groups_fn = build_mode(mode, args, device)
-    opt_args = Namespace(opt="adamw", lr=1.5e-4, weight_decay=0.05, opt_eps=1e-8, opt_betas=[0.9, 0.95], momentum=0.9)
     models: Dict[bool, nn.Module] = {}
     optimizers: Dict[Tuple[bool, bool], torch.optim.Optimizer] = {}
 
@@ -248,11 +248,7 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
         m = models[v.channels_last]
         key = (v.channels_last, v.fused_optimizer)
         if key not in optimizers:
-            opt = create_optimizer(opt_args, groups_fn(m))  # the project's optimizer (non-fused on CPU)
-            if v.fused_optimizer:
-                keep = ("lr", "betas", "eps", "weight_decay", "amsgrad")
-                opt = type(opt)(groups_fn(m), **{k: opt.defaults[k] for k in keep if k in opt.defaults}, fused=True)
-            optimizers[key] = opt
+            optimizers[key] = _make_optimizer(m, groups_fn, v.fused_optimizer)
         return m, optimizers[key]
 
     runners = {v.name: StepRunner(v, *model_for(v), step, batch, device) for v in variants}
@@ -271,6 +267,7 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
     for k, v in _measure_peaks(variants, device, args.peak_size).items():
         peaks[k] = max(peaks[k], v)
 
+    fresh = _fresh_process_rss(mode, args, variants) if args.fresh_rss else {}
     # gradients are allocated during every step; what remains of the step memory is activations and temporaries
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     rows = []
@@ -289,6 +286,8 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
                "step_rss_mb": memory[v.name]["rss"].delta_bytes / 2 ** 20,
                "process_peak_mb": memory[v.name]["rss"].peak_bytes / 2 ** 20,
                "memory_exact": memory[v.name]["rss"].exact}
+        if fresh:
+            row["fresh_process_rss_mb"] = fresh[v.name]
         if v.compile:
             row.update(graph_breaks_during_warmup=breaks1 - breaks0, new_graphs_during_timing=graphs2 - graphs1,
                        graph_breaks_during_timing=breaks2 - breaks1)
@@ -297,6 +296,54 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
     n_params = sum(p.numel() for p in model.parameters())
     return {"mode": mode, "model": _model_name(mode, args), "batch_size": args.batch_size,
             "input_size": args.input_size, "parameters": n_params, "peaks": peaks, "rows": rows}
+
+
+def _make_optimizer(model: nn.Module, groups_fn: Callable, fused: bool) -> torch.optim.Optimizer:
+    """The project's AdamW (non-fused on CPU) over ``groups_fn(model)``, or its single-kernel variant."""
+    from utils.optim import create_optimizer
+    opt_args = Namespace(opt="adamw", lr=1.5e-4, weight_decay=0.05, opt_eps=1e-8, opt_betas=[0.9, 0.95], momentum=0.9)
+    opt = create_optimizer(opt_args, groups_fn(model))
+    if fused:
+        keep = ("lr", "betas", "eps", "weight_decay", "amsgrad")
+        opt = type(opt)(groups_fn(model), **{k: opt.defaults[k] for k in keep if k in opt.defaults}, fused=True)
+    return opt
+
+
+# the arguments that define a model mode's step (passed on to the --fresh_rss child processes)
+_STEP_ARGS = ("size", "batch_size", "input_size", "patch_size", "num_encoded_tokens", "decoder_dim", "decoder_depth",
+              "decoder_num_heads", "encoder_depth", "warmup", "device", "threads", "seed")
+
+
+def _fresh_process_rss(mode: str, args: Namespace, variants: List[Variant]) -> Dict[str, float]:
+    """Resident-set growth (MB) of one step of every variant, each measured in a new process after its warm-up
+    steps, so that no heap left by other variants or compilations is reused (or counted)."""
+    import subprocess
+    out = {}
+    for v in variants:
+        argv = [sys.executable, os.path.abspath(__file__), "--rss_probe", "--mode", mode, "--variants", v.name]
+        for k in _STEP_ARGS:
+            if getattr(args, k) is not None:
+                argv += [f"--{k}", str(getattr(args, k))]
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RSS_PROBE ")]
+        if proc.returncode or not found:
+            raise RuntimeError(f"fresh-process memory probe of variant '{v.name}' failed (exit code "
+                               f"{proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
+        out[v.name] = float(json.loads(found[-1][len("RSS_PROBE "):])["rss_mb"])
+    return out
+
+
+def _rss_probe(mode: str, args: Namespace, variant: Variant, device: torch.device) -> None:
+    """Child of --fresh_rss: warm-up steps, then the resident-set growth of one step, printed as JSON."""
+    model, step, batch, groups_fn = build_mode(mode, args, device)
+    runner = StepRunner(variant, model, _make_optimizer(model, groups_fn, variant.fused_optimizer), step, batch,
+                        device)
+    for _ in range(max(1, args.warmup)):
+        runner()
+    with eager_memory_return():
+        with PeakMemory(device) as pm:
+            runner()
+    print("RSS_PROBE " + json.dumps({"rss_mb": pm.delta_bytes / 2 ** 20, "exact": pm.exact}), flush=True)
 
 
 def _measure_step_memory(runners: Dict[str, Callable[[], None]], device: torch.device) -> Dict[str, Dict[str, Any]]:
@@ -347,6 +394,8 @@ def _add_ratios(rows: List[Dict[str, Any]]) -> None:
     for r in rows:
         r["speedup_vs_" + ref["variant"]] = r["images_per_s"] / ref["images_per_s"]
         r["memory_vs_" + ref["variant"]] = r["step_memory_mb"] / max(ref["step_memory_mb"], 1e-9)
+        if "fresh_process_rss_mb" in r:
+            r["fresh_rss_vs_" + ref["variant"]] = r["fresh_process_rss_mb"] / max(ref["fresh_process_rss_mb"], 1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,6 +553,9 @@ def format_model_table(res: Dict[str, Any]) -> str:
                  f"step (max_memory_allocated; on CPU from the profiler's allocation records); rss = peak resident "
                  f"memory of a step above the memory before it (includes free heap the allocator keeps); "
                  f"1st = first step incl. compilation)")
+    if "fresh_process_rss_mb" in res["rows"][0]:
+        lines.append("resident-set growth of one step, each variant in a fresh process: " + ", ".join(
+            f"{r['variant']} {r['fresh_process_rss_mb']:.0f} MB ({r['fresh_rss_vs_' + ref]:.2f}x)" for r in res["rows"]))
     return "\n".join(lines)
 
 
@@ -535,6 +587,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         raise SystemExit(f"--mode: unknown mode(s) {unknown}; expected a comma list of {', '.join(MODES)} or 'all'")
     device = torch.device(args.device)
     variants = resolve_variants(args)
+    if args.rss_probe:
+        _rss_probe(modes[0], args, variants[0], device)
+        return {}
     out: Dict[str, Any] = {"machine": machine_info(device), "args": vars(args), "results": []}
     print("machine: " + ", ".join(f"{k}={v}" for k, v in out["machine"].items()), flush=True)
     for mode in modes:
