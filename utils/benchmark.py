@@ -266,6 +266,34 @@ class PeakMemory:
         return max(0, self.peak_bytes - self.start_bytes)
 
 
+# what libkineto writes to stderr around every CPU-only profile (start/stop markers; no GPU found)
+_PROFILER_CHATTER = ("SyncActivityProfilerHandler.cpp", "gpuGetDeviceCount failed")
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter() -> Iterator[None]:
+    """Route the process's stderr (file descriptor 2, where the profiler's C++ logging goes) to a temporary
+    file inside the block and pass on every line but the profiler's routine messages."""
+    import sys
+    import tempfile
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(noise in line for noise in _PROFILER_CHATTER)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def tensor_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> Tuple[int, int]:
     """``(peak, end)``: the most tensor memory allocated at any moment while ``fn()`` runs, and what is
     still allocated when it returns, both counted from the start of the call (``peak >= 0``; ``end`` is
@@ -284,7 +312,7 @@ def tensor_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu")
         return torch.cuda.max_memory_allocated(device) - start, torch.cuda.memory_allocated(device) - start
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
