@@ -40,8 +40,8 @@ from utils.modalities import MODALITIES, build_input_adapters
 from utils.optim import create_optimizer, finetune_param_groups
 
 __all__ = [
-    "LINPROBE_DEFAULTS", "apply_linprobe_defaults", "mixup_active", "validate_cls_args", "build_cls_transform_from_args",
-    "build_cls_dataset", "check_same_classes",
+    "LINPROBE_DEFAULTS", "apply_linprobe_defaults", "mixup_active", "validate_cls_args",
+    "build_cls_transform_from_args", "build_cls_dataset", "check_same_classes",
     "build_cls_model", "load_cls_pretrained", "freeze_for_linear_probe", "build_model_ema", "build_mixup",
     "build_train_criterion", "ClsStep", "evaluate_cls", "ClsEvalCallback", "evaluate_checkpoint",
     "render_cls_predictions", "build_cls_pictures", "build_cls_trainer",
