@@ -3,7 +3,8 @@
 A script builds its model, data loader, optimizer and schedules, writes a ``step_fn`` that does the
 task-specific work, and hands everything to a :class:`Trainer`::
 
-    def step_fn(model, batch):                  # batch is already on the device, autocast is active
+    def step_fn(model, batch):                  # batch is on the device (and through batch_transform),
+                                                # autocast is active
         x, y = batch
         loss = criterion(model(x), y)
         return loss, {'loss': loss.detach()}    # logs: scalar tensors (or floats)
