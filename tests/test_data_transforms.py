@@ -179,3 +179,8 @@ def test_compact_output_finished_per_batch_equals_the_default_output(imagenet):
         assert got[0][key].is_contiguous()
     again = compact.finish(got)
     assert all(again[0][k] is got[0][k] for k in got[0])
+    # mean/std are made once per device (a per-step copy to a GPU would synchronise), and not pickled
+    assert all(a is b for a, b in zip(compact._mean_std(torch.device('cpu')), compact._mean_std(torch.device('cpu'))))
+    import pickle
+    clone = pickle.loads(pickle.dumps(compact))
+    assert '_mean_std_cache' not in vars(clone) and torch.equal(clone.finish(shipped)[0]['rgb'], expected[0]['rgb'])

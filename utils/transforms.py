@@ -14,7 +14,7 @@ from .data_constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGEN
                              IMAGENET_INCEPTION_STD)
 from .modalities import Modality, get_modality
 
-__all__ = ['PretrainTransform', 'JointRandomResizedCrop', 'finish_compact_batch']
+__all__ = ['PretrainTransform', 'JointRandomResizedCrop']
 
 
 class JointRandomResizedCrop(v2.RandomResizedCrop):
@@ -64,7 +64,7 @@ def _normalize_uint8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> 
     """uint8 ``(..., C, H, W)`` in any memory layout -> contiguous float32 ``(x / 255 - mean) / std``, with
     the exact arithmetic of ``to_dtype(scale=True)`` + ``normalize`` (one conversion pass, then in place)."""
     out = x.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255)
-    return out.sub_(mean.to(torch.float32)).div_(std.to(torch.float32))
+    return out.sub_(mean).div_(std)
 
 
 class PretrainTransform:
@@ -158,18 +158,36 @@ class PretrainTransform:
         x = F.resize(x, list(self.size), interpolation=self.crop.interpolation, antialias=True)[0]
         if flip:
             x = x.flip(-1)
-        return x.contiguous() if self.compact else _normalize_uint8(x, *self._mean_std())
+        return x if self.compact else _normalize_uint8(x, *self._mean_std())
 
     def finish(self, batch: Any) -> Any:
-        """Complete a ``compact`` sample or batch (a dict, or a ``(dict, label)`` pair): see
-        :func:`finish_compact_batch`."""
-        return finish_compact_batch(batch, self.mean, self.std)
+        """Complete a ``compact`` sample or batch (a dict, or a ``(dict, label)`` pair) on whatever device it
+        is: uint8 rgb-kind modalities -> float32 ``(x / 255 - mean) / std``, label maps -> int64.
+        Bit-identical to the default (non-compact) output; finished tensors and other entries pass through."""
+        if isinstance(batch, (tuple, list)):
+            return type(batch)([self.finish(batch[0]), *batch[1:]])
+        out = dict(batch)
+        for name, x in batch.items():
+            kind = get_modality(name).kind
+            if kind == 'rgb' and x.dtype == torch.uint8:
+                out[name] = _normalize_uint8(x, *self._mean_std(x.device))
+            elif kind == 'label' and x.dtype != torch.int64:
+                out[name] = x.long()
+        return out
 
-    def _mean_std(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        if getattr(self, '_mean_std_cache', None) is None:  # built lazily: pickled transforms stay small
-            self._mean_std_cache = (torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1),
-                                    torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1))
-        return self._mean_std_cache
+    def _mean_std(self, device: torch.device = torch.device('cpu')) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` as float32 ``(C, 1, 1)`` tensors on ``device``, made once per device (copying them
+        to a GPU in every step would synchronise the host)."""
+        cache = self.__dict__.setdefault('_mean_std_cache', {})
+        if device not in cache:
+            cache[device] = tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device)
+                                  for v in (self.mean, self.std))
+        return cache[device]
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop('_mean_std_cache', None)  # may hold GPU tensors; a loader worker builds its own
+        return state
 
     def _finish(self, m: Modality, x: torch.Tensor, flipped: bool) -> torch.Tensor:
         if m.kind == 'rgb':
@@ -194,20 +212,3 @@ class PretrainTransform:
         return (f"{type(self).__name__}(size={self.size}, hflip={self.hflip}, scale={self.crop.scale}, "
                 f"ratio={self.crop.ratio}, mean={self.mean}, std={self.std})")
 
-
-def finish_compact_batch(batch: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
-    """The conversions ``PretrainTransform(compact=True)`` leaves out, on whatever device ``batch`` is:
-    uint8 rgb-kind modalities -> float32 ``(x / 255 - mean) / std``, label maps -> int64. Bit-identical to
-    the default (non-compact) transform, per sample or per batch. Other entries, and tensors that are
-    already converted, pass through. ``batch``: dict modality -> tensor, or a ``(dict, label)`` pair."""
-    if isinstance(batch, (tuple, list)):
-        return type(batch)([finish_compact_batch(batch[0], mean, std), *batch[1:]])
-    out = dict(batch)
-    for name, x in batch.items():
-        kind = get_modality(name).kind
-        if kind == 'rgb' and x.dtype == torch.uint8:
-            out[name] = _normalize_uint8(x, torch.tensor(mean, device=x.device).view(-1, 1, 1),
-                                         torch.tensor(std, device=x.device).view(-1, 1, 1))
-        elif kind == 'label' and x.dtype != torch.int64:
-            out[name] = x.long()
-    return out
