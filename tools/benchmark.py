@@ -340,9 +340,7 @@ def _rss_probe(mode: str, args: Namespace, variant: Variant, device: torch.devic
                         device)
     for _ in range(max(1, args.warmup)):
         runner()
-    with eager_memory_return():
-        with PeakMemory(device) as pm:
-            runner()
+    pm = _step_rss(runner, device)
     print("RSS_PROBE " + json.dumps({"rss_mb": pm.delta_bytes / 2 ** 20, "exact": pm.exact}), flush=True)
 
 
@@ -353,12 +351,17 @@ def _measure_step_memory(runners: Dict[str, Callable[[], None]], device: torch.d
     memory: Dict[str, Dict[str, Any]] = {}
     for name, run in runners.items():
         memory[name] = {"tensor_peak": tensor_peak_bytes(run, device)[0]}
-    with eager_memory_return():
-        for name, run in runners.items():
-            with PeakMemory(device) as pm:
-                run()
-            memory[name]["rss"] = pm
+    for name, run in runners.items():
+        memory[name]["rss"] = _step_rss(run, device)
     return memory
+
+
+def _step_rss(run: Callable[[], None], device: torch.device) -> PeakMemory:
+    """Peak memory of one ``run()``, the allocator returning freed memory eagerly (see ``eager_memory_return``)."""
+    with eager_memory_return():
+        with PeakMemory(device) as pm:
+            run()
+    return pm
 
 
 def _clone(model: nn.Module) -> nn.Module:
@@ -419,19 +422,21 @@ def _pil_loader(root: str, args: Namespace, workers: int):
     samples = MultiModalImageFolder(root, ["rgb", "depth", "semseg"]).samples
     ds = PilPretrainPipeline(samples, input_size=args.input_size)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=workers,
-                        pin_memory=torch.cuda.is_available(), drop_last=True)
-    return _persistent(loader), None
+                        pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=workers > 0)
+    return loader, None
 
 
 def _persistent(loader):
-    """The same loader with persistent workers, so that timed epochs measure throughput, not the start-up
-    of the worker processes (a training epoch has thousands of batches; these have 16)."""
+    """The training loader with persistent workers, so that timed epochs measure throughput, not the
+    start-up of the worker processes (a training epoch has thousands of batches; these have 16). Training
+    itself restarts them every epoch: ``PerSampleSeed.set_epoch`` must reach the workers."""
     from torch.utils.data import DataLoader
     if loader.num_workers == 0:
         return loader
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-                      persistent_workers=True)
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      drop_last=loader.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                      prefetch_factor=loader.prefetch_factor, generator=loader.generator, persistent_workers=True)
 
 
 def _cpu_seconds() -> float:
