@@ -14,8 +14,8 @@ import warnings
 
 from utils.config import (OMIT, add_bool_arg, add_checkpoint_args, add_dist_args, add_optim_args,
                           add_runtime_args, add_wandb_args, create_parser, parse_args, save_config)
-from utils.finetune import add_finetune_args
-from utils.finetune_cls import apply_linprobe_defaults, validate_cls_args
+from utils.finetune.runner import add_finetune_args
+from utils.finetune.cls import apply_linprobe_defaults, validate_cls_args
 
 
 def get_args_parser():
@@ -80,9 +80,9 @@ def get_args_parser():
 def main(args):
     from utils.checkpoint import resolve_resume
     from utils.dist import destroy_distributed, get_rank, init_distributed_mode, seed_everything, set_deterministic
-    from utils.engine import resolve_amp
-    from utils.finetune import build_eval_loader, build_train_loader
-    from utils.finetune_cls import (ClsEvalCallback, build_cls_dataset, build_cls_model, build_cls_pictures,
+    from utils.engine.trainer import resolve_amp
+    from utils.finetune.runner import build_eval_loader, build_train_loader
+    from utils.finetune.cls import (ClsEvalCallback, build_cls_dataset, build_cls_model, build_cls_pictures,
                                     build_cls_trainer, build_model_ema, check_same_classes, evaluate_checkpoint,
                                     freeze_for_linear_probe, load_cls_pretrained)
     from utils.logger import WandbLogger

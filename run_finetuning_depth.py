@@ -14,9 +14,9 @@ Every published argument keeps its name and default; see FINETUNING.md for the f
 """
 from utils.config import (OMIT, add_bool_arg, add_checkpoint_args, add_dist_args, add_optim_args, add_runtime_args,
                           add_wandb_args, create_parser, parse_args)
-from utils.data_constants import NYU_MEAN, NYU_STD
-from utils.finetune import add_finetune_args
-from utils.finetune_dense import add_dense_args, validate_regression_args
+from utils.data.constants import NYU_MEAN, NYU_STD
+from utils.finetune.runner import add_finetune_args
+from utils.finetune.dense import add_dense_args, validate_regression_args
 
 
 def get_args_parser():
@@ -56,8 +56,8 @@ def apply_tmp(args):
 
 
 def main(args):
-    from utils.finetune import run_finetuning
-    from utils.finetune_dense import regression_task
+    from utils.finetune.runner import run_finetuning
+    from utils.finetune.dense import regression_task
 
     return run_finetuning(apply_tmp(args), regression_task)
 

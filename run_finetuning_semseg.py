@@ -11,8 +11,8 @@ Every published argument keeps its name and default; see FINETUNING.md for the f
 """
 from utils.config import (OMIT, add_bool_arg, add_checkpoint_args, add_dist_args, add_optim_args, add_runtime_args,
                           add_wandb_args, create_parser, parse_args)
-from utils.finetune import add_finetune_args
-from utils.finetune_dense import add_dense_args, validate_semseg_args
+from utils.finetune.runner import add_finetune_args
+from utils.finetune.dense import add_dense_args, validate_semseg_args
 
 
 def get_args_parser():
@@ -37,8 +37,8 @@ def get_args_parser():
 
 
 def main(args):
-    from utils.finetune import run_finetuning
-    from utils.finetune_dense import semseg_task
+    from utils.finetune.runner import run_finetuning
+    from utils.finetune.dense import semseg_task
 
     return run_finetuning(args, semseg_task)
 

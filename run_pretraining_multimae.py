@@ -12,8 +12,8 @@ import warnings
 
 from utils.config import (OMIT, add_bool_arg, add_checkpoint_args, add_dist_args, add_optim_args,
                           add_runtime_args, add_wandb_args, create_parser, parse_args, save_config)
-from utils.rgbd_pretrain import add_rgbd_args, validate_method_args
-from utils.validation import check_pretrain_args
+from utils.pretrain.rgbd import add_rgbd_args, validate_method_args
+from utils.config.checks import check_pretrain_args
 
 
 def get_args_parser():
@@ -73,9 +73,9 @@ def get_args_parser():
 def main(args):
     from utils.checkpoint import resolve_resume
     from utils.dist import destroy_distributed, get_rank, init_distributed_mode, seed_everything, set_deterministic
-    from utils.engine import resolve_amp
+    from utils.engine.trainer import resolve_amp
     from utils.logger import WandbLogger
-    from utils.rgbd_pretrain import pretrain_method
+    from utils.pretrain.rgbd import pretrain_method
 
     if not args.show_user_warnings:
         warnings.filterwarnings("ignore", category=UserWarning)

@@ -37,7 +37,7 @@ def strip_timm_kwargs(kwargs: Dict[str, Any], model_name: str) -> Dict[str, Any]
     """Remove the arguments timm's factory adds (``pretrained``, ``pretrained_cfg``, ...)."""
     if kwargs.pop("pretrained", False):
         raise ValueError(f"{model_name}: no weights are bundled with the library; build the model and load the "
-                         f"released checkpoint (utils.pretrained) instead of pretrained=True")
+                         f"released checkpoint (utils.weights) instead of pretrained=True")
     for key in _TIMM_ONLY_KWARGS:
         kwargs.pop(key, None)
     return kwargs

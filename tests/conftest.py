@@ -38,7 +38,7 @@ def _seed_everything():
 def _restore_modality_registry():
     """Tests (and the Taskonomy set-up) may register modalities such as 'normal'; every test starts from
     the registry as it was, so the order in which tests run does not matter."""
-    from utils import modalities
+    from utils.data import modalities
 
     saved = dict(modalities.MODALITIES)
     yield
@@ -55,7 +55,7 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """32 training and 4 held-out synthetic scenes of 32 px (read-only; shared by the pre-training tests)."""
-    from utils.synthetic_data import make_synthetic_dataset
+    from utils.data.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     make_synthetic_dataset(str(root), num_train=32, num_val=4, image_size=32, seed=0)

@@ -61,7 +61,7 @@ def _inject_enospc(nth: int) -> None:
 def _inject_nan(k: int) -> None:
     import torch
 
-    from utils.pretrain import PretrainStep
+    from utils.pretrain.multimae import PretrainStep
 
     real = PretrainStep.__call__
     calls = {'n': 0}

@@ -1,4 +1,4 @@
-"""tools/benchmark.py and utils/benchmark.py: the --quick run of every mode, the measurement primitives,
+"""tools/benchmark.py and tools/lib/benchmark.py: the --quick run of every mode, the measurement primitives,
 the published PIL pipeline baseline, and that the two attention implementations agree."""
 import importlib.util
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.benchmark import (BASELINE, PeakMemory, PilPretrainPipeline, Variant, attention_impl, count_flops,
+from tools.lib.benchmark import (BASELINE, PeakMemory, PilPretrainPipeline, Variant, attention_impl, count_flops,
                              matmul_peak, parse_variant, summarize_times, tensor_peak_bytes, time_interleaved,
                              write_benchmark_images)
 
@@ -183,8 +183,8 @@ def test_parse_variant():
 
 def test_pil_baseline_computes_what_the_project_pipeline_computes(tmp_path):
     """Whole-image crop, no flip: both pipelines must give the same tensors (fair comparison)."""
-    from utils.datasets import MultiModalImageFolder
-    from utils.transforms import PretrainTransform
+    from utils.data.datasets import MultiModalImageFolder
+    from utils.data.transforms import PretrainTransform
 
     root = write_benchmark_images(str(tmp_path), num_images=2, image_size=64, unique=2)
     ours = MultiModalImageFolder(root, ["rgb", "depth", "semseg"],
@@ -236,9 +236,9 @@ def test_pretrain_transform_fast_path_equals_the_v2_tv_tensors_formulation():
     from torchvision import tv_tensors
     from torchvision.transforms.v2 import functional as TF
 
-    from utils.modalities import MODALITIES, get_modality, unregister_modality
-    from utils.synthetic_data import register_normal_modality
-    from utils.transforms import PretrainTransform
+    from utils.data.modalities import MODALITIES, get_modality, unregister_modality
+    from utils.data.synthetic import register_normal_modality
+    from utils.data.transforms import PretrainTransform
 
     created = "normal" not in MODALITIES
     register_normal_modality()
@@ -292,7 +292,7 @@ def test_count_flops_of_convolutions_forward_and_backward(groups, transposed):
 
 _EAGER_RETURN_PROBE = """
 import sys, torch
-from utils.benchmark import eager_memory_return, rss_bytes
+from tools.lib.benchmark import eager_memory_return, rss_bytes
 with eager_memory_return() as ok:
     if not ok:
         sys.exit(3)
@@ -353,7 +353,7 @@ def test_pretraining_step_has_no_host_sync():
     never read a tensor value on the host."""
     args = tool.get_args_parser().parse_args(["--quick"])
     tool.apply_quick(args)
-    from utils.optim import create_optimizer
+    from utils.engine.optim import create_optimizer
     model, step, batch, groups = tool.build_mode("pretrain", args, torch.device("cpu"))
     from argparse import Namespace
     opt = create_optimizer(Namespace(opt="adamw", lr=1e-4, weight_decay=0.05, opt_eps=1e-8, opt_betas=[0.9, 0.95],

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from multimae import LinearOutputAdapter, PatchedInputAdapter, create_model
 from tools import multimae2vit_converter, vit2multimae_converter
-from utils.modalities import build_input_adapters, build_pretrain_output_adapters
-from utils.pretrained import load_finetune_weights
+from utils.data.modalities import build_input_adapters, build_pretrain_output_adapters
+from utils.weights import load_finetune_weights
 
 DOMAINS = ["rgb", "depth", "semseg"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.datasets import ImageDecodeError, MultiModalImageFolder, decode_file
+from utils.data.datasets import ImageDecodeError, MultiModalImageFolder, decode_file
 
 MODS = ['rgb', 'depth', 'semseg']
 
@@ -148,7 +148,7 @@ def test_decode_file_rejects_colour_depth(tmp_path):
 def test_pretrain_transform_gets_uint16_depth_with_the_same_result(tmp_path):
     # with PretrainTransform the dataset leaves 16-bit depth uint16 (converted to float after cropping);
     # the output must equal the transform applied to the documented int32 decoding
-    from utils.transforms import PretrainTransform
+    from utils.data.transforms import PretrainTransform
     rng = np.random.default_rng(0)
     os.makedirs(tmp_path / 'rgb' / 'c'), os.makedirs(tmp_path / 'depth' / 'c')
     depth = rng.integers(0, 65536, (40, 48), dtype=np.uint16)

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from utils.depth import robust_standardize
+from utils.data.depth import robust_standardize
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'public_pretrain.pt')
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from utils.data_constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from utils.modalities import Modality, register_modality, unregister_modality
-from utils.transforms import PretrainTransform
+from utils.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from utils.data.modalities import Modality, register_modality, unregister_modality
+from utils.data.transforms import PretrainTransform
 
 H, W = 96, 128  # non-square source, so crop aspect ratio and axes cannot be confused
 

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from utils.engine import NonFiniteLossError, Trainer, get_rng_state, move_to_device, resolve_amp, set_rng_state
-from utils.optim import cosine_scheduler, create_optimizer, pretrain_param_groups
-from utils.task_balancing import UncertaintyWeightingStrategy
+from utils.engine.trainer import NonFiniteLossError, Trainer, get_rng_state, move_to_device, resolve_amp, set_rng_state
+from utils.engine.optim import cosine_scheduler, create_optimizer, pretrain_param_groups
+from utils.pretrain.task_balancing import UncertaintyWeightingStrategy
 
 
 class _Net(nn.Module):

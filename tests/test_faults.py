@@ -103,7 +103,7 @@ def epoch_log(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from utils.synthetic_data import make_synthetic_dataset
+    from utils.data.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     make_synthetic_dataset(str(root), num_train=24, num_val=2, image_size=32, seed=0)
@@ -275,7 +275,7 @@ def test_missing_modality_file_fails_at_start_up(data, tmp_path):
 
 def test_each_bad_input_error_names_file_and_expectation(bad_data, tmp_path):
     """In-process, every fault at load time, and the start-up errors of empty folders."""
-    from utils.datasets import BadSampleError, MultiModalImageFolder
+    from utils.data.datasets import BadSampleError, MultiModalImageFolder
 
     root, faults = bad_data
     ds = MultiModalImageFolder(str(root), ["rgb", "depth", "semseg"], label_ranges={"semseg": (133, ())})
@@ -328,9 +328,9 @@ def test_config_combinations_in_process(data):
     import run_finetuning_depth
     import run_pretraining_multimae
     from utils.config import ConfigError, parse_args
-    from utils.finetune_dense import validate_regression_args
-    from utils.pretrain import validate_pretrain_args
-    from utils.validation import check_pretrain_args
+    from utils.finetune.dense import validate_regression_args
+    from utils.pretrain.multimae import validate_pretrain_args
+    from utils.config.checks import check_pretrain_args
 
     def errors(parser, argv, validate):
         with pytest.raises(ConfigError) as info:
@@ -409,8 +409,8 @@ def test_second_signal_during_save_does_not_interrupt_it(tmp_path):
     """The stop handler only counts: a SIGTERM arriving inside the checkpoint write leaves a complete file."""
     from test_engine import _trainer
 
-    import utils.engine as engine
-    from utils.preemption import PREEMPTED_EXIT_CODE, Preempted
+    import utils.engine.trainer as engine
+    from utils.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     trainer, loader = _trainer(tmp_path, epochs=2)
     real_save = engine.save_checkpoint
@@ -449,7 +449,7 @@ def test_second_signal_during_save_does_not_interrupt_it(tmp_path):
 def test_mid_epoch_resume_in_process_with_ema_and_accumulation(tmp_path, update_freq):
     from test_engine import _state, _trainer
 
-    from utils.preemption import Preempted
+    from utils.engine.preemption import Preempted
 
     kw = dict(epochs=3, balancer=True, ema=True, update_freq=update_freq, batch_size=4)
     full, loader = _trainer(tmp_path / "full", **kw)
@@ -480,7 +480,7 @@ def test_mid_epoch_resume_in_process_with_ema_and_accumulation(tmp_path, update_
 def test_skip_nonfinite_makes_no_update_in_process(tmp_path):
     from test_engine import _trainer
 
-    from utils.engine import NonFiniteLossError
+    from utils.engine.trainer import NonFiniteLossError
 
     trainer, loader = _trainer(tmp_path, epochs=1, skip_nonfinite=1)
     inner, calls, params = trainer.step_fn, {"n": 0}, {}

@@ -27,7 +27,7 @@ def _log(output_dir):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from utils.synthetic_data import make_synthetic_dataset
+    from utils.data.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("cls_data")
     make_synthetic_dataset(str(root), num_train=32, num_val=15, image_size=32)  # odd val: uneven shards
@@ -38,7 +38,7 @@ def data(tmp_path_factory):
 def pretrained(tmp_path_factory):
     """A (random) tiny MultiMAE pre-training checkpoint at 32 px: rgb + depth inputs, rgb decoder."""
     from multimae import create_model
-    from utils.modalities import build_input_adapters, build_pretrain_output_adapters
+    from utils.data.modalities import build_input_adapters, build_pretrain_output_adapters
 
     torch.manual_seed(1)
     model = create_model("pretrain_multimae_tiny", input_adapters=build_input_adapters(["rgb", "depth"], 16, 32),
@@ -131,7 +131,7 @@ def test_eval_reproduces_logged_metrics(ema_run, capsys):
 
 
 def test_linear_probe_freezes_encoder_and_trains(data, pretrained, tmp_path, capsys):
-    from utils.finetune_cls import build_cls_model, load_cls_pretrained
+    from utils.finetune.cls import build_cls_model, load_cls_pretrained
 
     out = tmp_path / "probe"
     cli(data + RUNTIME + ["--linear_probe", "--finetune", str(pretrained), "--output_dir", str(out),
@@ -163,7 +163,7 @@ def test_linear_probe_freezes_encoder_and_trains(data, pretrained, tmp_path, cap
 
 
 def test_linprobe_defaults_yield_to_explicit_values(tmp_path):
-    from utils.finetune_cls import LINPROBE_DEFAULTS, apply_linprobe_defaults
+    from utils.finetune.cls import LINPROBE_DEFAULTS, apply_linprobe_defaults
 
     def parse(argv):
         parser = get_args_parser()
@@ -187,8 +187,8 @@ def test_lars_adapts_matrices_like_mae():
     a plain SGD update -- MAE's LARS; timm's Lars alone would skip the adaptation."""
     from argparse import Namespace
 
-    from utils.finetune_cls import _lars_param_groups
-    from utils.optim import create_optimizer, finetune_param_groups
+    from utils.finetune.cls import _lars_param_groups
+    from utils.engine.optim import create_optimizer, finetune_param_groups
 
     lin = torch.nn.Linear(6, 3)
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
@@ -204,7 +204,7 @@ def test_lars_adapts_matrices_like_mae():
 
 
 def test_dataset_class_checks(data, capsys):
-    from utils.finetune_cls import build_cls_dataset
+    from utils.finetune.cls import build_cls_dataset
 
     def args(*extra):
         return parse_args(get_args_parser(), data + list(extra), exit_on_error=False)
@@ -257,7 +257,7 @@ def test_randaugment_posterize_to_zero_bits_does_not_crash(data):
     from PIL import Image
     from timm.data.auto_augment import AugmentOp
 
-    from utils.finetune_cls import build_cls_transform_from_args
+    from utils.finetune.cls import build_cls_transform_from_args
 
     build_cls_transform_from_args(parse_args(get_args_parser(), data, exit_on_error=False), is_train=True)
     img = Image.new("RGB", (8, 8), (200, 120, 40))

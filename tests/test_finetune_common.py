@@ -1,4 +1,4 @@
-"""utils.finetune: DPT geometry derived from the encoder, dense heads on a tiny MultiViT, the no-padding evaluation
+"""utils.finetune.runner: DPT geometry derived from the encoder, dense heads on a tiny MultiViT, the no-padding evaluation
 sampler, schedules (warmup_lr honoured), amp resolution, and the final test that strictly loads the best checkpoint."""
 import argparse
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from utils.checkpoint import CheckpointError, save_checkpoint
-from utils.finetune import (EncoderInfo, EvalShardSampler, build_dense_head, build_multivit, build_schedules,
+from utils.finetune.runner import (EncoderInfo, EvalShardSampler, build_dense_head, build_multivit, build_schedules,
                             dpt_feature_dim, dpt_hooks, dpt_layer_dims, encoder_info, resolve_finetune_amp,
                             evaluate_best_checkpoint)
 

@@ -12,8 +12,8 @@ import pytest
 import run_finetuning_depth
 import run_finetuning_semseg
 from utils.config import parse_args
-from utils.finetune_dense import validate_regression_args, validate_semseg_args
-from utils.synthetic_data import make_synthetic_dataset
+from utils.finetune.dense import validate_regression_args, validate_semseg_args
+from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SEMSEG = sorted(glob.glob(str(REPO / "cfgs/finetune/semseg/*/*.yaml")))

@@ -13,9 +13,9 @@ import torch
 
 import run_finetuning_depth as script
 from utils.config import parse_args
-from utils.finetune import build_finetune_optimizer
-from utils.finetune_dense import build_regression_model, validate_regression_args
-from utils.synthetic_data import make_synthetic_dataset
+from utils.finetune.runner import build_finetune_optimizer
+from utils.finetune.dense import build_regression_model, validate_regression_args
+from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log")

@@ -14,9 +14,9 @@ from PIL import Image
 
 import run_finetuning_semseg as script
 from utils.config import parse_args
-from utils.finetune import load_pretrained
-from utils.finetune_dense import build_semseg_model, validate_semseg_args
-from utils.synthetic_data import make_synthetic_dataset
+from utils.finetune.runner import load_pretrained
+from utils.finetune.dense import build_semseg_model, validate_semseg_args
+from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 N_VAL = 5  # odd: two processes get uneven shards
@@ -105,7 +105,7 @@ def test_prediction_pictures_written(trained):
 
 def _tiny_multimae_checkpoint(path):
     from multimae import create_model
-    from utils.modalities import build_input_adapters, build_pretrain_output_adapters
+    from utils.data.modalities import build_input_adapters, build_pretrain_output_adapters
 
     domains = ["rgb", "depth", "semseg"]
     model = create_model("pretrain_multimae_tiny", input_adapters=build_input_adapters(domains, 16, 64),
@@ -168,8 +168,8 @@ def test_two_process_eval_equals_single_process(trained, data, tmp_path):
 
 
 def test_label_out_of_range_names_the_file(data):
-    from utils.datasets import BadSampleError
-    from utils.finetune_dense import build_semseg_dataset
+    from utils.data.datasets import BadSampleError
+    from utils.finetune.dense import build_semseg_dataset
 
     args = parse_args(script.get_args_parser(), argv_for(data, "unused", "--num_classes", "2"),
                       validate=validate_semseg_args, exit_on_error=False)
@@ -181,7 +181,7 @@ def test_label_out_of_range_names_the_file(data):
 
 def test_channels_last_gives_the_same_run(data, tmp_path):
     """--channels_last on (the CUDA default) changes the memory layout of the convolutions only."""
-    from utils.finetune import use_channels_last
+    from utils.finetune.runner import use_channels_last
 
     assert use_channels_last("auto", torch.device("cuda")) and not use_channels_last("auto", torch.device("cpu"))
     assert use_channels_last("on", torch.device("cpu")) and not use_channels_last("off", torch.device("cuda"))

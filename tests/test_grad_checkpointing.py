@@ -6,7 +6,7 @@ import torch
 
 from multimae import (MaskedCrossEntropyLoss, MaskedL1Loss, MaskedMSELoss, MultiMAE, PatchedInputAdapter,
                       SemSegInputAdapter, SpatialOutputAdapter)
-from utils.benchmark import tensor_peak_bytes
+from tools.lib.benchmark import tensor_peak_bytes
 
 TASKS = ["rgb", "depth", "semseg"]
 NUM_CLASSES = 5

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.losses import (PixelBerHuLoss, PixelL1Loss, PixelMSELoss, build_regression_loss, masked_berhu_loss,
+from utils.finetune.losses import (PixelBerHuLoss, PixelL1Loss, PixelMSELoss, build_regression_loss, masked_berhu_loss,
                           masked_l1_loss, masked_mse_loss)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.metrics import (ClassificationMetrics, DepthMetrics, MeanAccumulator, SegmentationMetrics, accuracy,
+from utils.finetune.metrics import (ClassificationMetrics, DepthMetrics, MeanAccumulator, SegmentationMetrics, accuracy,
                            depth_metrics)
 
 REPO = Path(__file__).resolve().parents[1]

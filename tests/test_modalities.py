@@ -10,12 +10,12 @@ from multimae.criterion import MaskedCrossEntropyLoss, MaskedL1Loss, MaskedMSELo
 from multimae.input_adapters import PatchedInputAdapter, SemSegInputAdapter
 from multimae.multimae import MultiMAE
 from multimae.output_adapters import SpatialOutputAdapter
-from utils.datasets import MultiModalImageFolder
-from utils.modalities import (MODALITIES, Modality, build_input_adapters, build_pretrain_losses,
+from utils.data.datasets import MultiModalImageFolder
+from utils.data.modalities import (MODALITIES, Modality, build_input_adapters, build_pretrain_losses,
                               build_pretrain_output_adapters, get_modality, ordered_domains, parse_domains,
                               register_modality, unregister_modality)
-from utils.synthetic_data import make_synthetic_dataset
-from utils.transforms import PretrainTransform
+from utils.data.synthetic import make_synthetic_dataset
+from utils.data.transforms import PretrainTransform
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 DOMAINS = ['rgb', 'depth', 'semseg']

@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from utils.optim import (
+from utils.engine.optim import (
     cosine_scheduler,
     create_optimizer,
     finetune_param_groups,
     pretrain_param_groups,
     weight_decay_scheduler,
 )
-from utils.task_balancing import NoWeightingStrategy, UncertaintyWeightingStrategy, build_task_balancer
+from utils.pretrain.task_balancing import NoWeightingStrategy, UncertaintyWeightingStrategy, build_task_balancer
 
 
 # ----------------------------------------------------------------------------------------- schedules

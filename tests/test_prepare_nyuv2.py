@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from tools import prepare_nyuv2
-from utils.datasets import MultiModalImageFolder
+from utils.data.datasets import MultiModalImageFolder
 
 h5py = pytest.importorskip("h5py")
 scipy_io = pytest.importorskip("scipy.io")

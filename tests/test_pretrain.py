@@ -12,10 +12,10 @@ import torch
 
 import run_pretraining_multimae as script
 from utils.config import ConfigError, parse_args
-from utils.engine import Trainer
-from utils.modalities import build_pretrain_losses
-from utils.pretrain import PerSampleSeed, PretrainStep, validate_pretrain_args
-from utils.task_balancing import NoWeightingStrategy
+from utils.engine.trainer import Trainer
+from utils.data.modalities import build_pretrain_losses
+from utils.pretrain.multimae import PerSampleSeed, PretrainStep, validate_pretrain_args
+from utils.pretrain.task_balancing import NoWeightingStrategy
 
 GOLDEN = Path(__file__).parent / "golden" / "pretrain_tiny_loss.json"
 
@@ -274,7 +274,7 @@ def test_wandb_offline_smoke(synthetic_root, tmp_path, monkeypatch):
 def test_demo_config_builds_the_finetuning_compatible_tiny_model():
     """cfgs/pretrain/demo.yaml (make demo) must stay loadable by the synthetic fine-tuning configs:
     ViT-Ti (12 blocks, 192 wide), patch 16, rgb/depth/semseg in and out."""
-    from utils.pretrain import build_pretrain_model
+    from utils.pretrain.multimae import build_pretrain_model
 
     args = parse(["-c", "cfgs/pretrain/demo.yaml"])
     assert args.model == "pretrain_multimae_tiny" and args.patch_size == 16

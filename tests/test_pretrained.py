@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from multimae import LinearOutputAdapter, MultiMAE, MultiViT, PatchedInputAdapter, SemSegInputAdapter, create_model
-from utils.pretrained import (WeightsMismatchError, compress_keys, extract_state_dict, is_multimae_state_dict,
+from utils.weights import (WeightsMismatchError, compress_keys, extract_state_dict, is_multimae_state_dict,
                               is_timm_vit_state_dict, load_finetune_weights, load_weights_file, multimae_to_vit,
                               prepare_finetune_state_dict, vit_to_multimae)
 

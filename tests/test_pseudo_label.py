@@ -1,4 +1,4 @@
-"""tools/pseudo_label.py + utils/pseudo_labelers.py + utils/io.py: labels, resizing back, sharding, resuming."""
+"""tools/pseudo_label.py + tools/lib/pseudo_labelers.py + utils/io.py: labels, resizing back, sharding, resuming."""
 import json
 import math
 import os
@@ -33,7 +33,7 @@ class TinyDepthNet(nn.Module):
 @pytest.fixture(scope="module")
 def rgb_data(tmp_path_factory):
     """Synthetic scenes with only the rgb folders left (what pseudo-labelling starts from)."""
-    from utils.synthetic_data import make_synthetic_dataset
+    from utils.data.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("pl") / "data"
     make_synthetic_dataset(str(root), num_train=10, num_val=2, image_size=SIZE, seed=1)
@@ -83,7 +83,7 @@ def _pretrain(argv):
     """run_pretraining_multimae.py in this process (saves a Python + torch start-up)."""
     import run_pretraining_multimae
     from utils.config import parse_args
-    from utils.pretrain import validate_pretrain_args
+    from utils.pretrain.multimae import validate_pretrain_args
 
     args = parse_args(run_pretraining_multimae.get_args_parser(), [str(a) for a in argv],
                       validate=validate_pretrain_args, exit_on_error=False)
@@ -112,7 +112,7 @@ def test_png_writers_round_trip_and_atomicity(tmp_path):
 
 
 def test_shard_covers_every_item_exactly_once():
-    from utils.pseudo_labelers import shard
+    from tools.lib.pseudo_labelers import shard
 
     items = [f"f{i}" for i in range(11)]
     for world in (1, 2, 3, 4):
@@ -133,7 +133,7 @@ def test_torchvision_semseg_labels_match_direct_inference(rgb_data, weights, tmp
     assert [p.relative_to(out / "semseg") for p in labels] == [p.relative_to(rgb_data / "train/rgb") for p in rgb]
     meta = json.loads((out / "semseg/meta.json").read_text())
     assert meta["num_classes"] == 133 and meta["format"].startswith("8-bit") and meta["labeller"]["arch"]
-    from utils.data_constants import IMAGENET_DEFAULT_MEAN as M, IMAGENET_DEFAULT_STD as S
+    from utils.data.constants import IMAGENET_DEFAULT_MEAN as M, IMAGENET_DEFAULT_STD as S
     with torch.no_grad():
         expected = weights["seg_net"](_rgb(rgb[4], M, S))["out"].argmax(1)[0].numpy()
     got = np.array(Image.open(labels[4]))
@@ -169,7 +169,7 @@ def test_module_depth_labels_resized_back_and_scaled(rgb_data, weights, tmp_path
 def _finetuned_depth_checkpoint(path):
     import run_finetuning_depth
     from utils.config import args_to_dict, parse_args
-    from utils.finetune_dense import build_regression_model
+    from utils.finetune.dense import build_regression_model
 
     args = parse_args(run_finetuning_depth.get_args_parser(),
                       ["-c", str(ROOT / "cfgs/finetune/depth/synthetic.yaml"), "--input_size", str(SIZE),
@@ -195,7 +195,7 @@ def test_finetuned_depth_labeller_then_pretraining_step(rgb_data, weights, tmp_p
     assert "depth_mean 25000.0" in meta["depth_unit"] and meta["labeller"]["kind"] == "FinetunedMultiViTLabeller"
     f = sorted((data / "train/depth").rglob("*.png"))[0]
     rgb = data / "train/rgb" / f.relative_to(data / "train/depth")
-    from utils.data_constants import IMAGENET_DEFAULT_MEAN as M, IMAGENET_DEFAULT_STD as S
+    from utils.data.constants import IMAGENET_DEFAULT_MEAN as M, IMAGENET_DEFAULT_STD as S
     with torch.no_grad():
         pred = model({"rgb": _rgb(rgb, M, S)}, return_all_layers=True)["depth"][0, 0]
     np.testing.assert_allclose(np.array(Image.open(f)).astype(np.float64),
@@ -213,7 +213,7 @@ def test_finetuned_depth_labeller_then_pretraining_step(rgb_data, weights, tmp_p
 def test_finetuned_semseg_labeller_skips_void_and_restores_zero_label(rgb_data, tmp_path):
     import run_finetuning_semseg
     from utils.config import args_to_dict, parse_args
-    from utils.finetune_dense import build_semseg_model
+    from utils.finetune.dense import build_semseg_model
 
     args = parse_args(run_finetuning_semseg.get_args_parser(),
                       ["-c", str(ROOT / "cfgs/finetune/semseg/synthetic_rgb.yaml"), "--input_size", str(SIZE),
@@ -228,7 +228,7 @@ def test_finetuned_semseg_labeller_skips_void_and_restores_zero_label(rgb_data, 
     _run(["--data_path", rgb_data / "train", "--output_path", out, "--task", "semseg", "--labeller", "finetuned",
           "--weights", tmp_path / "seg.pth", "--resize_mode", "stretch", "--device", "cpu", "--num_workers", 0])
     f = sorted((out / "semseg").rglob("*.png"))[2]
-    from utils.data_constants import IMAGENET_DEFAULT_MEAN as M, IMAGENET_DEFAULT_STD as S
+    from utils.data.constants import IMAGENET_DEFAULT_MEAN as M, IMAGENET_DEFAULT_STD as S
     with torch.no_grad():
         logits = model({"rgb": _rgb(rgb_data / "train/rgb" / f.relative_to(out / "semseg"), M, S)})["semseg"][0]
     expected = logits[:args.num_classes].argmax(0).numpy() + 1  # label files count from 1 (0 = unlabelled)
@@ -255,7 +255,7 @@ def test_resume_skips_finished_labels_and_meta_pins_the_labeller(rgb_data, weigh
 
 
 def test_crash_leaves_only_complete_labels(rgb_data, weights, tmp_path, monkeypatch):
-    from utils import pseudo_labelers
+    from tools.lib import pseudo_labelers
 
     calls = {"n": 0}
     original = pseudo_labelers.ModuleLabeller.forward
@@ -301,7 +301,7 @@ def test_errors_name_the_missing_piece(rgb_data, weights, tmp_path):
 
 def test_shards_of_two_ranks_label_every_file_once(rgb_data, weights, tmp_path):
     """The per-rank logic of a 2-process run, in this process (the real torchrun run is the slow test below)."""
-    from utils.pseudo_labelers import ModuleLabeller, label_folder
+    from tools.lib.pseudo_labelers import ModuleLabeller, label_folder
 
     labeller = ModuleLabeller("tests.test_pseudo_label:TinyDepthNet", str(weights["depth"]), "depth",
                               input_size=SIZE, output_key="depth").eval()

@@ -1,4 +1,4 @@
-"""Two-stage RGB-D pre-training (utils/rgbd_contrastive.py, utils/rgbd_pretrain.py): the invariants of the
+"""Two-stage RGB-D pre-training (multimae/rgbd_contrastive.py, utils/pretrain/rgbd.py): the invariants of the
 method (InfoNCE at log N, zero noise targets at sigma 0, zero distillation at the start of stage 2, 80 %
 masking keeps 39 of 196 patches, invalid depth never scored), key layout for fine-tuning, and short runs of
 both stages through run_pretraining_multimae.py."""
@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from utils.rgbd_contrastive import (MODALITIES, decoder_inputs, dirichlet_visible_split, keep_to_mask,
+from multimae.rgbd_contrastive import (MODALITIES, decoder_inputs, dirichlet_visible_split, keep_to_mask,
                                     masked_pixel_mse, max_pool_distill_loss, num_visible_patches, patch_info_nce,
                                     random_keep)
-from utils.rgbd_pretrain import RGBDStage1Step, RGBDStage2Step, build_rgbd_model, build_rgbd_step
+from utils.pretrain.rgbd import RGBDStage1Step, RGBDStage2Step, build_rgbd_model, build_rgbd_step
 
 P, S = 8, 32  # patch size, image size: 16 patches per modality
 
@@ -195,7 +195,7 @@ def test_decoder_inputs_put_every_visible_token_back_at_its_position():
 
 def test_stage2_decoder_has_a_residual_around_the_cross_attention():
     from multimae import SpatialOutputAdapter
-    from utils.rgbd_contrastive import ResidualXattnSpatialOutputAdapter
+    from multimae.rgbd_contrastive import ResidualXattnSpatialOutputAdapter
 
     kw = dict(num_channels=1, stride_level=1, patch_size_full=P, image_size=S, dim_tokens=16, num_heads=2,
               task="depth", context_tasks=list(MODALITIES), dim_tokens_enc=16)
@@ -229,7 +229,7 @@ def test_sigma_zero_gives_zero_noise_targets():
 
     x, _ = batch(invalid_box=False)
     _, logs = step(spy, (x, None))
-    from utils.depth import robust_standardize
+    from utils.data.depth import robust_standardize
     assert torch.equal(seen["x"]["depth"], robust_standardize(x["depth"]))
     assert torch.equal(seen["sigma"], torch.zeros(2))
     visible = 1 - keep_to_mask(seen["keep"]["depth"], 16)
@@ -327,7 +327,7 @@ def test_invalid_pixels_and_patches_are_left_out_of_the_losses():
 @pytest.mark.parametrize("method", ["rgbd_stage1", "rgbd_stage2"])
 def test_checkpoints_fine_tune_rgb_only(method):
     from multimae import PatchedInputAdapter, create_model
-    from utils.pretrained import load_finetune_weights
+    from utils.weights import load_finetune_weights
 
     model = build_rgbd_model(tiny_args(method=method, separate_encoders=True, distill_weight=0.0))
     vit = create_model("multivit_tiny", input_adapters={"rgb": PatchedInputAdapter(3, 1, P, image_size=S)},
@@ -350,7 +350,7 @@ SHRINK = ["--encoder_depth", "2", "--encoder_dim", "64", "--encoder_num_heads", 
 def _parse(argv):
     import run_pretraining_multimae as script
     from utils.config import parse_args
-    from utils.rgbd_pretrain import validate_method_args
+    from utils.pretrain.rgbd import validate_method_args
 
     return parse_args(script.get_args_parser(), argv, validate=validate_method_args, exit_on_error=False)
 
@@ -364,7 +364,7 @@ def _epoch_losses(out):
 def test_both_stages_run_through_the_script_and_learn(synthetic_root, tmp_path):
     import run_pretraining_multimae as script
     from multimae import PatchedInputAdapter, create_model
-    from utils.pretrained import load_finetune_weights
+    from utils.weights import load_finetune_weights
 
     data = ["--data_path", str(synthetic_root / "train")]
     out1, out2 = tmp_path / "stage1", tmp_path / "stage2"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.modalities import MODALITIES
-from utils.synthetic_data import (DEPTH_UNITS_PER_METRE, MAX_VALID_DEPTH_M, SCENE_CATEGORIES, SYNTHETIC_CLASSES,
+from utils.data.modalities import MODALITIES
+from utils.data.synthetic import (DEPTH_UNITS_PER_METRE, MAX_VALID_DEPTH_M, SCENE_CATEGORIES, SYNTHETIC_CLASSES,
                                   make_synthetic_dataset, render_scene)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from utils.data_constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, NYU_MEAN, NYU_STD
-from utils.depth import robust_standardize
-from utils.transforms_finetune import (PADDING_KEY, DenseRegressionTransform, NYUDepthAugment, SemSegAugment,
+from utils.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, NYU_MEAN, NYU_STD
+from utils.data.depth import robust_standardize
+from utils.data.finetune_transforms import (PADDING_KEY, DenseRegressionTransform, NYUDepthAugment, SemSegAugment,
                                        SemSegTarget, build_cls_transform, build_nyu_depth_transform,
                                        build_semseg_transform)
 

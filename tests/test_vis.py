@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.data_constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from utils.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from utils.vis import (DEPTH_LUT, colorize_depth, colorize_semseg, dataset_grid, denormalize_rgb,
                        patch_mask_to_pixels, reconstruction_grid, save_png_atomic, save_reconstruction_grid,
                        semseg_palette)

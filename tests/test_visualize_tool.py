@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from tools import visualize
 from utils.checkpoint import load_checkpoint
-from utils.synthetic_data import make_synthetic_dataset
+from utils.data.synthetic import make_synthetic_dataset
 
 SIZE, PATCH = 64, 16
 N_TOK = (SIZE // PATCH) ** 2
@@ -21,7 +21,7 @@ def pretrained(tmp_path_factory):
     make_synthetic_dataset(str(tmp / "data"), num_train=8, num_val=4, image_size=SIZE, seed=3)
     import run_pretraining_multimae
     from utils.config import parse_args
-    from utils.pretrain import validate_pretrain_args
+    from utils.pretrain.multimae import validate_pretrain_args
 
     argv = ["--model", "pretrain_multimae_tiny", "--input_size", str(SIZE), "--num_encoded_tokens", "12",
             "--batch_size", "4", "--epochs", "1", "--decoder_dim", "32", "--decoder_depth", "1",

@@ -30,14 +30,13 @@ import time
 from argparse import Namespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from utils.benchmark import (BASELINE, PeakMemory, PilPretrainPipeline, Variant, count_flops,  # noqa: E402
+from tools.lib.benchmark import (BASELINE, PeakMemory, PilPretrainPipeline, Variant, count_flops,
                              eager_memory_return, machine_info, matmul_peak, parse_variant, summarize_times,
                              tensor_peak_bytes, time_interleaved, write_benchmark_images)
 
@@ -118,10 +117,10 @@ def resolve_variants(args: Namespace) -> List[Variant]:
 
 def _pretrain_setup(args: Namespace, device: torch.device) -> Tuple[nn.Module, Callable, Any, Callable]:
     from multimae import create_model
-    from utils.modalities import build_input_adapters, build_pretrain_losses, build_pretrain_output_adapters
-    from utils.optim import pretrain_param_groups
-    from utils.pretrain import PretrainStep
-    from utils.task_balancing import build_task_balancer
+    from utils.data.modalities import build_input_adapters, build_pretrain_losses, build_pretrain_output_adapters
+    from utils.engine.optim import pretrain_param_groups
+    from utils.pretrain.multimae import PretrainStep
+    from utils.pretrain.task_balancing import build_task_balancer
 
     domains, S, B = ["rgb", "depth", "semseg"], args.input_size, args.batch_size
     outputs = build_pretrain_output_adapters(domains, domains, args.patch_size, S, dim_tokens=args.decoder_dim,
@@ -141,8 +140,8 @@ def _pretrain_setup(args: Namespace, device: torch.device) -> Tuple[nn.Module, C
 
 def _finetune_setup(args: Namespace, device: torch.device, task: str) -> Tuple[nn.Module, Callable, Any, Callable]:
     from multimae import LinearOutputAdapter
-    from utils.finetune import EncoderInfo, build_dense_head, build_multivit, encoder_info
-    from utils.optim import finetune_param_groups
+    from utils.finetune.runner import EncoderInfo, build_dense_head, build_multivit, encoder_info
+    from utils.engine.optim import finetune_param_groups
 
     name, S, B = f"multivit_{args.size}", args.input_size, args.batch_size
     kw = {"depth": args.encoder_depth} if args.encoder_depth else {}
@@ -179,7 +178,7 @@ def build_mode(mode: str, args: Namespace, device: torch.device):
         model, step, batch, groups = _pretrain_setup(args, device)
     else:
         model, step, batch, groups = _finetune_setup(args, device, mode.split("-")[1])
-    from utils.engine import move_to_device
+    from utils.engine.trainer import move_to_device
     return model.to(device), step, move_to_device(batch, device), groups
 
 
@@ -188,7 +187,7 @@ def build_mode(mode: str, args: Namespace, device: torch.device):
 
 def _make_trainer(model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable, amp: str,
                   device: torch.device):
-    from utils.engine import Trainer
+    from utils.engine.trainer import Trainer
     return Trainer(model, optimizer, step, lr_schedule=np.full(1, 1.5e-4), wd_schedule=np.full(1, 0.05),
                    steps_per_epoch=1, epochs=1, device=device, amp=amp)
 
@@ -210,7 +209,7 @@ class StepRunner:
 
     def __init__(self, variant: Variant, model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable,
                  batch: Any, device: torch.device):
-        from utils.engine import autocast
+        from utils.engine.trainer import autocast
         self.variant, self.model, self.device, self.step = variant, model, device, step
         self.trainer = _make_trainer(model, optimizer, step, variant.amp, device)
         self.forward_model = torch.compile(model) if variant.compile else model
@@ -300,7 +299,7 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
 
 def _make_optimizer(model: nn.Module, groups_fn: Callable, fused: bool) -> torch.optim.Optimizer:
     """The project's AdamW (non-fused on CPU) over ``groups_fn(model)``, or its single-kernel variant."""
-    from utils.optim import create_optimizer
+    from utils.engine.optim import create_optimizer
     opt_args = Namespace(opt="adamw", lr=1.5e-4, weight_decay=0.05, opt_eps=1e-8, opt_betas=[0.9, 0.95], momentum=0.9)
     opt = create_optimizer(opt_args, groups_fn(model))
     if fused:
@@ -406,7 +405,7 @@ def _add_ratios(rows: List[Dict[str, Any]]) -> None:
 
 def _ours_loader(root: str, args: Namespace, workers: int):
     """The training loader (compact batches) and the step that finishes them on the device."""
-    from utils.pretrain import build_pretrain_loader
+    from utils.pretrain.multimae import build_pretrain_loader
     ns = Namespace(in_domains="rgb-depth-semseg", out_domains="rgb-depth-semseg", data_path=root,
                    input_size=args.input_size, hflip=0.5, train_interpolation="bicubic",
                    imagenet_default_mean_and_std=True, seed=args.seed, batch_size=args.batch_size,
@@ -418,7 +417,7 @@ def _ours_loader(root: str, args: Namespace, workers: int):
 def _pil_loader(root: str, args: Namespace, workers: int):
     from torch.utils.data import DataLoader
 
-    from utils.datasets import MultiModalImageFolder
+    from utils.data.datasets import MultiModalImageFolder
     samples = MultiModalImageFolder(root, ["rgb", "depth", "semseg"]).samples
     ds = PilPretrainPipeline(samples, input_size=args.input_size)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=workers,

@@ -2,15 +2,14 @@
 """Write the synthetic multi-modal scene dataset (rgb, depth, semseg, mask_valid[, normal]).
 
 Example: python tools/make_synthetic_dataset.py --output_dir data/synthetic --num_train 512 --num_val 64
-See utils/synthetic_data.py for what the scenes contain and the depth units.
+See utils/data/synthetic.py for what the scenes contain and the depth units.
 """
 import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.synthetic_data import make_synthetic_dataset  # noqa: E402
+from utils.data.synthetic import make_synthetic_dataset
 
 
 def main(argv=None) -> None:
@@ -28,10 +27,10 @@ def main(argv=None) -> None:
     print(f"wrote {args.num_train} train + {args.num_val} val scenes ({', '.join(info['modalities'])}) "
           f"of {args.image_size}px to {args.output_dir} in {info['seconds']:.1f}s")
     if args.preview:
-        from utils.datasets import MultiModalImageFolder
+        from utils.data.datasets import MultiModalImageFolder
         from utils.vis import dataset_grid, save_png_atomic
         if args.normals:  # not a built-in modality; register it so the folder can be read back
-            from utils.synthetic_data import register_normal_modality
+            from utils.data.synthetic import register_normal_modality
             register_normal_modality()
         ds = MultiModalImageFolder(os.path.join(args.output_dir, 'train'), info['modalities'])
         save_png_atomic(dataset_grid([ds.load(i) for i in range(min(8, len(ds)))]), args.preview)

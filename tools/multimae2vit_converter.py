@@ -4,7 +4,7 @@
     python tools/multimae2vit_converter.py --multimae_ckpt_path multimae-b_98_rgb+-depth-semseg_1600e.pth \
         --vit_ckpt_path multimae-b_timm.safetensors      # .pth/.pt/.bin or .safetensors, either way
 
-Mapping (utils.pretrained.multimae_to_vit): global_tokens -> cls_token; input_adapters.rgb.pos_emb
+Mapping (utils.weights.multimae_to_vit): global_tokens -> cls_token; input_adapters.rgb.pos_emb
 (1, D, h, w) -> pos_embed (1, 1 + h*w, D) with a zero class-token row; input_adapters.rgb.proj ->
 patch_embed.proj; encoder.* -> blocks.*. Other input adapters and the decoders are dropped. MultiMAE has no
 final norm, so load the result with
@@ -18,12 +18,12 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from utils.io import load_weights_with_metadata, save_weights_file  # noqa: E402
-from utils.pretrained import is_timm_vit_state_dict, multimae_to_vit  # noqa: E402
+from utils.io import save_weights_file
+from utils.weights import load_weights_with_metadata
+from utils.weights import is_timm_vit_state_dict, multimae_to_vit
 
 
 def build_matching_timm_vit(sd: dict) -> torch.nn.Module:

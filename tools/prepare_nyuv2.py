@@ -15,7 +15,7 @@ Writes, for the standard split (795 train / 654 test images, `trainNdxs` / `test
 NNNN is the 0-based index of the image in the 1449-image .mat file.
 
 Depth units. The published script stored metres x 6553.6 (2^16 / 10 m), but the depth fine-tuning
-normalises raw PNG values with NYU_MEAN = 2070.78 and NYU_STD = 777.57 (utils/data_constants.py). Those
+normalises raw PNG values with NYU_MEAN = 2070.78 and NYU_STD = 777.57 (utils/data/constants.py). Those
 can only be millimetre statistics: in 6553.6-per-metre units the mean would be 0.32 m, closer than the
 Kinect's ~0.5 m minimum range, whereas in millimetres it is 2.07 m (std 0.78 m), which fits indoor NYU
 scenes. So depth is written in millimetres (`--depth_scale 1000`, the default); pass `--depth_scale 6553.6`
@@ -33,12 +33,11 @@ import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from utils.io import atomic_write, save_png  # noqa: E402
-from utils.vis import semseg_palette  # noqa: E402
+from utils.io import atomic_write, save_png
+from utils.vis import semseg_palette
 
 NYU40_CLASSES = 40
 

@@ -10,7 +10,7 @@ Reads `data_path/<in_domain>/**/<name>.<ext>` and writes `output_path/<out_domai
 relative paths; output_path defaults to data_path, so the labels become sibling modality folders):
 depth as 16-bit PNG (value = round(depth * depth_scale); the scale and unit are recorded in
 `<out_domain>/meta.json`), semseg as 8-bit PNG of class ids (16-bit with more than 255 classes).
-Labellers and their options: utils/pseudo_labelers.py. Weights are local files; nothing is downloaded.
+Labellers and their options: tools/lib/pseudo_labelers.py. Weights are local files; nothing is downloaded.
 
 Files are split over the processes by position in the sorted list (file i -> rank i % world_size), each
 process skips files that already have a label (resumable: rerun the same command after an interruption),
@@ -22,10 +22,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.config import add_bool_arg, add_dist_args, create_parser, parse_args  # noqa: E402
-from utils.pseudo_labelers import LABELLERS, TASKS  # noqa: E402
+from utils.config import add_bool_arg, add_dist_args, create_parser, parse_args
+from tools.lib.pseudo_labelers import LABELLERS, TASKS
 
 
 def get_args_parser():
@@ -98,7 +97,7 @@ def labeller_kwargs(args) -> dict:
 
 def main(args) -> dict:
     from utils.dist import destroy_distributed, get_rank, get_world_size, init_distributed_mode
-    from utils.pseudo_labelers import build_labeller, label_folder
+    from tools.lib.pseudo_labelers import build_labeller, label_folder
 
     device = init_distributed_mode(args)
     try:

@@ -28,13 +28,12 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from utils.config import add_bool_arg, create_parser, parse_args  # noqa: E402
-from utils.data_constants import IMG_EXTENSIONS  # noqa: E402
+from utils.config import add_bool_arg, create_parser, parse_args
+from utils.data.constants import IMG_EXTENSIONS
 
 FIGURES = ("masked", "single", "hue")
 GREY = 128
@@ -50,7 +49,7 @@ _SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 # ------------------------------------------------------------------------------------------- model loading
 def config_from_state_dict(sd: dict) -> dict:
     """Pre-training options inferred from MultiMAE weight shapes (domains, sizes, decoder layout)."""
-    from utils.modalities import get_modality
+    from utils.data.modalities import get_modality
 
     ins = list(dict.fromkeys(k.split(".")[1] for k in sd if k.startswith("input_adapters.")))
     outs = list(dict.fromkeys(k.split(".")[1] for k in sd if k.startswith("output_adapters.")))
@@ -81,8 +80,8 @@ def load_pretrained_multimae(path: str, device: torch.device, overrides: dict | 
                              ) -> tuple[torch.nn.Module, argparse.Namespace]:
     """(eval-mode MultiMAE with decoders, its config) from a pre-training checkpoint or bare weights."""
     from utils.checkpoint import load_checkpoint, load_model_state
-    from utils.pretrain import build_pretrain_model
-    from utils.pretrained import extract_state_dict
+    from utils.pretrain.multimae import build_pretrain_model
+    from utils.weights import extract_state_dict
 
     ckpt = load_checkpoint(path)
     sd = extract_state_dict(ckpt, path)
@@ -150,9 +149,9 @@ def load_batch(samples: list[dict[str, str]], cfg: argparse.Namespace, domains: 
     Returns the batch {modality: (B, ...)} with zero placeholders for missing files, and which
     modalities have a reference for every sample.
     """
-    from utils.datasets import decode_file
-    from utils.depth import robust_standardize
-    from utils.transforms import PretrainTransform
+    from utils.data.datasets import decode_file
+    from utils.data.depth import robust_standardize
+    from utils.data.transforms import PretrainTransform
 
     tf = PretrainTransform(cfg.input_size, hflip=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0),
                            imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std)
@@ -164,7 +163,7 @@ def load_batch(samples: list[dict[str, str]], cfg: argparse.Namespace, domains: 
     size = cfg.input_size
     for m in domains:
         if m not in batch:  # fully hidden placeholder
-            from utils.modalities import get_modality
+            from utils.data.modalities import get_modality
             mod = get_modality(m)
             h = size // mod.stride_level
             batch[m] = (torch.zeros(len(samples), h, h, dtype=torch.long) if mod.kind == "label"
@@ -202,13 +201,13 @@ class Painter:
     """Turns one sample of one modality into uint8 tiles (masked input, prediction, reference)."""
 
     def __init__(self, cfg: argparse.Namespace, tile: int, paste: bool = True):
-        from utils.transforms import PretrainTransform
+        from utils.data.transforms import PretrainTransform
 
         tf = PretrainTransform(cfg.input_size, imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std)
         self.mean, self.std, self.tile, self.paste = tf.mean, tf.std, tile, paste
 
     def render(self, m: str, x: torch.Tensor, vrange: tuple[float, float] | None = None) -> np.ndarray:
-        from utils.modalities import get_modality
+        from utils.data.modalities import get_modality
         from utils.vis import colorize_depth, colorize_semseg, denormalize_rgb
 
         kind = get_modality(m).kind
@@ -450,7 +449,7 @@ def main(argv=None) -> dict[str, str]:
     """Writes the requested figures; returns {figure name: PNG path}."""
     from utils.dist import resolve_device
     from utils.io import save_png
-    from utils.modalities import ordered_domains, parse_domains
+    from utils.data.modalities import ordered_domains, parse_domains
 
     args = parse_args(get_args_parser(), argv)
     device = resolve_device(args.device)

@@ -4,7 +4,7 @@
     python tools/vit2multimae_converter.py --vit_ckpt_path mae_pretrain_vit_base.pth \
         --multimae_ckpt_path mae-b_multimae.pth          # .pth/.pt/.bin or .safetensors, either way
 
-Mapping (utils.pretrained.vit_to_multimae): cls_token + its position embedding -> global_tokens;
+Mapping (utils.weights.vit_to_multimae): cls_token + its position embedding -> global_tokens;
 pos_embed patch rows -> input_adapters.rgb.pos_emb (1, D, h, w); patch_embed.proj -> input_adapters.rgb.proj;
 blocks.* -> encoder.*; final norm / fc_norm / head are dropped (MultiMAE has no final norm).
 Checkpoint entries without tensors ('args', 'epoch', ...) are kept, optimizer states dropped. The result
@@ -14,12 +14,12 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from utils.io import load_weights_with_metadata, save_weights_file  # noqa: E402
-from utils.pretrained import is_multimae_state_dict, vit_to_multimae  # noqa: E402
+from utils.io import save_weights_file
+from utils.weights import load_weights_with_metadata
+from utils.weights import is_multimae_state_dict, vit_to_multimae
 
 
 def build_matching_multivit(sd: dict) -> torch.nn.Module:

@@ -49,8 +49,12 @@ LAST_NAME = 'checkpoint-last.pth'
 _NUMBERED = re.compile(r'^checkpoint-(\d+)\.pth$')
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, ValueError):
     """A checkpoint cannot be read, is unsafe to read, or does not fit the model."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +187,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         path_str = str(_download(path_str))
     p = Path(path_str)
     if not p.is_file():
-        raise CheckpointError(f'checkpoint file not found: {p}')
+        raise CheckpointNotFoundError(f'checkpoint file not found: {p}')
     if p.suffix == '.safetensors':
         from safetensors.torch import load_file
         device = str(map_location) if not isinstance(map_location, str) else map_location
@@ -200,7 +204,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                       first[0] if first else '')
         raise CheckpointError(
             f'refusing to load checkpoint {p}: it contains pickled Python objects that could run code '
-            f'(only tensors and plain containers are accepted). Detail: {detail}') from None
+            f'(torch.load with weights_only=True accepts only tensors and plain containers; re-save the '
+            f'file as a plain state dict or as .safetensors). Detail: {detail}') from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f'cannot read checkpoint {p} (truncated or not a PyTorch file?): '
                               f'{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}'

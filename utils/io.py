@@ -14,7 +14,6 @@ Public API:
     label_dtype(num_classes) -> np.dtype            uint8 up to 255 classes, else uint16
     save_json(path, obj, fsync=True) / load_json(path)
     save_weights_file(state_dict, path, extra=None) `.pth`/`.pt` (torch.save) or `.safetensors`
-    load_weights_with_metadata(path) -> (state_dict, metadata, dropped_entries)
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ import torch
 from PIL import Image
 
 __all__ = ["atomic_open", "atomic_write", "fsync_dir", "encode_png", "save_png", "label_dtype", "save_json", "load_json",
-           "save_weights_file", "load_weights_with_metadata", "WEIGHTS_SUFFIXES"]
+           "save_weights_file", "WEIGHTS_SUFFIXES"]
 
 WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -176,43 +175,3 @@ def save_weights_file(state_dict: Mapping[str, torch.Tensor], path: str | os.Pat
     buf = io.BytesIO()
     torch.save({"model": tensors, **dict(extra)} if extra is not None else tensors, buf)
     atomic_write(path, buf.getvalue(), fsync=True)
-
-
-def _holds_tensors(obj: Any) -> bool:
-    if isinstance(obj, torch.Tensor):
-        return True
-    if isinstance(obj, Mapping):
-        return any(_holds_tensors(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(_holds_tensors(v) for v in obj)
-    return False
-
-
-def load_weights_with_metadata(path: str | os.PathLike
-                               ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, list[str]]:
-    """Read a weights file safely (`torch.load(weights_only=True)` or safetensors).
-
-    Returns `(state_dict, metadata, dropped)`: the model state dict (from 'model' / 'state_dict' /
-    'module' or the bare dict, DDP prefix removed), the checkpoint entries without tensors (e.g. 'args',
-    'epoch'; None for a bare state dict, so `save_weights_file(..., extra=metadata)` keeps the layout) and
-    the names of the other tensor-holding entries (optimizer, scaler, EMA ...), which a converted file cannot
-    use.
-    """
-    from utils.checkpoint import load_checkpoint
-    from utils.pretrained import extract_state_dict
-
-    obj = load_checkpoint(path)
-    sd = extract_state_dict(obj, str(path))
-    meta: dict[str, Any] | None = None
-    dropped: list[str] = []
-    container = next((k for k in ("model", "state_dict", "module") if isinstance(obj.get(k), Mapping)), None)
-    if container is not None:
-        meta = {}
-        for k, v in obj.items():
-            if k == container:
-                continue
-            if _holds_tensors(v):
-                dropped.append(k)
-            else:
-                meta[k] = v
-    return sd, meta, dropped

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .data_constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SEG_IGNORE_INDEX
-from .modalities import MODALITIES
+from utils.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SEG_IGNORE_INDEX
+from utils.data.modalities import MODALITIES
 
 __all__ = ['DEPTH_LUT', 'colorize_depth', 'semseg_palette', 'colorize_semseg', 'denormalize_rgb',
            'patch_mask_to_pixels', 'reconstruction_grid', 'dataset_grid', 'save_png_atomic',

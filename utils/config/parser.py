@@ -40,13 +40,16 @@ turned off from the command line.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import yaml
+
+from utils.config.checks import check_shared_args
+from utils.config.names import closest, split_list
+from utils.io import atomic_open
 
 __all__ = [
     'OMIT', 'ConfigError', 'create_parser', 'add_bool_arg', 'add_arg_group', 'add_optim_args', 'add_checkpoint_args',
@@ -404,7 +407,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     all errors are collected. With ``exit_on_error`` they are printed one per line and the process
     exits with status 2, otherwise a ConfigError is raised. ``args.config`` is the list of files.
     The arguments of the shared groups (checkpointing, runtime, ...) are always checked as well
-    (:func:`utils.validation.check_shared_args`: counts >= 0, ``--resume`` file exists, ...).
+    (:func:`utils.config.checks.check_shared_args`: counts >= 0, ``--resume`` file exists, ...).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     _ensure_config_arg(parser)
@@ -426,7 +429,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 
     args = _parse_with_defaults(parser, argv, values)
     validators = [] if validate is None else [validate] if callable(validate) else list(validate)
-    from utils.validation import check_shared_args  # lazy: keeps `import utils.config` light
     validators.insert(0, check_shared_args)
     for check in validators:
         try:
@@ -505,7 +507,6 @@ def save_config(args: argparse.Namespace, output_dir: str | os.PathLike,
     arguments (set by the script at run time: ``lr`` computed from ``blr``, ``rank``, ``distributed``
     ...) are written as comments so that reloading does not trip over them.
     """
-    from utils.checkpoint import atomic_open  # lazy: keeps `import utils.config` light
 
     data = args_to_dict(args)
     data.pop(CONFIG_DEST, None)
@@ -533,15 +534,6 @@ def save_config(args: argparse.Namespace, output_dir: str | os.PathLike,
 # ----------------------------------------------------------------------------------------------
 # small helpers
 
-def split_list(value: str | Sequence[str] | None, sep: str = '-') -> list[str]:
-    """Published hyphen lists: ``'rgb-depth-semseg' -> ['rgb', 'depth', 'semseg']``; ``''``/None -> []."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v for v in value.split(sep) if v]
-    return list(value)
-
-
 def check_list_arg(args: argparse.Namespace, key: str, valid: Iterable[str], sep: str = '-') -> list[str]:
     """Validator helper: one error per item of the list argument ``args.<key>`` (hyphen string or list)
     that is not in ``valid``, with the closest valid name. Use inside a ``validate`` hook::
@@ -557,9 +549,3 @@ def check_list_arg(args: argparse.Namespace, key: str, valid: Iterable[str], sep
             errors.append(f"--{key}: unknown value '{item}' (expected one of: {', '.join(valid)})"
                           + (f"; did you mean '{hint}'?" if hint else ''))
     return errors
-
-
-def closest(name: str, candidates: Iterable[str]) -> str | None:
-    """The candidate closest to ``name`` (difflib), or None when nothing is similar."""
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return matches[0] if matches else None

@@ -18,9 +18,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .data_constants import (COCO_SEMSEG_NUM_CLASSES, DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+from utils.data.constants import (COCO_SEMSEG_NUM_CLASSES, DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
                              NYU_MEAN, NYU_STD, PAD_MASK_VALUE, SEG_IGNORE_INDEX, SEMSEG_STRIDE)
-from .depth import robust_standardize
+from utils.data.depth import robust_standardize
 
 __all__ = [
     "PADDING_KEY", "SemSegAugment", "SemSegTarget", "build_semseg_transform",

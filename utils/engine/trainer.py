@@ -31,14 +31,14 @@ update instead, up to N times per run; that check needs the value on the host, s
 per step. ``skip_grad`` needs the gradient norm on the host and therefore synchronises once per step; so
 does the fp16 GradScaler (inside ``scaler.step``).
 
-Faults (see :mod:`utils.preemption` and :mod:`utils.tracked_loader`):
+Faults (see :mod:`utils.engine.preemption` and :mod:`utils.data.loader`):
 
 * SIGTERM/SIGUSR1 during :meth:`Trainer.fit`: all ranks stop at the same optimizer-step boundary, rank 0
-  writes ``checkpoint-last.pth`` with the position inside the epoch, and :class:`utils.preemption.Preempted`
+  writes ``checkpoint-last.pth`` with the position inside the epoch, and :class:`utils.engine.preemption.Preempted`
   exits with code 75; ``resume`` continues from that very step.
 * ``save_every_steps=N``: the same mid-epoch checkpoint every N optimizer steps (SIGKILL loses < N steps).
 * Mid-epoch resume skips the batches already used without loading them when augmentation is seeded per
-  sample (dataset attribute ``seeded_per_sample``, e.g. ``utils.pretrain.PerSampleSeed``) or the loader has
+  sample (dataset attribute ``seeded_per_sample``, e.g. ``utils.pretrain.multimae.PerSampleSeed``) or the loader has
   no workers, and replays them otherwise; either way, with ``--deterministic``, the parameters end
   bit-identical to an uninterrupted run (persistent workers with worker-side randomness excepted).
 * ``on_bad_sample='skip'``: unreadable samples are replaced by the next index and counted per epoch.
@@ -64,8 +64,8 @@ from torch.nn.parallel import DistributedDataParallel
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from utils.dist import all_gather_object, all_reduce_sum, barrier, get_rank, get_world_size, is_main_process
 from utils.logger import MetricLogger, append_log_txt
-from utils.preemption import Preempted, StopRequest
-from utils.tracked_loader import ResumableBatchSampler, TrackedBatch, describe_samples, track_loader
+from utils.engine.preemption import Preempted, StopRequest
+from utils.data.loader import ResumableBatchSampler, TrackedBatch, describe_samples, track_loader
 
 __all__ = [
     "AMP_DTYPES", "NonFiniteLossError", "Trainer", "StepFn", "Callback", "resolve_amp", "autocast",
@@ -210,9 +210,9 @@ class Trainer:
         on_bad_sample: ``'error'`` (stop, naming the file) or ``'skip'`` (replace the sample by the next one,
             count it). None: ``config['on_bad_sample']`` (default 'error').
         stop_check_every: optimizer steps between two stop-flag reductions across ranks (see
-            :mod:`utils.preemption`).
+            :mod:`utils.engine.preemption`).
         batch_transform: applied to every batch on the device, before autocast and ``step_fn`` (e.g.
-            :meth:`utils.transforms.PretrainTransform.finish`, which normalises uint8 rgb there).
+            :meth:`utils.data.transforms.PretrainTransform.finish`, which normalises uint8 rgb there).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFn, *,
@@ -377,7 +377,7 @@ class Trainer:
 
     def train_one_epoch(self, loader: Iterable, epoch: int) -> dict[str, float]:
         """Run the (remaining) ``steps_per_epoch`` optimizer steps of ``epoch``; returns the epoch averages
-        (all ranks). Raises :class:`utils.preemption.Preempted` after saving when a stop was agreed."""
+        (all ranks). Raises :class:`utils.engine.preemption.Preempted` after saving when a stop was agreed."""
         self.model.train()
         for m in self.modules.values():
             m.train()
@@ -566,7 +566,7 @@ class Trainer:
         (default: the loader's sampler), :meth:`train_one_epoch`, each callback ``cb(trainer, epoch,
         train_stats)`` (its returned dict is merged into the epoch record; runs on every rank), checkpoint,
         one JSON line in ``output_dir/log.txt``, W&B. SIGTERM/SIGUSR1 stop the run at the next step boundary
-        with a checkpoint (:class:`utils.preemption.Preempted`, exit code 75). Returns the last epoch record."""
+        with a checkpoint (:class:`utils.engine.preemption.Preempted`, exit code 75). Returns the last epoch record."""
         sampler = sampler if sampler is not None else getattr(train_loader, "sampler", None)
         tracked = track_loader(train_loader, self.on_bad_sample)
         loader = tracked if tracked is not None else train_loader

@@ -5,7 +5,7 @@
 * every batch arrives as a :class:`TrackedBatch` ``(data, indices, bad)``: ``data`` is exactly what the
   original loader would have produced, ``indices`` the dataset indices in it (so a NaN loss can be traced
   to its files) and ``bad`` the messages of samples replaced because they could not be loaded;
-* ``on_bad_sample='skip'``: a sample raising :class:`utils.datasets.BadSampleError` is logged and replaced
+* ``on_bad_sample='skip'``: a sample raising :class:`utils.data.datasets.BadSampleError` is logged and replaced
   by the next loadable index (deterministic, so a resumed run makes the same replacement); ``'error'``
   re-raises (the message names the file);
 * :meth:`ResumableBatchSampler.skip_next` drops the first ``n`` batches of the next epoch without loading
@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from utils.datasets import BadSampleError
-from utils.preemption import ignore_stop_signals
+from utils.data.datasets import BadSampleError
+from utils.engine.preemption import ignore_stop_signals
 
 __all__ = ['TrackedBatch', 'SampleGuard', 'TrackingCollate', 'ResumableBatchSampler', 'track_loader',
            'describe_samples', 'MAX_REPLACEMENTS']

@@ -24,8 +24,8 @@ try:  # torchvision's image decoders are deprecated since 0.29 (superseded by to
 except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - depends on the installed torchvision
     _decode_op = None
 
-from .data_constants import IMG_EXTENSIONS
-from .modalities import get_modality
+from utils.data.constants import IMG_EXTENSIONS
+from utils.data.modalities import get_modality
 
 __all__ = ['MultiModalImageFolder', 'decode_file', 'check_label_range', 'DECODERS', 'BadSampleError',
            'ImageDecodeError']

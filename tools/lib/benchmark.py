@@ -491,7 +491,7 @@ def write_benchmark_images(root: str, num_images: int, image_size: int, unique: 
     """
     from PIL import Image
 
-    from utils.synthetic_data import render_scene
+    from utils.data.synthetic import render_scene
 
     marker = os.path.join(root, f".complete_{num_images}_{image_size}_{unique}_{seed}_{jpeg_quality}")
     if os.path.exists(marker):

@@ -345,7 +345,7 @@ def render_scene(seed: int | Sequence[int], category: int, image_size: int = 96,
 def register_normal_modality(name: str = 'normal'):
     """Register the generator's normal modality (3 channels in [0, 1], L1 loss; a horizontal flip
     negates the x component) unless a modality of that name exists; returns the registry entry."""
-    from .modalities import MODALITIES, Modality, register_modality
+    from utils.data.modalities import MODALITIES, Modality, register_modality
     if name in MODALITIES:
         return MODALITIES[name]
     return register_modality(Modality(name, num_channels=3, kind='dense', decoder='rgb', value_scale=1 / 255,

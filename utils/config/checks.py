@@ -23,6 +23,8 @@ import argparse
 import os
 from typing import Any, Iterable
 
+from utils.config.names import closest, split_list
+
 __all__ = ['check_shared_args', 'check_pretrain_args', 'check_path_exists']
 
 _URL_PREFIXES = ('http://', 'https://')
@@ -87,12 +89,11 @@ def check_shared_args(args: argparse.Namespace) -> list[str]:
 
 
 def check_pretrain_args(args: argparse.Namespace) -> list[str]:
-    """Pre-training checks beyond ``utils.pretrain.validate_pretrain_args``: the model name, the data
+    """Pre-training checks beyond ``utils.pretrain.multimae.validate_pretrain_args``: the model name, the data
     folders of every domain, patch size vs. the modalities' stride levels, attention head counts and value
     ranges. Unknown modality names are left to ``validate_pretrain_args`` (one line per problem)."""
     from multimae import is_model, list_models
-    from utils.config import closest, split_list
-    from utils.modalities import MODALITIES, ordered_domains
+    from utils.data.modalities import MODALITIES, ordered_domains
 
     errors = []
     model = _get(args, 'model')

@@ -1,11 +1,11 @@
 """The two-stage RGB-D method as configurations of ``run_pretraining_multimae.py``: its arguments, checks,
-model / teacher / data construction and the step functions handed to the shared :class:`utils.engine.Trainer`.
+model / teacher / data construction and the step functions handed to the shared :class:`utils.engine.trainer.Trainer`.
 
     python run_pretraining_multimae.py -c cfgs/pretrain/rgbd_contrastive_stage1_tiny.yaml
     python run_pretraining_multimae.py -c cfgs/pretrain/rgbd_contrastive_stage2_tiny.yaml
 
-``--method multimae`` (default) is the published MultiMAE (:mod:`utils.pretrain`); ``rgbd_stage1`` and
-``rgbd_stage2`` are the two stages of :mod:`utils.rgbd_contrastive`. :func:`pretrain_method` gives the
+``--method multimae`` (default) is the published MultiMAE (:mod:`utils.pretrain.multimae`); ``rgbd_stage1`` and
+``rgbd_stage2`` are the two stages of :mod:`multimae.rgbd_contrastive`. :func:`pretrain_method` gives the
 script the builders of the chosen method.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from multimae import SpatialOutputAdapter
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from utils.config import add_bool_arg
-from utils.depth import robust_standardize
-from utils.modalities import build_input_adapters, get_modality, parse_domains
-from utils.rgbd_contrastive import (MODALITIES, RGBDContrastStage1, RGBDMaskedStage2,
+from utils.data.depth import robust_standardize
+from utils.data.modalities import build_input_adapters, get_modality, parse_domains
+from multimae.rgbd_contrastive import (MODALITIES, RGBDContrastStage1, RGBDMaskedStage2,
                                     ResidualXattnSpatialOutputAdapter, dirichlet_visible_split,
                                     keep_to_mask, masked_pixel_mse, max_pool_distill_loss, num_visible_patches,
                                     patch_info_nce, patch_retrieval_accuracy, patch_valid_fraction, random_keep,
@@ -106,7 +106,7 @@ def validate_rgbd_args(args: argparse.Namespace) -> list[str]:
         errors.append("--method rgbd_stage2 needs --teacher_checkpoint (the stage-1 checkpoint it starts from and "
                       "distils); pass --distill_weight 0 to train stage 2 from scratch without a teacher")
     if args.teacher_checkpoint and args.method == "rgbd_stage2":
-        from utils.validation import check_path_exists
+        from utils.config.checks import check_path_exists
         err = check_path_exists("teacher_checkpoint", args.teacher_checkpoint, "file")
         if err:
             errors.append(err)
@@ -118,9 +118,9 @@ def validate_rgbd_args(args: argparse.Namespace) -> list[str]:
 
 
 def validate_method_args(args: argparse.Namespace) -> list[str]:
-    """The pre-training checks of the chosen method (``utils.pretrain.validate_pretrain_args`` for multimae)."""
+    """The pre-training checks of the chosen method (``utils.pretrain.multimae.validate_pretrain_args`` for multimae)."""
     if args.method == "multimae":
-        from utils.pretrain import validate_pretrain_args
+        from utils.pretrain.multimae import validate_pretrain_args
         return validate_pretrain_args(args)
     return validate_rgbd_args(args)
 
@@ -340,9 +340,9 @@ def build_rgbd_model(args: argparse.Namespace) -> nn.Module:
 
 
 def build_rgbd_loader(args: argparse.Namespace):
-    """The pre-training loader (:func:`utils.pretrain.build_pretrain_loader`) over rgb, depth and, with
+    """The pre-training loader (:func:`utils.pretrain.multimae.build_pretrain_loader`) over rgb, depth and, with
     ``--use_mask_valid``, mask_valid."""
-    from utils.pretrain import build_pretrain_loader
+    from utils.pretrain.multimae import build_pretrain_loader
 
     data_args = argparse.Namespace(**vars(args))
     data_args.in_domains, data_args.out_domains = "rgb-depth", "mask_valid" if args.use_mask_valid else ""
@@ -363,9 +363,9 @@ def build_rgbd_step(args: argparse.Namespace, device: torch.device) -> Callable:
 
 def build_rgbd_trainer(args: argparse.Namespace, model: nn.Module, loader: Any, device: torch.device,
                        wandb: Any = None):
-    """The pre-training Trainer (:func:`utils.pretrain.build_pretrain_trainer`: optimizer, schedules, DDP)
+    """The pre-training Trainer (:func:`utils.pretrain.multimae.build_pretrain_trainer`: optimizer, schedules, DDP)
     running the RGB-D step function."""
-    from utils.pretrain import build_pretrain_trainer
+    from utils.pretrain.multimae import build_pretrain_trainer
 
     trainer = build_pretrain_trainer(args, model, loader, device, wandb)
     trainer.step_fn = build_rgbd_step(args, device)
@@ -382,14 +382,14 @@ class PretrainMethod:
 
 
 def _multimae_callbacks(args: argparse.Namespace, trainer: Any, device: torch.device, wandb: Any) -> list:
-    from utils.pretrain import ReconstructionVis
+    from utils.pretrain.multimae import ReconstructionVis
     return [ReconstructionVis(args, trainer.step_fn, device, wandb, seed=args.seed)]
 
 
 def pretrain_method(name: str) -> PretrainMethod:
     """The builders of ``--method name``."""
     if name == "multimae":
-        from utils.pretrain import build_pretrain_loader, build_pretrain_model, build_pretrain_trainer
+        from utils.pretrain.multimae import build_pretrain_loader, build_pretrain_model, build_pretrain_trainer
         return PretrainMethod(build_pretrain_loader, build_pretrain_model, build_pretrain_trainer, _multimae_callbacks)
     if name in METHODS:
         return PretrainMethod(build_rgbd_loader, build_rgbd_model, build_rgbd_trainer, lambda *a: [])

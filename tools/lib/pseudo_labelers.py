@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from utils.data_constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMG_EXTENSIONS
+from utils.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMG_EXTENSIONS
 
 __all__ = ["Labeller", "FinetunedMultiViTLabeller", "TorchvisionSegLabeller", "ModuleLabeller", "LABELLERS",
            "build_labeller", "list_images", "shard", "label_path", "RGBFiles", "LabelWriter", "label_files",
@@ -113,12 +113,12 @@ class FinetunedMultiViTLabeller(Labeller):
                              f"'{args.in_domains}'")
         shift, scale, offset, unit = 0, 1.0, 0.0, ""
         if task == "semseg":
-            from utils.finetune_dense import build_semseg_model
+            from utils.finetune.dense import build_semseg_model
 
             net, n_cls = build_semseg_model(args), args.num_classes
             shift = 1 if getattr(args, "seg_reduce_zero_label", False) else 0
         else:
-            from utils.finetune_dense import build_regression_model
+            from utils.finetune.dense import build_regression_model
 
             if "depth" not in split_list(args.out_domains):
                 raise ValueError(f"{checkpoint}: a depth labeller must predict 'depth', the model predicts "
@@ -156,7 +156,7 @@ class TorchvisionSegLabeller(Labeller):
                  mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD):
         import torchvision.models.segmentation as seg
 
-        from utils.pretrained import load_weights_file
+        from utils.weights import load_weights_file
 
         names = sorted(n for n in dir(seg) if n.islower() and not n.startswith("_") and callable(getattr(seg, n))
                        and n not in ("get_weight",))
@@ -199,7 +199,7 @@ class ModuleLabeller(Labeller):
         if depth_output not in ("depth", "inverse"):
             raise ValueError(f"depth_output must be 'depth' or 'inverse', got '{depth_output}'")
         super().__init__(task, input_size, mean, std, num_classes=num_classes, depth_unit=depth_unit)
-        from utils.pretrained import load_weights_file
+        from utils.weights import load_weights_file
 
         sd = load_weights_file(_check_weights(weights, f"labeller '{class_path}'"))
         self.net = _import_class(class_path)(**dict(model_kwargs or {}))
@@ -291,7 +291,7 @@ class RGBFiles(Dataset):
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
-        from utils.datasets import ImageDecodeError, decode_file
+        from utils.data.datasets import ImageDecodeError, decode_file
 
         sh, sw = self.size
         try:
@@ -369,7 +369,7 @@ def label_files(labeller: Labeller, dataset: RGBFiles, out_paths: Sequence[str],
 
     Returns {'images' (labelled), 'seconds', 'saturated' (fraction of depth pixels clipped at 65535),
     'unreadable' (relative paths of files that could not be decoded; no label is written for them)}."""
-    from utils.engine import autocast
+    from utils.engine.trainer import autocast
 
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                         pin_memory=device.type == "cuda", persistent_workers=False)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .data_constants import DEPTH_STD_EPS, DEPTH_TRIM
+from utils.data.constants import DEPTH_STD_EPS, DEPTH_TRIM
 
 __all__ = ['robust_standardize']
 

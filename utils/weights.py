@@ -10,21 +10,22 @@ loaded is an error: silently fine-tuning from a half-random encoder is the worst
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import math
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utils.checkpoint import load_checkpoint
+
 __all__ = [
-    "WeightsMismatchError", "load_weights_file", "extract_state_dict", "is_timm_vit_state_dict",
+    "WeightsMismatchError", "load_weights_file", "load_weights_with_metadata", "extract_state_dict",
+    "is_timm_vit_state_dict",
     "is_multimae_state_dict", "vit_to_multimae", "multimae_to_vit", "interpolate_pos_emb",
     "prepare_finetune_state_dict", "FinetuneLoadReport", "load_finetune_weights", "compress_keys",
 ]
@@ -59,33 +60,47 @@ def extract_state_dict(obj: object, source: str = "<state dict>") -> StateDict:
 
 
 def load_weights_file(path: str | Path) -> StateDict:
-    """Load a state dict from `.pth`/`.pt`/`.bin` (torch.load with weights_only=True; an argparse
-    Namespace of the published checkpoints is allowed) or `.safetensors`. Also accepts an http(s) URL
-    (downloaded to the torch hub cache). Tensors are loaded on the CPU."""
+    """The model state dict of a weights file or URL (`.pth`/`.pt`/`.bin` or `.safetensors`), read by the one
+    safe loader :func:`utils.checkpoint.load_checkpoint` (nothing is unpickled); tensors on the CPU."""
     source = str(path)
-    if source.startswith(("http://", "https://")):
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True)
-        return extract_state_dict(obj, source)
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file '{path}' does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    return extract_state_dict(load_checkpoint(source), source)
 
-        try:
-            obj = load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own (Rust) error types
-            raise ValueError(f"cannot read safetensors file '{path}': {e}") from e
-        return extract_state_dict(obj, source)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"cannot load '{path}' with torch.load(weights_only=True): {e}\n"
-                         "Only tensors and plain containers are loaded (no arbitrary code execution); re-save the "
-                         "file as a plain state dict or as .safetensors.") from e
-    return extract_state_dict(obj, source)
+
+def _holds_tensors(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, Mapping):
+        return any(_holds_tensors(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_tensors(v) for v in obj)
+    return False
+
+
+def load_weights_with_metadata(path: str | os.PathLike
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, list[str]]:
+    """Read a weights file safely (`torch.load(weights_only=True)` or safetensors).
+
+    Returns `(state_dict, metadata, dropped)`: the model state dict (from 'model' / 'state_dict' /
+    'module' or the bare dict, DDP prefix removed), the checkpoint entries without tensors (e.g. 'args',
+    'epoch'; None for a bare state dict, so `save_weights_file(..., extra=metadata)` keeps the layout) and
+    the names of the other tensor-holding entries (optimizer, scaler, EMA ...), which a converted file cannot
+    use.
+    """
+    obj = load_checkpoint(path)
+    sd = extract_state_dict(obj, str(path))
+    meta: dict[str, Any] | None = None
+    dropped: list[str] = []
+    container = next((k for k in ("model", "state_dict", "module") if isinstance(obj.get(k), Mapping)), None)
+    if container is not None:
+        meta = {}
+        for k, v in obj.items():
+            if k == container:
+                continue
+            if _holds_tensors(v):
+                dropped.append(k)
+            else:
+                meta[k] = v
+    return sd, meta, dropped
 
 
 # ----------------------------------------------------------------------------------------------- converters

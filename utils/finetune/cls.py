@@ -4,7 +4,7 @@ The model is an ``rgb`` input adapter, the MultiViT encoder and a ``LinearOutput
 (spec 3.2 / 5.5). This module builds the data (ImageNet-style folders, CIFAR-100 from local files), the
 model and its pre-trained weights, the train step (Mixup/CutMix with a soft-target loss, else label
 smoothing), the split-level top-1/top-5 evaluation of the model and of its EMA, and the shared
-:class:`~utils.engine.Trainer` that runs the loop.
+:class:`~utils.engine.trainer.Trainer` that runs the loop.
 
 Linear probe (``--linear_probe``, the MAE protocol): every parameter except the head is frozen and the
 frozen modules stay in eval mode (no drop path, no dropout); the head is ``BatchNorm1d(affine=False,
@@ -30,14 +30,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from utils.config import ConfigError, args_to_dict, load_yaml_config
-from utils.data_constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
+from utils.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
                                   IMAGENET_INCEPTION_STD)
 from utils.dist import get_world_size
-from utils.engine import Trainer, autocast, unwrap_model
-from utils.finetune import build_schedules, count_params, wrap_model
-from utils.metrics import ClassificationMetrics
-from utils.modalities import MODALITIES, build_input_adapters
-from utils.optim import create_optimizer, finetune_param_groups
+from utils.engine.trainer import Trainer, autocast, unwrap_model
+from utils.finetune.runner import build_schedules, count_params, wrap_model
+from utils.finetune.metrics import ClassificationMetrics
+from utils.data.modalities import MODALITIES, build_input_adapters
+from utils.engine.optim import create_optimizer, finetune_param_groups
 
 __all__ = [
     "LINPROBE_DEFAULTS", "apply_linprobe_defaults", "mixup_active", "validate_cls_args",
@@ -133,7 +133,7 @@ def _mean_std(args: argparse.Namespace) -> tuple[tuple, tuple]:
 def build_cls_transform_from_args(args: argparse.Namespace, is_train: bool) -> Callable:
     """Fine-tuning: timm ``create_transform`` (RandAugment, random erasing; spec 6.7). Linear probe
     (train): RandomResizedCrop + horizontal flip only, as MAE. Eval: resize + centre crop."""
-    from utils.transforms_finetune import build_cls_transform
+    from utils.data.finetune_transforms import build_cls_transform
 
     mean, std = _mean_std(args)
     if is_train and args.linear_probe:
@@ -225,10 +225,10 @@ def build_cls_model(args: argparse.Namespace) -> nn.Module:
 def load_cls_pretrained(model: nn.Module, path: str, keep_head: bool = True,
                         log: Callable[[str], None] | None = print):
     """Load pre-trained weights (MultiMAE/MultiViT/timm, .pth/.safetensors) via
-    :func:`utils.pretrained.load_finetune_weights`: pre-training decoders are dropped, position embeddings
+    :func:`utils.weights.load_finetune_weights`: pre-training decoders are dropped, position embeddings
     interpolated, every key reported, missing encoder weights are an error. A ``cls`` head of the right
     shape (a fine-tuned checkpoint) is loaded when ``keep_head``. Returns the load report."""
-    from utils.pretrained import load_finetune_weights, load_weights_file
+    from utils.weights import load_finetune_weights, load_weights_file
 
     sd = load_weights_file(path)
     head = f"output_adapters.{CLS}."
@@ -398,7 +398,7 @@ def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, loader: Data
 
 class _PictureView(Dataset):
     """``(image, label) -> ({'rgb': image, 'label': label}, label)``: the sample layout
-    :class:`utils.finetune.PredictionPictures` expects (a dict of inputs), with the label kept for the
+    :class:`utils.finetune.runner.PredictionPictures` expects (a dict of inputs), with the label kept for the
     picture."""
 
     def __init__(self, dataset: Dataset):
@@ -438,9 +438,9 @@ def render_cls_predictions(inputs: dict[str, Tensor], preds: dict[str, Tensor], 
 
 
 def build_cls_pictures(args: argparse.Namespace, dataset: Dataset, device: torch.device, wandb: Any = None):
-    """:class:`utils.finetune.PredictionPictures` of ``num_vis`` eval images (``output_dir/vis/``, every
+    """:class:`utils.finetune.runner.PredictionPictures` of ``num_vis`` eval images (``output_dir/vis/``, every
     ``log_images_freq`` epochs; to W&B with ``log_images_wandb``); None when ``num_vis`` is 0."""
-    from utils.finetune import PredictionPictures
+    from utils.finetune.runner import PredictionPictures
 
     if not args.num_vis or not args.output_dir:
         return None

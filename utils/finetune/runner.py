@@ -2,7 +2,7 @@
 dense regression): model building, pre-trained weights, loaders, optimizer/schedules, the Trainer glue
 (evaluation callback, best checkpoint, final test) and prediction pictures.
 
-The loop itself is :class:`utils.engine.Trainer`; a script supplies a ``step_fn`` and an ``evaluate``
+The loop itself is :class:`utils.engine.trainer.Trainer`; a script supplies a ``step_fn`` and an ``evaluate``
 function and wires them with the helpers here::
 
     model = build_multivit(args.model, ['rgb'], {'cls': head}, args.patch_size, args.input_size,
@@ -19,7 +19,7 @@ function and wires them with the helpers here::
 
 ``evaluate(model, loader) -> dict of floats`` receives the unwrapped model (no DDP collectives during
 evaluation, so uneven shards cannot hang) and must reduce its metrics across processes itself (the
-accumulators of :mod:`utils.metrics` do).
+accumulators of :mod:`utils.finetune.metrics` do).
 
 Dense heads for tiny encoders: :func:`dpt_hooks` / :func:`dpt_layer_dims` / :func:`dpt_feature_dim` derive
 the DPT taps and widths from the encoder depth and width (ViT-B gives the published ``[2, 5, 8, 11]`` /
@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from utils.config import add_arg_group, args_to_dict, split_list
 from utils.dist import get_rank, get_world_size, is_main_process
-from utils.engine import Trainer, autocast, move_to_device, unwrap_model
+from utils.engine.trainer import Trainer, autocast, move_to_device, unwrap_model
 from utils.logger import append_log_txt
 
 __all__ = [
@@ -171,7 +171,7 @@ def build_multivit(model_name: str, in_domains: Sequence[str], output_adapters: 
     arguments (e.g. ``{'semseg': {'emb_padding_idx': 133}}``); ``model_kwargs`` go to the constructor
     (``num_global_tokens``, ``drop_path_rate``, ``drop_rate``, ...; None values keep the defaults)."""
     from multimae import create_model
-    from utils.modalities import build_input_adapters
+    from utils.data.modalities import build_input_adapters
 
     inputs = build_input_adapters(list(in_domains), patch_size, input_size,
                                   per_domain_kwargs=dict(input_adapter_kwargs or {}),
@@ -182,12 +182,12 @@ def build_multivit(model_name: str, in_domains: Sequence[str], output_adapters: 
 
 def load_pretrained(model: nn.Module, path: str, allow_missing: Sequence[str] = ()) -> Any:
     """Load ``--finetune`` weights (MultiMAE / MultiViT / timm ViT; .pth, .safetensors or URL) through
-    :func:`utils.pretrained.load_finetune_weights`: pre-training decoders dropped, class embeddings padded,
+    :func:`utils.weights.load_finetune_weights`: pre-training decoders dropped, class embeddings padded,
     position embeddings interpolated, the loaded/missing/unexpected keys printed, a missing encoder weight
     an error. Returns the report (None when ``path`` is empty)."""
     if not path:
         return None
-    from utils.pretrained import load_finetune_weights
+    from utils.weights import load_finetune_weights
 
     return load_finetune_weights(unwrap_model(model), path, log=print, allow_missing=allow_missing)
 
@@ -241,7 +241,7 @@ def build_schedules(args: argparse.Namespace, steps_per_epoch: int) -> tuple[np.
     """Per-step lr (linear warm-up from ``warmup_lr``, then cosine to ``min_lr``) and weight-decay schedules.
     A warm-up longer than the run (e.g. a published 100-epoch warm-up in a 2-epoch test) is shortened to the
     whole run with a message instead of failing."""
-    from utils.optim import cosine_scheduler, weight_decay_scheduler
+    from utils.engine.optim import cosine_scheduler, weight_decay_scheduler
 
     total = args.epochs * steps_per_epoch
     warm_epochs, warm_steps = args.warmup_epochs, args.warmup_steps
@@ -266,7 +266,7 @@ def use_channels_last(mode: str, device: torch.device) -> bool:
 def build_finetune_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
     """Optimizer over layer-decayed parameter groups (``args.layer_decay``; optional ``no_lr_scale_list``
     and ``scale_input_lr``); frozen parameters are left out."""
-    from utils.optim import create_optimizer, finetune_param_groups
+    from utils.engine.optim import create_optimizer, finetune_param_groups
 
     groups = finetune_param_groups(model, args.weight_decay, getattr(args, 'layer_decay', None),
                                    no_lr_scale_list=split_list(getattr(args, 'no_lr_scale_list', '')),

@@ -2,8 +2,8 @@
 
 For each task: the arguments the two dense scripts share, the data sets (``MultiModalImageFolder`` with the
 published augmentations), the model (MultiViT + ConvNeXt / DPT / Segmenter head), the Trainer step, the
-split-level evaluation and the prediction pictures, bundled as a :class:`utils.finetune.FinetuneTask`
-(``semseg_task(args)``, ``regression_task(args)``) that :func:`utils.finetune.run_finetuning` runs.
+split-level evaluation and the prediction pictures, bundled as a :class:`utils.finetune.runner.FinetuneTask`
+(``semseg_task(args)``, ``regression_task(args)``) that :func:`utils.finetune.runner.run_finetuning` runs.
 
 Batches are ``(dict modality -> tensor, class_index)`` as the folder data set yields them.
 Semantic segmentation: ``semseg`` is the ground truth ``(B, H, W)`` int64 (255 = ignore); a pseudo-labelled
@@ -22,12 +22,12 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from utils.config import add_arg_group, check_list_arg, split_list
-from utils.data_constants import COCO_SEMSEG_NUM_CLASSES, SEG_IGNORE_INDEX, SEMSEG_STRIDE
-from utils.depth import robust_standardize
-from utils.engine import autocast, move_to_device
-from utils.finetune import HEADS, FinetuneTask, build_dense_head, build_multivit, encoder_info
-from utils.metrics import DepthMetrics, MeanAccumulator, SegmentationMetrics
-from utils.modalities import MODALITIES, Modality, get_modality, ordered_domains, register_modality
+from utils.data.constants import COCO_SEMSEG_NUM_CLASSES, SEG_IGNORE_INDEX, SEMSEG_STRIDE
+from utils.data.depth import robust_standardize
+from utils.engine.trainer import autocast, move_to_device
+from utils.finetune.runner import HEADS, FinetuneTask, build_dense_head, build_multivit, encoder_info
+from utils.finetune.metrics import DepthMetrics, MeanAccumulator, SegmentationMetrics
+from utils.data.modalities import MODALITIES, Modality, get_modality, ordered_domains, register_modality
 
 __all__ = [
     "TASKONOMY_TASKS", "register_finetune_modalities", "add_dense_args", "SemSegStep", "SemSegEvaluator",
@@ -53,7 +53,7 @@ def register_finetune_modalities() -> None:
         register_modality(Modality(PSEUDO_SEMSEG, num_channels=COCO_SEMSEG_NUM_CLASSES, stride_level=SEMSEG_STRIDE,
                                    num_classes=COCO_SEMSEG_NUM_CLASSES, kind='label', decoder='label',
                                    input_adapter=None, output_adapter=None))
-    from utils.synthetic_data import register_normal_modality
+    from utils.data.synthetic import register_normal_modality
 
     register_normal_modality()  # the one 'normal' definition (3 channels in [0, 1], flip negates x)
     for name, (channels, decoder) in TASKONOMY_TASKS.items():
@@ -148,8 +148,8 @@ def validate_semseg_args(args: argparse.Namespace) -> list[str]:
 def build_semseg_dataset(args: argparse.Namespace, split: str):
     """MultiModalImageFolder over rgb, the inputs, the ground truth ``semseg`` (and ``mask_valid``) of the
     split folder, with the `simple` augmentation (train) or resize + pad (val/test)."""
-    from utils.datasets import MultiModalImageFolder
-    from utils.transforms_finetune import build_semseg_transform
+    from utils.data.datasets import MultiModalImageFolder
+    from utils.data.finetune_transforms import build_semseg_transform
 
     root = {'train': args.data_path, 'val': args.eval_data_path, 'test': args.test_data_path}[split]
     extra = ['semseg'] + (['mask_valid'] if args.use_mask_valid else [])
@@ -268,8 +268,8 @@ def validate_regression_args(args: argparse.Namespace) -> list[str]:
 def build_regression_dataset(args: argparse.Namespace, split: str):
     """MultiModalImageFolder over inputs, targets (and ``mask_valid``) with the NYU augmentation and depth
     standardisation (``nyu-augs``) or the Taskonomy resize + per-task scaling (``taskonomy``)."""
-    from utils.datasets import MultiModalImageFolder
-    from utils.transforms_finetune import DenseRegressionTransform, DepthTarget, NYUDepthAugment
+    from utils.data.datasets import MultiModalImageFolder
+    from utils.data.finetune_transforms import DenseRegressionTransform, DepthTarget, NYUDepthAugment
 
     root = {'train': args.data_path, 'val': args.eval_data_path, 'test': args.test_data_path}[split]
     extra = split_list(args.out_domains) + (['mask_valid'] if args.use_mask_valid else [])
@@ -379,7 +379,7 @@ def build_regression_model(args: argparse.Namespace) -> nn.Module:
 
 def regression_task(args: argparse.Namespace, device: torch.device) -> FinetuneTask:
     """The dense-regression :class:`FinetuneTask` (best checkpoint on min validation loss, as published)."""
-    from utils.losses import build_regression_loss
+    from utils.finetune.losses import build_regression_loss
 
     nyu = args.aug_name == 'nyu-augs'
     metrics = DepthMetrics(args.depth_mean, args.depth_std) if nyu else None

@@ -1,7 +1,7 @@
 """Pre-training pieces used by ``run_pretraining_multimae.py``: model/data/optimizer construction from the
 modality registry, the masked multi-task step function and the reconstruction-picture callback.
 
-The loop itself is the shared :class:`utils.engine.Trainer`.
+The loop itself is the shared :class:`utils.engine.trainer.Trainer`.
 """
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.config import args_to_dict, split_list
-from utils.datasets import MultiModalImageFolder
-from utils.depth import robust_standardize
+from utils.data.datasets import MultiModalImageFolder
+from utils.data.depth import robust_standardize
 from utils.dist import get_rank, get_world_size, is_main_process
-from utils.engine import Trainer, unwrap_model
-from utils.modalities import (build_input_adapters, build_pretrain_losses, build_pretrain_output_adapters,
+from utils.engine.trainer import Trainer, unwrap_model
+from utils.data.modalities import (build_input_adapters, build_pretrain_losses, build_pretrain_output_adapters,
                               get_modality, ordered_domains, parse_domains)
-from utils.optim import create_optimizer, cosine_scheduler, pretrain_param_groups, weight_decay_scheduler
-from utils.task_balancing import build_task_balancer
-from utils.transforms import PretrainTransform
+from utils.engine.optim import create_optimizer, cosine_scheduler, pretrain_param_groups, weight_decay_scheduler
+from utils.pretrain.task_balancing import build_task_balancer
+from utils.data.transforms import PretrainTransform
 
 __all__ = ["PretrainStep", "PerSampleSeed", "ReconstructionVis", "validate_pretrain_args", "build_pretrain_model",
            "build_pretrain_loader", "build_pretrain_trainer", "vis_dataset_root"]

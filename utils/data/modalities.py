@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 from torch import nn
 
-from .data_constants import COCO_SEMSEG_NUM_CLASSES, DEPTH_PNG_SCALE, SEG_IGNORE_INDEX, SEMSEG_STRIDE
+from utils.data.constants import COCO_SEMSEG_NUM_CLASSES, DEPTH_PNG_SCALE, SEG_IGNORE_INDEX, SEMSEG_STRIDE
 
 __all__ = [
     'Modality', 'MODALITIES', 'register_modality', 'unregister_modality', 'get_modality', 'parse_domains',
@@ -66,7 +66,7 @@ class Modality:
         kind: how transforms treat it: 'rgb' (uint8 colour, bicubic, mean/std normalised),
             'dense' (float, bicubic, ``* value_scale``), 'label' (nearest, int64 at 1/stride_level),
             'mask' (nearest, bool, True where the file is non-zero).
-        decoder: file decoder name in ``utils.datasets.DECODERS`` ('rgb', 'gray', 'label', 'mask')
+        decoder: file decoder name in ``utils.data.datasets.DECODERS`` ('rgb', 'gray', 'label', 'mask')
             or a callable ``path -> Tensor (C, H, W)``.
         value_scale: raw value multiplier for 'dense' (depth: 1 / 2**16 as published).
         value_range: clamp range after scaling (guards against bicubic overshoot), or None.

@@ -1,0 +1,1 @@
+"""Command-line tools: data preparation, converters, pseudo-labelling, visualisation, benchmarks."""

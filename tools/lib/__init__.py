@@ -1,0 +1,1 @@
+"""Libraries used only by the tools (measurement primitives, pseudo-labelling networks)."""

@@ -1,0 +1,1 @@
+"""The training loop and what surrounds it: mixed precision, optimisers and schedules, preemption."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: the shared runner, one module per downstream task, metrics and losses."""

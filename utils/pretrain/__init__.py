@@ -1,0 +1,1 @@
+"""Pre-training methods, one module each (MultiMAE; the two-stage RGB-D method)."""
