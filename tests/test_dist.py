@@ -15,7 +15,7 @@ import torch
 
 import utils.dist as dist_utils
 from utils.dist import (all_gather_object, all_reduce_mean, all_reduce_sum, barrier, destroy_distributed,
-                        detect_launch_env, get_rank, get_world_size, init_distributed_mode, is_main_process,
+                        detect_launch_env, get_rank, get_world_size, init_distributed, is_main_process,
                         resolve_device, seed_everything, set_deterministic, setup_for_distributed)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,9 +59,9 @@ def test_single_process_needs_no_process_group(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     args = ns(world_size=4)
     try:
-        device = init_distributed_mode(args)
-        assert device == torch.device('cpu')
-        assert (args.rank, args.world_size, args.gpu, args.distributed, args.dist_backend) == (0, 1, 0, False, None)
+        ctx = init_distributed(args, 'cpu')
+        assert ctx.device == torch.device('cpu')
+        assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.distributed, ctx.backend) == (0, 1, 0, False, None)
         assert not torch.distributed.is_initialized()
         assert (get_rank(), get_world_size(), is_main_process()) == (0, 1, True)
         barrier()
@@ -82,7 +82,7 @@ def test_cuda_request_falls_back_to_cpu(capsys, monkeypatch):
     monkeypatch.delenv('RANK', raising=False)
     monkeypatch.delenv('SLURM_PROCID', raising=False)
     try:
-        assert init_distributed_mode(args).type == 'cpu' and args.device == 'cpu'
+        assert init_distributed(args, 'cuda').device.type == 'cpu'
     finally:
         destroy_distributed()
     with pytest.raises(ValueError, match="invalid device 'gpu0'"):
@@ -133,7 +133,7 @@ import argparse, json, sys, torch
 from utils.dist import *
 from utils.logger import MetricLogger
 args = argparse.Namespace(device='cpu', dist_url='env://', dist_on_itp=False, dist_backend=None, local_rank=-1)
-init_distributed_mode(args)
+ctx = init_distributed(args, 'cpu')
 r = get_rank()
 mean = all_reduce_mean(torch.tensor([float(r), 10.0 * r + 1]))
 total = all_reduce_sum(torch.tensor([r + 1], dtype=torch.int64))
@@ -145,7 +145,7 @@ if r == 1:
 ml.synchronize_between_processes()
 gathered = all_gather_object({'rank': r})
 print('silenced on rank 1')
-out = dict(rank=r, world=args.world_size, distributed=args.distributed, backend=args.dist_backend, gpu=args.gpu,
+out = dict(rank=r, world=ctx.world_size, distributed=ctx.distributed, backend=ctx.backend, gpu=ctx.local_rank,
            mean=mean.tolist(), total=total.tolist(), total_dtype=str(total.dtype), loss=ml.loss.global_avg,
            count=ml.loss.count, only=ml.only_rank1.global_avg, gathered=gathered)
 with open(sys.argv[1] + f'.{r}.json', 'w') as f:

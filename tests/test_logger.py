@@ -1,5 +1,7 @@
 """utils.logger: smoothed statistics without per-step sync, progress lines, log.txt JSON lines, W&B offline."""
 import argparse
+
+from utils.config.job import WandbConfig
 import json
 import math
 import re
@@ -89,7 +91,7 @@ def test_append_log_txt_only_on_main_process(tmp_path, monkeypatch):
 
 
 def test_wandb_disabled_is_a_noop():
-    w = WandbLogger(argparse.Namespace(log_wandb=False))
+    w = WandbLogger(WandbConfig(log_wandb=False))
     assert not w.enabled and w.run is None
     w.log({'loss': 1.0}, step=1)
     w.log_image('x', 'missing.png')
@@ -105,10 +107,9 @@ def test_wandb_offline_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv('WANDB_SILENT', 'true')
     img = tmp_path / 'grid.png'
     Image.new('RGB', (8, 8), (255, 0, 0)).save(img)
-    args = argparse.Namespace(log_wandb=True, wandb_project='multimae-test', wandb_entity=None,
-                              wandb_run_name='smoke', wandb_group='', output_dir=str(tmp_path / 'out'),
-                              opt_betas=(0.9, 0.95))
-    w = WandbLogger(args)
+    settings = WandbConfig(log_wandb=True, wandb_project='multimae-test', wandb_entity=None,
+                           wandb_run_name='smoke', wandb_group='')
+    w = WandbLogger(settings, config={'opt_betas': (0.9, 0.95)}, output_dir=str(tmp_path / 'out'))
     assert w.enabled
     assert dict(w.run.config)['opt_betas'] == [0.9, 0.95]
     w.log({'train/loss': torch.tensor(0.75), 'lr': 1e-4}, step=3)

@@ -96,10 +96,10 @@ def labeller_kwargs(args) -> dict:
 
 
 def main(args) -> dict:
-    from utils.dist import destroy_distributed, get_rank, get_world_size, init_distributed_mode
+    from utils.dist import destroy_distributed, get_rank, get_world_size, init_distributed
     from tools.lib.pseudo_labelers import build_labeller, label_folder
 
-    device = init_distributed_mode(args)
+    device = init_distributed(args, args.device).device
     try:
         labeller = build_labeller(args.labeller, args.task, args.weights, **labeller_kwargs(args)).to(device)
         out_domain = args.out_domain or args.task

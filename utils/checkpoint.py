@@ -8,7 +8,7 @@ Public API:
                                               writes output_dir/checkpoint-<tag>.pth (rank 0 only) and
                                               points checkpoint-last.pth at it; keeps the K newest numbered
     find_resume_checkpoint(output_dir) -> Path | None   checkpoint-last.pth, else largest checkpoint-N.pth
-    resolve_resume(args) -> str | None        args.resume if set, else auto-resume (args.auto_resume)
+    resolve_resume(ck) -> str | None          ck.resume if set, else auto-resume (ck.auto_resume)
     load_checkpoint(path, map_location='cpu') -> dict   .pth via torch.load(weights_only=True),
                                               .safetensors via safetensors (flat state dict), https URLs
     load_model_state(model, state_dict, strict=True) -> (missing, unexpected)
@@ -145,13 +145,13 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return numbered[-1][1] if numbered else None
 
 
-def resolve_resume(args: argparse.Namespace) -> str | None:
-    """``args.resume`` when given (path or URL), else the auto-resume checkpoint of
-    ``args.output_dir`` when ``args.auto_resume``; None to start from scratch."""
-    if getattr(args, 'resume', ''):
-        return str(args.resume)
-    if getattr(args, 'auto_resume', False):
-        found = find_resume_checkpoint(getattr(args, 'output_dir', ''))
+def resolve_resume(ck: Any) -> str | None:
+    """``ck.resume`` when given (path or URL), else the auto-resume checkpoint of ``ck.output_dir`` when
+    ``ck.auto_resume``; None to start from scratch. ``ck``: a :class:`utils.config.job.CheckpointConfig`."""
+    if getattr(ck, 'resume', ''):
+        return str(ck.resume)
+    if getattr(ck, 'auto_resume', False):
+        found = find_resume_checkpoint(getattr(ck, 'output_dir', ''))
         return str(found) if found is not None else None
     return None
 

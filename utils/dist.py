@@ -2,13 +2,13 @@
 
 Typical script start::
 
-    device = init_distributed_mode(args)     # sets args.rank/world_size/gpu/distributed/dist_backend
-    seed_everything(args.seed, get_rank())
-    set_deterministic(args.deterministic)
+    ctx = init_distributed(cfg.dist, cfg.runtime.device)   # rank, world size, local rank, device
+    seed_everything(cfg.runtime.seed, ctx.rank)
+    set_deterministic(cfg.runtime.deterministic)
 
 Public API:
     resolve_device(name) -> torch.device             'cuda' without CUDA -> cpu with a one-line warning
-    init_distributed_mode(args) -> torch.device      detects the launcher; single process = no group
+    init_distributed(dist_cfg, device) -> DistContext  detects the launcher; single process = no group
     setup_for_distributed(is_master)                 print() only on rank 0 (``print(..., force=True)``)
     destroy_distributed()                            tear the process group down (if any)
     is_dist_avail_and_initialized() -> bool
@@ -25,12 +25,11 @@ Launchers, in order of precedence:
     SLURM (``srun``): SLURM_PROCID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS), SLURM_LOCALID; master
         address from MASTER_ADDR or SLURM_LAUNCH_NODE_IPADDR, port from MASTER_PORT or derived from
         SLURM_JOB_ID.
-A world size of 1 never creates a process group. Backend: ``args.dist_backend`` if set, else NCCL when
+A world size of 1 never creates a process group. Backend: ``--dist_backend`` if set, else NCCL when
 the device is CUDA and gloo otherwise (CPU runs, tests).
 """
 from __future__ import annotations
 
-import argparse
 import builtins
 import os
 import random
@@ -91,10 +90,26 @@ def _int_env(environ: Mapping[str, str], *names: str) -> int:
     raise RuntimeError(f"environment variable {' or '.join(names)} is not set")
 
 
-def detect_launch_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
-    """Rank, world size and local rank from the launcher's environment; None when not launched by one."""
+class DistContext(NamedTuple):
+    """Runtime facts of this process, decided by the launcher (never part of the configuration)."""
+    rank: int
+    world_size: int
+    local_rank: int
+    distributed: bool
+    backend: str | None
+    device: torch.device
+    amp: str = 'none'  # the resolved mixed precision of the run ('bf16' | 'fp16' | 'none')
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_launch_env(cfg: Any, environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
+    """Rank, world size and local rank from the launcher's environment; None when not launched by one.
+    ``cfg``: a :class:`utils.config.job.DistConfig` (``dist_on_itp``, ``local_rank``)."""
     env = os.environ if environ is None else environ
-    if getattr(args, 'dist_on_itp', False):
+    if getattr(cfg, 'dist_on_itp', False):
         return LaunchEnv(_int_env(env, 'OMPI_COMM_WORLD_RANK'), _int_env(env, 'OMPI_COMM_WORLD_SIZE'),
                          _int_env(env, 'OMPI_COMM_WORLD_LOCAL_RANK'), 'itp')
     if 'RANK' in env and 'WORLD_SIZE' in env:
@@ -102,7 +117,7 @@ def detect_launch_env(args: argparse.Namespace, environ: Mapping[str, str] | Non
         if env.get('LOCAL_RANK', '') != '':
             local = _int_env(env, 'LOCAL_RANK')
         else:
-            local = args.local_rank if getattr(args, 'local_rank', -1) >= 0 else rank
+            local = cfg.local_rank if getattr(cfg, 'local_rank', -1) >= 0 else rank
         return LaunchEnv(rank, _int_env(env, 'WORLD_SIZE'), local, 'torchrun')
     if 'SLURM_PROCID' in env:
         rank = _int_env(env, 'SLURM_PROCID')
@@ -136,41 +151,33 @@ def _export_rendezvous(launch: LaunchEnv, environ: dict) -> None:
             raise RuntimeError(f'{launch.launcher} launch: environment variable {name} is not set')
 
 
-def init_distributed_mode(args: argparse.Namespace) -> torch.device:
-    """Set up the process group (when launched with more than one process) and return the device.
+def init_distributed(cfg: Any, device: str = 'cuda') -> DistContext:
+    """Set up the process group (when launched with more than one process); return this process's facts.
 
-    Sets ``args.rank``, ``args.world_size``, ``args.gpu`` (local rank), ``args.distributed`` and
-    ``args.dist_backend``; ``args.device`` becomes 'cpu' when CUDA was requested but is missing.
-    On CUDA the local GPU becomes the current device, so ``'cuda'`` means that GPU afterwards.
+    ``cfg``: a :class:`utils.config.job.DistConfig`; ``device``: the requested device ('cuda' falls back
+    to the CPU when CUDA is missing). On CUDA the local GPU becomes the current device.
     """
-    requested = getattr(args, 'device', 'cuda')
-    device = resolve_device(requested)
-    if device.type != torch.device(requested).type:
-        args.device = device.type
-    launch = detect_launch_env(args)
+    dev = resolve_device(device)
+    launch = detect_launch_env(cfg)
     if launch is None or launch.world_size <= 1:
-        args.rank, args.world_size, args.distributed, args.dist_backend = 0, 1, False, None
-        args.gpu = launch.local_rank if launch is not None else 0
         setup_for_distributed(True)
-        return device
+        return DistContext(0, 1, launch.local_rank if launch is not None else 0, False, None, dev)
 
     _export_rendezvous(launch, os.environ)
-    backend = getattr(args, 'dist_backend', None) or ('nccl' if device.type == 'cuda' else 'gloo')
-    if device.type == 'cuda':
+    backend = getattr(cfg, 'dist_backend', None) or ('nccl' if dev.type == 'cuda' else 'gloo')
+    if dev.type == 'cuda':
         if launch.local_rank >= torch.cuda.device_count():
             raise RuntimeError(f'local rank {launch.local_rank} has no GPU: only '
                                f'{torch.cuda.device_count()} visible (check --nproc_per_node / CUDA_VISIBLE_DEVICES)')
         torch.cuda.set_device(launch.local_rank)
-        device = torch.device('cuda', launch.local_rank)
-    args.rank, args.world_size, args.gpu = launch.rank, launch.world_size, launch.local_rank
-    args.distributed, args.dist_backend = True, backend
-    url = getattr(args, 'dist_url', 'env://') or 'env://'
+        dev = torch.device('cuda', launch.local_rank)
+    url = getattr(cfg, 'dist_url', 'env://') or 'env://'
     _BUILTIN_PRINT(f'| distributed init ({launch.launcher}): rank {launch.rank}/{launch.world_size}, '
                    f'local rank {launch.local_rank}, backend {backend}, {url}', flush=True)
     dist.init_process_group(backend=backend, init_method=url, world_size=launch.world_size, rank=launch.rank)
     barrier()
     setup_for_distributed(launch.rank == 0)
-    return device
+    return DistContext(launch.rank, launch.world_size, launch.local_rank, True, backend, dev)
 
 
 def setup_for_distributed(is_master: bool) -> None:

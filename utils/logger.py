@@ -3,12 +3,12 @@
 Training loop use::
 
     ml = MetricLogger()
-    for batch in ml.log_every(loader, print_freq=args.print_freq, header=f'Epoch [{epoch}]',
-                              batch_size=args.batch_size):
+    for batch in ml.log_every(loader, print_freq=print_freq, header=f'Epoch [{epoch}]',
+                              batch_size=batch_size):
         loss, logs = step_fn(model, batch)
         ml.update(loss=loss, lr=lr, grad_norm=grad_norm, **logs)   # tensors welcome: no sync here
     ml.synchronize_between_processes()                               # collective, all ranks
-    append_log_txt(args.output_dir, {**{f'[Epoch] {k}': v for k, v in ml.global_avg().items()},
+    append_log_txt(output_dir, {**{f'[Epoch] {k}': v for k, v in ml.global_avg().items()},
                                      'epoch': epoch})
 
 Public API:
@@ -22,7 +22,7 @@ Public API:
         .state() -> {name: [total, count]}, .restore(state) (mid-epoch resume)
     append_log_txt(output_dir, record, filename='log.txt')      one JSON object per line, rank 0 only
     JsonLogger(output_dir, filename='log.txt').log(record)
-    WandbLogger(args, enabled=None)   rank 0 and ``args.log_wandb`` only, ``wandb`` imported lazily;
+    WandbLogger(settings, config, output_dir)   rank 0 and ``--log_wandb`` only, ``wandb`` imported lazily;
         .log(metrics, step=None), .log_image(key, image, step=None, caption=None), .finish(), .enabled
 
 Per-step values should stay tensors: only the print interval converts them (one host sync per line).
@@ -302,11 +302,16 @@ class JsonLogger:
 
 
 class WandbLogger:
-    """Weights & Biases run on the main process when ``args.log_wandb`` (or ``enabled``) is true;
-    every method is a no-op otherwise. Works offline (``WANDB_MODE=offline``)."""
+    """Weights & Biases run on the main process when ``settings.log_wandb`` (or ``enabled``) is true;
+    every method is a no-op otherwise. Works offline (``WANDB_MODE=offline``).
 
-    def __init__(self, args: argparse.Namespace, enabled: bool | None = None):
-        self.enabled = bool(getattr(args, 'log_wandb', False) if enabled is None else enabled) and is_main_process()
+    ``settings``: a :class:`utils.config.job.WandbConfig`; ``config``: the run's plain config dict (shown
+    in W&B); ``output_dir``: where the local run folder goes (unless ``WANDB_DIR`` is set)."""
+
+    def __init__(self, settings: Any, config: Mapping[str, Any] | None = None, output_dir: str = '',
+                 enabled: bool | None = None):
+        flag = getattr(settings, 'log_wandb', False) if enabled is None else enabled
+        self.enabled = bool(flag) and is_main_process()
         self.run = None
         if not self.enabled:
             return
@@ -315,19 +320,16 @@ class WandbLogger:
         except ImportError as exc:
             raise ImportError(f'--log_wandb is set but wandb cannot be imported ({exc}); '
                               f'install wandb or pass --no_log_wandb') from None
-        from utils.config import args_to_dict
-
         self._wandb = wandb
-        output_dir = getattr(args, 'output_dir', '') or None
         if output_dir:
             os.makedirs(output_dir, exist_ok=True)
         self.run = wandb.init(
-            config=args_to_dict(args),
-            project=getattr(args, 'wandb_project', None),
-            entity=getattr(args, 'wandb_entity', None),
-            group=getattr(args, 'wandb_group', None) or None,
-            name=getattr(args, 'wandb_run_name', None),
-            dir=None if os.environ.get('WANDB_DIR') else output_dir,
+            config=_plain_config(config or {}),
+            project=getattr(settings, 'wandb_project', None),
+            entity=getattr(settings, 'wandb_entity', None),
+            group=getattr(settings, 'wandb_group', None) or None,
+            name=getattr(settings, 'wandb_run_name', None),
+            dir=None if os.environ.get('WANDB_DIR') else (output_dir or None),
         )
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -352,3 +354,8 @@ class WandbLogger:
             self.run.finish()
             self.run = None
             self._wandb.teardown()
+
+
+def _plain_config(config: Mapping[str, Any]) -> dict:
+    # Lists, not tuples, so W&B shows opt_betas as [0.9, 0.95] whatever the caller passed.
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}

@@ -399,7 +399,8 @@ def load_yaml_config(parser: argparse.ArgumentParser, path: str | os.PathLike) -
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
                validate: Validator | Sequence[Validator] | None = None,
-               exit_on_error: bool = True) -> argparse.Namespace:
+               exit_on_error: bool = True, config_class: type | None = None,
+               prepare: Callable[[argparse.Namespace], argparse.Namespace] | None = None) -> Any:
     """Parse ``argv`` (default ``sys.argv[1:]``) with YAML configs from ``-c/--config``.
 
     Precedence: command line > YAML (later files win) > parser defaults. ``validate(args)`` returns a
@@ -408,6 +409,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     exits with status 2, otherwise a ConfigError is raised. ``args.config`` is the list of files.
     The arguments of the shared groups (checkpointing, runtime, ...) are always checked as well
     (:func:`utils.config.checks.check_shared_args`: counts >= 0, ``--resume`` file exists, ...).
+
+    With ``config_class`` (a :class:`utils.config.job.JobConfig`), the parsed values are first given to
+    ``prepare`` (the entry layer's own rewrites, e.g. ``--tmp``), then frozen into that class; the
+    validators see and the call returns the frozen config instead of the Namespace.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     _ensure_config_arg(parser)
@@ -428,6 +433,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         errors.extend(file_errors)
 
     args = _parse_with_defaults(parser, argv, values)
+    if prepare is not None:
+        args = prepare(args)
+    if config_class is not None:
+        args = config_class.from_namespace(args)
     validators = [] if validate is None else [validate] if callable(validate) else list(validate)
     validators.insert(0, check_shared_args)
     for check in validators:
@@ -486,9 +495,11 @@ def _plain(value: Any) -> Any:
     return str(value)  # torch.device, torch.dtype, enums, ...
 
 
-def args_to_dict(args: argparse.Namespace | dict) -> dict:
-    """Plain ``dict`` of the arguments (nested values converted to str/int/float/bool/None/list/dict),
-    safe to store in checkpoints loaded with ``torch.load(weights_only=True)`` and in W&B."""
+def args_to_dict(args: Any) -> dict:
+    """Plain ``dict`` of the arguments (a Namespace, a typed config or a mapping; nested values converted to
+    str/int/float/bool/None/list/dict), safe to store in checkpoints loaded with ``weights_only=True``."""
+    if hasattr(args, 'to_dict'):
+        return _plain(args.to_dict())
     return _plain(vars(args) if isinstance(args, argparse.Namespace) else dict(args))
 
 

@@ -167,32 +167,32 @@ _PUBLISHED_NAMES = {"nesterov": "sgd", "momentum": "momentum", "sgd": "sgd", "ad
                     "adamw": "adamw", "lamb": "lamb", "lars": "lars"}
 
 
-def create_optimizer(args: Any, param_groups: list[dict]) -> torch.optim.Optimizer:
-    """Build the optimizer named by ``args.opt`` over ``param_groups`` with timm's ``create_optimizer_v2``.
+def create_optimizer(optim: Any, param_groups: list[dict], lr: float | None = None) -> torch.optim.Optimizer:
+    """Build the optimizer named by ``optim.opt`` over ``param_groups`` with timm's ``create_optimizer_v2``.
 
-    Reads ``args.opt`` (``adamw`` | ``adam`` | ``sgd``/``nesterov`` (Nesterov SGD) | ``momentum`` (plain
-    momentum SGD) | ``lamb`` | ``lars`` | any other timm optimizer name; a ``fused_`` prefix is accepted as
-    in the published code), ``args.lr``, ``args.weight_decay`` (default for groups without their own
-    value), ``args.opt_eps``, ``args.opt_betas``, ``args.momentum``. On CUDA, Adam/AdamW use the fused
-    torch kernels.
+    ``optim``: a :class:`utils.config.job.OptimConfig` (or anything with its attributes): ``opt``
+    (``adamw`` | ``adam`` | ``sgd``/``nesterov`` (Nesterov SGD) | ``momentum`` (plain momentum SGD) |
+    ``lamb`` | ``lars`` | any other timm optimizer name; a ``fused_`` prefix is accepted), ``weight_decay``
+    (default for groups without their own value), ``opt_eps``, ``opt_betas``, ``momentum``; ``lr`` (the
+    peak learning rate) defaults to ``optim.lr``. On CUDA, Adam/AdamW use the fused torch kernels.
     """
     from timm.optim import create_optimizer_v2
 
-    opt = str(args.opt).lower()
+    opt = str(optim.opt).lower()
     base = opt.split("_")[-1]
     base = _PUBLISHED_NAMES.get(base, base)
     kwargs: dict[str, Any] = {}
-    if getattr(args, "opt_eps", None) is not None:
-        kwargs["eps"] = float(args.opt_eps)
-    betas = getattr(args, "opt_betas", None)
+    if getattr(optim, "opt_eps", None) is not None:
+        kwargs["eps"] = float(optim.opt_eps)
+    betas = getattr(optim, "opt_betas", None)
     if betas is not None:
         kwargs["betas"] = tuple(float(b) for b in betas)
     params = [p for g in param_groups for p in g["params"]]
     if base in ("adam", "adamw") and params and all(p.is_cuda for p in params):
         kwargs["fused"] = True
     try:
-        return create_optimizer_v2(param_groups, opt=base, lr=getattr(args, "lr", None),
-                                   weight_decay=float(getattr(args, "weight_decay", 0.0) or 0.0),
-                                   momentum=float(getattr(args, "momentum", 0.9)), **kwargs)
+        return create_optimizer_v2(param_groups, opt=base, lr=getattr(optim, "lr", None) if lr is None else lr,
+                                   weight_decay=float(getattr(optim, "weight_decay", 0.0) or 0.0),
+                                   momentum=float(getattr(optim, "momentum", 0.9)), **kwargs)
     except ValueError as e:
-        raise ValueError(f"--opt {args.opt!r}: {e}") from e
+        raise ValueError(f"--opt {optim.opt!r}: {e}") from e

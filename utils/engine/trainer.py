@@ -10,9 +10,9 @@ task-specific work, and hands everything to a :class:`Trainer`::
         return loss, {'loss': loss.detach()}    # logs: scalar tensors (or floats)
 
     trainer = Trainer(model, optimizer, step_fn, lr_schedule=lr_s, wd_schedule=wd_s,
-                      steps_per_epoch=n, epochs=args.epochs, device=device, amp='bf16',
-                      clip_grad=args.clip_grad, output_dir=args.output_dir, config=args_to_dict(args))
-    trainer.resume(resolve_resume(args))        # model, optimizer, scaler, extra modules, EMA, RNG, epoch
+                      steps_per_epoch=n, epochs=cfg.epochs, device=ctx.device, amp='bf16',
+                      clip_grad=cfg.optim.clip_grad, output_dir=cfg.checkpoint.output_dir, config=cfg.to_dict())
+    trainer.resume(resolve_resume(cfg.checkpoint))  # model, optimizer, scaler, extra modules, EMA, RNG, epoch
     trainer.fit(train_loader, callbacks=[eval_callback])
 
 Per optimizer step: lr/wd are set from the precomputed schedules (``lr = lr_schedule[step] *
@@ -42,9 +42,6 @@ Faults (see :mod:`utils.engine.preemption` and :mod:`utils.data.loader`):
   no workers, and replays them otherwise; either way, with ``--deterministic``, the parameters end
   bit-identical to an uninterrupted run (persistent workers with worker-side randomness excepted).
 * ``on_bad_sample='skip'``: unreadable samples are replaced by the next index and counted per epoch.
-
-Trainer options that scripts pass through ``config`` (the args dict) when not given explicitly:
-``save_every_steps``, ``skip_nonfinite``, ``on_bad_sample``.
 """
 from __future__ import annotations
 
@@ -204,11 +201,11 @@ class Trainer:
         extra_log: constant entries added to every epoch record (e.g. ``n_parameters``).
         epoch_start_hooks: ``hook(trainer, epoch)`` called after ``model.train()`` at each epoch start.
         save_every_steps: also write ``checkpoint-last.pth`` (with the position in the epoch) every N optimizer
-            steps; 0 = only at epoch ends. None: ``config['save_every_steps']`` (default 0).
+            steps; 0 = only at epoch ends.
         skip_nonfinite: skip up to N optimizer steps with a non-finite loss/gradient (no update, counted in
-            the log) before stopping; 0 = stop at the first. None: ``config['skip_nonfinite']`` (default 0).
+            the log) before stopping; 0 = stop at the first.
         on_bad_sample: ``'error'`` (stop, naming the file) or ``'skip'`` (replace the sample by the next one,
-            count it). None: ``config['on_bad_sample']`` (default 'error').
+            count it).
         stop_check_every: optimizer steps between two stop-flag reductions across ranks (see
             :mod:`utils.engine.preemption`).
         batch_transform: applied to every batch on the device, before autocast and ``step_fn`` (e.g.
@@ -226,8 +223,8 @@ class Trainer:
                  log_prefix: str = "[Epoch] ", best_metric: str | None = None, best_mode: str = "max",
                  extra_log: Mapping[str, Any] | None = None,
                  epoch_start_hooks: Iterable[Callable[["Trainer", int], None]] = (),
-                 save_every_steps: int | None = None, skip_nonfinite: int | None = None,
-                 on_bad_sample: str | None = None, stop_check_every: int = 1,
+                 save_every_steps: int = 0, skip_nonfinite: int = 0,
+                 on_bad_sample: str = "error", stop_check_every: int = 1,
                  batch_transform: Callable[[Any], Any] | None = None):
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch} (is the dataset smaller "
@@ -257,10 +254,9 @@ class Trainer:
         self.best_metric, self.best_mode, self.best_value = best_metric, best_mode, None
         self.extra_log = dict(extra_log or {})
         self.epoch_start_hooks = list(epoch_start_hooks)
-        option = lambda value, key, default: self.config.get(key, default) if value is None else value  # noqa: E731
-        self.save_every_steps = max(0, int(option(save_every_steps, "save_every_steps", 0) or 0))
-        self.skip_nonfinite = max(0, int(option(skip_nonfinite, "skip_nonfinite", 0) or 0))
-        self.on_bad_sample = str(option(on_bad_sample, "on_bad_sample", "error"))
+        self.save_every_steps = max(0, int(save_every_steps or 0))
+        self.skip_nonfinite = max(0, int(skip_nonfinite or 0))
+        self.on_bad_sample = str(on_bad_sample or "error")
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
         self.stop_check_every = max(1, int(stop_check_every))
@@ -714,7 +710,7 @@ class Trainer:
         return True
 
     def resume(self, path: str | None) -> bool:
-        """Load ``path`` (from ``utils.checkpoint.resolve_resume(args)``) if given; returns whether it did."""
+        """Load ``path`` (from :func:`utils.checkpoint.resolve_resume`) if given; returns whether it did."""
         if not path:
             return False
         self.load_state(load_checkpoint(path, map_location="cpu"), source=str(path))

@@ -1,0 +1,142 @@
+"""The one Trainer factory: what every method and task shares between "here is my step" and a running loop.
+
+A pre-training method or fine-tuning task describes its training in a :class:`TrainingPlan` (step function,
+parameter groups, peak learning rate, extra modules, ...); :func:`build_trainer` turns a plan plus the
+typed config into a :class:`utils.engine.trainer.Trainer`: steps per epoch (with the debugging cap), the
+optimizer, the per-step schedules, activation checkpointing, DDP / ``torch.compile`` wrapping and the
+loop's policies (checkpointing, fault handling, logging).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from utils.config.job import JobConfig, OptimConfig
+from utils.dist import DistContext
+from utils.engine.optim import cosine_scheduler, create_optimizer, weight_decay_scheduler
+from utils.engine.trainer import StepFn, Trainer
+
+__all__ = ["TrainingPlan", "peak_lr", "steps_per_epoch", "build_schedules", "wrap_model", "count_params",
+           "build_trainer"]
+
+
+@dataclass
+class TrainingPlan:
+    """What a method or task contributes to its Trainer.
+
+    ``modules``: extra trainable modules, checkpointed under their key (e.g. the loss balancer); those in
+    ``ddp_modules`` are DDP-wrapped too when they have parameters. ``fit_warmup``: shorten a warm-up that
+    is longer than the run to the whole run (fine-tuning a published config for a few epochs) instead of
+    failing. ``describe``: the start-up line, given the steps per epoch and the optimizer.
+    """
+    step_fn: StepFn
+    param_groups: list[dict]
+    lr: float
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    ddp_modules: Sequence[str] = ()
+    batch_transform: Callable[[Any], Any] | None = None
+    model_ema: nn.Module | None = None
+    log_prefix: str = "[Epoch] "
+    best_metric: str | None = None
+    best_mode: str = "max"
+    epoch_start_hooks: list[Callable] = field(default_factory=list)
+    fit_warmup: bool = False
+    find_unused_parameters: bool | None = None
+    describe: Callable[[int, torch.optim.Optimizer, int], str] | None = None
+
+
+def peak_lr(optim: OptimConfig, batch_size: int, update_freq: int, world_size: int) -> tuple[float, str]:
+    """``optim.lr`` when given, else ``blr * batch_size * update_freq * world_size / 256``; with a note
+    saying which (for the start-up line)."""
+    if optim.lr is not None:
+        return float(optim.lr), "--lr"
+    if optim.blr is None:
+        raise ValueError("neither --lr nor --blr is set")
+    lr = optim.blr * batch_size * update_freq * world_size / 256
+    return lr, f"blr {optim.blr} x batch {batch_size} x update_freq {update_freq} x {world_size} processes / 256"
+
+
+def steps_per_epoch(loader: DataLoader, update_freq: int = 1, cap: int | None = None) -> int:
+    """Optimizer steps per epoch: full accumulation cycles of the loader, at most ``cap`` when set."""
+    steps = len(loader) // max(1, update_freq)
+    return min(steps, cap) if cap else steps
+
+
+def build_schedules(optim: OptimConfig, lr: float, epochs: int, steps: int, fit_warmup: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step lr (linear warm-up from ``warmup_lr``, then cosine to ``min_lr``) and weight decay."""
+    warm_epochs, warm_steps = optim.warmup_epochs, optim.warmup_steps
+    if fit_warmup:
+        total = epochs * steps
+        wanted = warm_steps if warm_steps > 0 else warm_epochs * steps
+        if wanted > total:
+            print(f"warm-up of {wanted} steps is longer than the run ({total} steps): warming up over the whole run")
+            warm_epochs, warm_steps = 0, total
+    lr_s = cosine_scheduler(lr, optim.min_lr, epochs, steps, warm_epochs, optim.warmup_lr, warm_steps)
+    wd_s = weight_decay_scheduler(optim.weight_decay, optim.weight_decay_end, epochs, steps)
+    return lr_s, wd_s
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, compile: bool = False, find_unused_parameters: bool = False
+               ) -> nn.Module:
+    """DDP (when several processes) and ``torch.compile`` around ``model``."""
+    wrapped = model
+    if ctx.world_size > 1:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+    if compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _wrap_modules(plan: TrainingPlan, ctx: DistContext) -> dict[str, nn.Module]:
+    modules = dict(plan.modules)
+    if ctx.world_size > 1:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        for key in plan.ddp_modules:
+            if any(True for _ in modules[key].parameters()):
+                modules[key] = DistributedDataParallel(modules[key], device_ids=ids)
+    return modules
+
+
+def build_trainer(cfg: JobConfig, ctx: DistContext, model: nn.Module, loader: DataLoader, plan: TrainingPlan,
+                  wandb: Any = None) -> Trainer:
+    """The Trainer of a run: ``cfg`` gives epochs, batch, accumulation, the optimizer section, the
+    checkpoint and runtime policies; ``ctx`` the device, world size and resolved precision."""
+    update_freq = int(cfg.get("update_freq", 1) or 1)
+    steps = steps_per_epoch(loader, update_freq, cfg.get("max_steps_per_epoch"))
+    if steps < 1:
+        raise ValueError(f"the train split ({len(loader.dataset)} samples) gives no full step of batch_size "
+                         f"{cfg.get('batch_size')} x update_freq {update_freq} x {ctx.world_size} processes")
+    optimizer = create_optimizer(cfg.optim, plan.param_groups, lr=plan.lr)
+    lr_s, wd_s = build_schedules(cfg.optim, plan.lr, cfg.get("epochs"), steps, plan.fit_warmup)
+    rt, ck = cfg.runtime, cfg.checkpoint
+    if rt.grad_ckpt:
+        model.set_grad_checkpointing(True)
+    n_parameters = count_params(model)
+    find_unused = cfg.dist.find_unused_params if plan.find_unused_parameters is None else plan.find_unused_parameters
+    wrapped = wrap_model(model, ctx, rt.compile, find_unused)
+    modules = _wrap_modules(plan, ctx)
+    if plan.describe is not None:
+        print(plan.describe(steps, optimizer, n_parameters))
+    return Trainer(wrapped, optimizer, plan.step_fn, lr_schedule=lr_s, wd_schedule=wd_s, steps_per_epoch=steps,
+                   epochs=cfg.get("epochs"), device=ctx.device, amp=ctx.amp, clip_grad=cfg.optim.clip_grad,
+                   skip_grad=cfg.optim.skip_grad, update_freq=update_freq, modules=modules,
+                   model_ema=plan.model_ema, output_dir=ck.output_dir, save_ckpt=ck.save_ckpt,
+                   save_ckpt_freq=ck.save_ckpt_freq, keep_last=ck.keep_last, print_freq=rt.print_freq,
+                   config=cfg.to_dict(), wandb=wandb, batch_size=cfg.get("batch_size"),
+                   log_prefix=plan.log_prefix, best_metric=plan.best_metric, best_mode=plan.best_mode,
+                   extra_log={"n_parameters": n_parameters}, epoch_start_hooks=plan.epoch_start_hooks,
+                   save_every_steps=ck.save_every_steps, skip_nonfinite=rt.skip_nonfinite,
+                   on_bad_sample=rt.on_bad_sample, batch_transform=plan.batch_transform)

@@ -1,0 +1,53 @@
+"""The one job runner: every entry script is a parser plus ``run(cfg, job)``.
+
+``run`` sets up the process (group, seeds, determinism, precision), writes ``config.yaml``, lets the job
+build its data and model, then either evaluates only or trains: the job's :class:`TrainingPlan` becomes a
+Trainer through :func:`utils.engine.factory.build_trainer`, which resumes (explicit ``--resume`` or the
+newest checkpoint of ``output_dir``) and fits with the job's callbacks.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from utils.checkpoint import resolve_resume
+from utils.config import save_config
+from utils.config.job import JobConfig
+from utils.dist import destroy_distributed, init_distributed, seed_everything, set_deterministic
+from utils.engine.factory import build_trainer
+from utils.jobs import Job
+from utils.logger import WandbLogger
+
+__all__ = ["run"]
+
+
+def run(cfg: JobConfig, job: Job) -> Any:
+    """Run ``job`` with ``cfg``; returns the last record (an epoch, evaluation or test record), or the
+    trainer for pre-training jobs (whose ``finish`` returns it)."""
+    if not cfg.runtime.show_user_warnings:
+        warnings.filterwarnings("ignore", category=UserWarning)
+    ctx = init_distributed(cfg.dist, cfg.runtime.device)
+    seed_everything(cfg.runtime.seed, ctx.rank)
+    set_deterministic(cfg.runtime.deterministic)
+    ctx = ctx._replace(amp=job.resolve_amp(cfg, ctx.device))
+    wandb = None
+    try:
+        if cfg.checkpoint.output_dir and ctx.is_main and job.saves_config(cfg):
+            save_config(cfg, cfg.checkpoint.output_dir)
+        parts = job.build(cfg, ctx)
+        if cfg.wandb.log_wandb:
+            wandb = WandbLogger(cfg.wandb, cfg.to_dict(), cfg.checkpoint.output_dir)
+        results = job.evaluate_only(cfg, ctx, parts, wandb)
+        if results is not None:
+            return results
+        trainer = build_trainer(cfg, ctx, parts.model, parts.train_loader, job.plan(cfg, ctx, parts), wandb)
+        callbacks = job.callbacks(cfg, ctx, parts, trainer, wandb)
+        trainer.start_epoch = cfg.checkpoint.start_epoch
+        trainer.resume(resolve_resume(cfg.checkpoint))  # last: restores the RNG states
+        print(f"Training epochs {trainer.start_epoch}..{cfg.get('epochs') - 1} on {ctx.device} (amp: {ctx.amp})")
+        record = trainer.fit(parts.train_loader, callbacks=callbacks)
+        return job.finish(cfg, ctx, parts, trainer, record, wandb)
+    finally:
+        if wandb is not None:
+            wandb.finish()
+        destroy_distributed()
