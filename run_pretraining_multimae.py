@@ -8,12 +8,13 @@
 Every published argument keeps its name and default; see PRETRAINING.md for the few additions.
 ``--method rgbd_stage1|rgbd_stage2`` runs the two-stage RGB-D method instead (cfgs/pretrain/rgbd_contrastive_*.yaml).
 """
-import warnings
-
 from utils.config import (OMIT, add_bool_arg, add_checkpoint_args, add_dist_args, add_optim_args,
-                          add_runtime_args, add_wandb_args, create_parser, parse_args, save_config)
-from utils.pretrain.rgbd import add_rgbd_args, validate_method_args
+                          add_runtime_args, add_wandb_args, create_parser, parse_args)
 from utils.config.checks import check_pretrain_args
+from utils.jobs import get_job
+from utils.pretrain.config import PretrainConfig
+from utils.pretrain.rgbd import add_rgbd_args, validate_method_args
+from utils.runner import run
 
 
 def get_args_parser():
@@ -70,37 +71,17 @@ def get_args_parser():
     return p
 
 
-def main(args):
-    from utils.checkpoint import resolve_resume
-    from utils.dist import destroy_distributed, get_rank, init_distributed_mode, seed_everything, set_deterministic
-    from utils.engine.trainer import resolve_amp
-    from utils.logger import WandbLogger
-    from utils.pretrain.rgbd import pretrain_method
+def main(cfg):
+    """Run the pre-training method ``cfg.method`` (a PretrainConfig, or parsed arguments); returns the trainer."""
+    if not isinstance(cfg, PretrainConfig):
+        cfg = PretrainConfig.from_namespace(cfg)
+    return run(cfg, get_job("pretrain", cfg.method))
 
-    if not args.show_user_warnings:
-        warnings.filterwarnings("ignore", category=UserWarning)
-    device = init_distributed_mode(args)
-    seed_everything(args.seed, get_rank())
-    set_deterministic(args.deterministic)
-    args.amp = resolve_amp(args.amp, device)
-    if args.output_dir and get_rank() == 0:
-        save_config(args, args.output_dir)
-    method = pretrain_method(args.method)  # multimae, or a stage of the two-stage RGB-D method
-    dataset, loader = method.build_loader(args)
-    model = method.build_model(args).to(device)
-    print(f"Data: {len(dataset)} samples of {dataset.modalities} from {args.data_path}")
-    wandb = WandbLogger(args) if args.log_wandb else None
-    trainer = method.build_trainer(args, model, loader, device, wandb)
-    callbacks = method.callbacks(args, trainer, device, wandb)
-    trainer.start_epoch = args.start_epoch
-    trainer.resume(resolve_resume(args))  # last: restores the RNG states
-    print(f"Training epochs {trainer.start_epoch}..{args.epochs - 1} on {device} (amp: {args.amp})")
-    trainer.fit(loader, callbacks=callbacks)
-    if wandb is not None:
-        wandb.finish()
-    destroy_distributed()
-    return trainer
+
+def parse(argv=None) -> PretrainConfig:
+    return parse_args(get_args_parser(), argv, validate=[validate_method_args, check_pretrain_args],
+                      config_class=PretrainConfig)
 
 
 if __name__ == "__main__":
-    main(parse_args(get_args_parser(), validate=[validate_method_args, check_pretrain_args]))
+    main(parse())

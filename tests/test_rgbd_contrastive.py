@@ -11,12 +11,13 @@ import torch
 from multimae.rgbd_contrastive import (MODALITIES, decoder_inputs, dirichlet_visible_split, keep_to_mask,
                                     masked_pixel_mse, max_pool_distill_loss, num_visible_patches, patch_info_nce,
                                     random_keep)
+from utils.pretrain.config import PretrainConfig
 from utils.pretrain.rgbd import RGBDStage1Step, RGBDStage2Step, build_rgbd_model, build_rgbd_step
 
 P, S = 8, 32  # patch size, image size: 16 patches per modality
 
 
-def tiny_args(**kw) -> argparse.Namespace:
+def tiny_args(**kw) -> PretrainConfig:
     args = dict(method="rgbd_stage1", model="pretrain_multimae_tiny", encoder_depth=2, encoder_dim=32,
                 encoder_num_heads=2, num_global_tokens=1, patch_size=P, input_size=S, drop_path=0.0,
                 separate_encoders=False, proj_dim=16, proj_hidden_dim=None, temperature=0.07, learn_temperature=True,
@@ -27,7 +28,7 @@ def tiny_args(**kw) -> argparse.Namespace:
                 sigma_max=1.0, teacher_input="full", standardize_depth=True, use_mask_valid=True,
                 min_valid_fraction=0.5, contrast_negatives="image")
     args.update(kw)
-    return argparse.Namespace(**args)
+    return PretrainConfig().replace(**args)
 
 
 def batch(B=2, invalid_box=True, seed=0):

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    'resolve_device', 'init_distributed_mode', 'setup_for_distributed', 'destroy_distributed',
+    'resolve_device', 'init_distributed', 'DistContext', 'setup_for_distributed', 'destroy_distributed',
     'is_dist_avail_and_initialized', 'get_rank', 'get_world_size', 'is_main_process', 'barrier',
     'all_reduce_mean', 'all_reduce_sum', 'all_gather_object', 'seed_everything', 'set_deterministic',
     'LaunchEnv', 'detect_launch_env',

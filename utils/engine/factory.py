@@ -22,7 +22,7 @@ from utils.dist import DistContext
 from utils.engine.optim import cosine_scheduler, create_optimizer, weight_decay_scheduler
 from utils.engine.trainer import StepFn, Trainer
 
-__all__ = ["TrainingPlan", "peak_lr", "steps_per_epoch", "build_schedules", "wrap_model", "count_params",
+__all__ = ["TrainingPlan", "peak_lr", "steps_per_epoch", "build_schedules", "wrap_model", "ddp_wrap", "count_params", "run_record",
            "build_trainer"]
 
 
@@ -30,8 +30,8 @@ __all__ = ["TrainingPlan", "peak_lr", "steps_per_epoch", "build_schedules", "wra
 class TrainingPlan:
     """What a method or task contributes to its Trainer.
 
-    ``modules``: extra trainable modules, checkpointed under their key (e.g. the loss balancer); those in
-    ``ddp_modules`` are DDP-wrapped too when they have parameters. ``fit_warmup``: shorten a warm-up that
+    ``modules``: extra trainable modules, checkpointed under their key (e.g. the loss balancer, wrapped
+    with :func:`ddp_wrap` by the job when it has parameters). ``fit_warmup``: shorten a warm-up that
     is longer than the run to the whole run (fine-tuning a published config for a few epochs) instead of
     failing. ``describe``: the start-up line, given the steps per epoch and the optimizer.
     """
@@ -39,7 +39,6 @@ class TrainingPlan:
     param_groups: list[dict]
     lr: float
     modules: dict[str, nn.Module] = field(default_factory=dict)
-    ddp_modules: Sequence[str] = ()
     batch_transform: Callable[[Any], Any] | None = None
     model_ema: nn.Module | None = None
     log_prefix: str = "[Epoch] "
@@ -100,14 +99,20 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _wrap_modules(plan: TrainingPlan, ctx: DistContext) -> dict[str, nn.Module]:
-    modules = dict(plan.modules)
-    if ctx.world_size > 1:
+def ddp_wrap(module: nn.Module, ctx: DistContext) -> nn.Module:
+    """``module`` in DDP when several processes train and it has parameters (e.g. a learned loss
+    balancer, whose gradients must be averaged like the model's); unchanged otherwise."""
+    if ctx.world_size > 1 and any(True for _ in module.parameters()):
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        for key in plan.ddp_modules:
-            if any(True for _ in modules[key].parameters()):
-                modules[key] = DistributedDataParallel(modules[key], device_ids=ids)
-    return modules
+        return DistributedDataParallel(module, device_ids=ids)
+    return module
+
+
+def run_record(cfg: JobConfig, ctx: DistContext, lr: float) -> dict[str, Any]:
+    """The ``'args'`` entry of checkpoints: the configuration plus what the run resolved from it (peak lr,
+    precision, ranks), the same keys a checkpoint of the published code holds."""
+    return {**cfg.to_dict(), "lr": lr, "amp": ctx.amp, "rank": ctx.rank, "world_size": ctx.world_size,
+            "gpu": ctx.local_rank, "distributed": ctx.distributed, "dist_backend": ctx.backend}
 
 
 def build_trainer(cfg: JobConfig, ctx: DistContext, model: nn.Module, loader: DataLoader, plan: TrainingPlan,
@@ -127,15 +132,14 @@ def build_trainer(cfg: JobConfig, ctx: DistContext, model: nn.Module, loader: Da
     n_parameters = count_params(model)
     find_unused = cfg.dist.find_unused_params if plan.find_unused_parameters is None else plan.find_unused_parameters
     wrapped = wrap_model(model, ctx, rt.compile, find_unused)
-    modules = _wrap_modules(plan, ctx)
     if plan.describe is not None:
         print(plan.describe(steps, optimizer, n_parameters))
     return Trainer(wrapped, optimizer, plan.step_fn, lr_schedule=lr_s, wd_schedule=wd_s, steps_per_epoch=steps,
                    epochs=cfg.get("epochs"), device=ctx.device, amp=ctx.amp, clip_grad=cfg.optim.clip_grad,
-                   skip_grad=cfg.optim.skip_grad, update_freq=update_freq, modules=modules,
+                   skip_grad=cfg.optim.skip_grad, update_freq=update_freq, modules=plan.modules,
                    model_ema=plan.model_ema, output_dir=ck.output_dir, save_ckpt=ck.save_ckpt,
                    save_ckpt_freq=ck.save_ckpt_freq, keep_last=ck.keep_last, print_freq=rt.print_freq,
-                   config=cfg.to_dict(), wandb=wandb, batch_size=cfg.get("batch_size"),
+                   config=run_record(cfg, ctx, plan.lr), wandb=wandb, batch_size=cfg.get("batch_size"),
                    log_prefix=plan.log_prefix, best_metric=plan.best_metric, best_mode=plan.best_mode,
                    extra_log={"n_parameters": n_parameters}, epoch_start_hooks=plan.epoch_start_hooks,
                    save_every_steps=ck.save_every_steps, skip_nonfinite=rt.skip_nonfinite,

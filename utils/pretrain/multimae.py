@@ -5,28 +5,29 @@ The loop itself is the shared :class:`utils.engine.trainer.Trainer`.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from utils.config import args_to_dict, split_list
+from utils.config import split_list
 from utils.data.datasets import MultiModalImageFolder
 from utils.data.depth import robust_standardize
-from utils.dist import get_rank, get_world_size, is_main_process
+from utils.dist import DistContext, get_rank, get_world_size, is_main_process
+from utils.engine.factory import TrainingPlan, ddp_wrap, peak_lr
 from utils.engine.trainer import Trainer, unwrap_model
+from utils.jobs import Job, Parts, register_job
 from utils.data.modalities import (build_input_adapters, build_pretrain_losses, build_pretrain_output_adapters,
                               get_modality, ordered_domains, parse_domains)
-from utils.engine.optim import create_optimizer, cosine_scheduler, pretrain_param_groups, weight_decay_scheduler
+from utils.engine.optim import pretrain_param_groups
+from utils.pretrain.config import PretrainConfig
 from utils.pretrain.task_balancing import build_task_balancer
 from utils.data.transforms import PretrainTransform
 
 __all__ = ["PretrainStep", "PerSampleSeed", "ReconstructionVis", "validate_pretrain_args", "build_pretrain_model",
-           "build_pretrain_loader", "build_pretrain_trainer", "vis_dataset_root"]
+           "build_pretrain_loader", "build_pretrain_step", "MultiMAEPretraining", "vis_dataset_root"]
 
 
 class PretrainStep:
@@ -119,11 +120,11 @@ def _num_tokens(domains: Sequence[str], input_size: int, patch_size: int) -> int
     return len(domains) * (input_size // patch_size) ** 2
 
 
-def validate_pretrain_args(args: argparse.Namespace) -> list[str]:
+def validate_pretrain_args(cfg: PretrainConfig) -> list[str]:
     """Cross-argument checks run before anything is built (one line per problem)."""
     errors = []
     try:
-        in_domains, out_domains = parse_domains(args.in_domains), parse_domains(args.out_domains)
+        in_domains, out_domains = parse_domains(cfg.in_domains), parse_domains(cfg.out_domains)
     except ValueError as e:
         return [f"--in_domains/--out_domains: {e}"]
     if not in_domains:
@@ -134,52 +135,52 @@ def validate_pretrain_args(args: argparse.Namespace) -> list[str]:
     for d in out_domains:
         if get_modality(d).output_adapter is None or get_modality(d).loss is None:
             errors.append(f"--out_domains: modality '{d}' cannot be a pre-training output (no decoder or loss)")
-    if args.input_size % args.patch_size:
-        errors.append(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
-    n_tokens = _num_tokens(in_domains, args.input_size, args.patch_size)
-    if not 0 < args.num_encoded_tokens <= n_tokens:
-        errors.append(f"--num_encoded_tokens {args.num_encoded_tokens} must be in 1..{n_tokens} ({len(in_domains)} "
-                      f"input domains x ({args.input_size}/{args.patch_size})^2 patches)")
-    outputs = out_domains + (["norm_rgb"] if args.extra_norm_pix_loss else [])
-    for t in split_list(args.fp32_output_adapters):
+    if cfg.input_size % cfg.patch_size:
+        errors.append(f"--input_size {cfg.input_size} is not a multiple of --patch_size {cfg.patch_size}")
+    n_tokens = _num_tokens(in_domains, cfg.input_size, cfg.patch_size)
+    if not 0 < cfg.num_encoded_tokens <= n_tokens:
+        errors.append(f"--num_encoded_tokens {cfg.num_encoded_tokens} must be in 1..{n_tokens} ({len(in_domains)} "
+                      f"input domains x ({cfg.input_size}/{cfg.patch_size})^2 patches)")
+    outputs = out_domains + (["norm_rgb"] if cfg.extra_norm_pix_loss else [])
+    for t in split_list(cfg.fp32_output_adapters):
         if t not in outputs:
             errors.append(f"--fp32_output_adapters: '{t}' is not an output adapter (outputs: {outputs})")
-    if args.extra_norm_pix_loss and "rgb" not in in_domains:
+    if cfg.extra_norm_pix_loss and "rgb" not in in_domains:
         errors.append("--extra_norm_pix_loss needs 'rgb' in --in_domains (or pass --no_extra_norm_pix_loss)")
-    if min(args.batch_size, args.epochs, args.update_freq) < 1:
-        errors.append(f"--batch_size ({args.batch_size}), --epochs ({args.epochs}) and --update_freq "
-                      f"({args.update_freq}) must be >= 1")
+    if min(cfg.batch_size, cfg.epochs, cfg.update_freq) < 1:
+        errors.append(f"--batch_size ({cfg.batch_size}), --epochs ({cfg.epochs}) and --update_freq "
+                      f"({cfg.update_freq}) must be >= 1")
     return errors
 
 
-def build_pretrain_model(args: argparse.Namespace) -> nn.Module:
+def build_pretrain_model(cfg: PretrainConfig) -> nn.Module:
     """MultiMAE with input adapters for ``in_domains`` and decoders for ``out_domains`` (+ norm_rgb),
     adapters built for ``input_size`` (published: always 224), in the deterministic domain order.
     ``encoder_depth/encoder_dim/encoder_num_heads`` (when set) override the size preset of ``model``."""
     from multimae import create_model
 
-    in_domains, out_domains = parse_domains(args.in_domains), parse_domains(args.out_domains)
-    inputs = build_input_adapters(in_domains, args.patch_size, args.input_size)
+    in_domains, out_domains = parse_domains(cfg.in_domains), parse_domains(cfg.out_domains)
+    inputs = build_input_adapters(in_domains, cfg.patch_size, cfg.input_size)
     outputs = build_pretrain_output_adapters(
-        out_domains, context_tasks=in_domains, patch_size=args.patch_size, image_size=args.input_size,
-        dim_tokens=args.decoder_dim, depth=args.decoder_depth, num_heads=args.decoder_num_heads,
-        use_task_queries=args.decoder_use_task_queries, use_xattn=args.decoder_use_xattn,
-        extra_norm_pix_loss=args.extra_norm_pix_loss)
-    overrides = {k: v for k, v in (("depth", args.encoder_depth), ("dim_tokens", args.encoder_dim),
-                                   ("num_heads", args.encoder_num_heads)) if v is not None}
-    return create_model(args.model, input_adapters=inputs, output_adapters=outputs,
-                        num_global_tokens=args.num_global_tokens, drop_path_rate=args.drop_path, **overrides)
+        out_domains, context_tasks=in_domains, patch_size=cfg.patch_size, image_size=cfg.input_size,
+        dim_tokens=cfg.decoder_dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_num_heads,
+        use_task_queries=cfg.decoder_use_task_queries, use_xattn=cfg.decoder_use_xattn,
+        extra_norm_pix_loss=cfg.extra_norm_pix_loss)
+    overrides = {k: v for k, v in (("depth", cfg.encoder_depth), ("dim_tokens", cfg.encoder_dim),
+                                   ("num_heads", cfg.encoder_num_heads)) if v is not None}
+    return create_model(cfg.model, input_adapters=inputs, output_adapters=outputs,
+                        num_global_tokens=cfg.num_global_tokens, drop_path_rate=cfg.drop_path, **overrides)
 
 
-def _transform(args: argparse.Namespace, train: bool = True) -> PretrainTransform:
+def _transform(cfg: PretrainConfig, train: bool = True) -> PretrainTransform:
     if train:
         # compact: uint8 rgb and label maps leave the loader workers; Trainer.batch_transform (finish)
         # completes them on the device (4x less rgb through worker shared memory and host-to-device copies)
-        return PretrainTransform(args.input_size, hflip=args.hflip, interpolation=args.train_interpolation,
-                                 imagenet_default_mean_and_std=args.imagenet_default_mean_and_std, compact=True)
+        return PretrainTransform(cfg.input_size, hflip=cfg.hflip, interpolation=cfg.train_interpolation,
+                                 imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std, compact=True)
     # whole image, no flip: the same pixels every time
-    return PretrainTransform(args.input_size, hflip=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                             imagenet_default_mean_and_std=args.imagenet_default_mean_and_std)
+    return PretrainTransform(cfg.input_size, hflip=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                             imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std)
 
 
 def _label_ranges(domains: Sequence[str], in_domains: Sequence[str]) -> dict:
@@ -194,19 +195,19 @@ def _label_ranges(domains: Sequence[str], in_domains: Sequence[str]) -> dict:
     return ranges
 
 
-def build_pretrain_loader(args: argparse.Namespace) -> tuple[PerSampleSeed, DataLoader]:
-    """Dataset over every domain under ``args.data_path`` (augmentation seeded per sample and epoch) and a
+def build_pretrain_loader(cfg: PretrainConfig) -> tuple[PerSampleSeed, DataLoader]:
+    """Dataset over every domain under ``cfg.data_path`` (augmentation seeded per sample and epoch) and a
     loader with a (drop-last, shuffling) ``DistributedSampler`` over the processes. Batches are compact
     (uint8 rgb, label maps in their file dtype): the trainer finishes them on the device."""
-    in_domains = parse_domains(args.in_domains)
-    domains = ordered_domains(in_domains, parse_domains(args.out_domains))
-    folder = MultiModalImageFolder(args.data_path, domains, transform=_transform(args),
+    in_domains = parse_domains(cfg.in_domains)
+    domains = ordered_domains(in_domains, parse_domains(cfg.out_domains))
+    folder = MultiModalImageFolder(cfg.data_path, domains, transform=_transform(cfg),
                                    label_ranges=_label_ranges(domains, in_domains))
-    dataset = PerSampleSeed(folder, args.seed)
+    dataset = PerSampleSeed(folder, cfg.seed)
     sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
-                                 drop_last=True, seed=args.seed)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=args.pin_mem and torch.cuda.is_available(), drop_last=True)
+                                 drop_last=True, seed=cfg.seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=cfg.pin_mem and torch.cuda.is_available(), drop_last=True)
     return dataset, loader
 
 
@@ -216,48 +217,49 @@ def vis_dataset_root(data_path: str) -> str:
     return val if os.path.isdir(val) and os.path.normpath(val) != os.path.normpath(data_path) else data_path
 
 
-def build_pretrain_trainer(args: argparse.Namespace, model: nn.Module, loader: DataLoader,
-                           device: torch.device, wandb: Any = None) -> Trainer:
-    """Balancer, optimizer (published grouping), schedules (``lr = blr * batch * update_freq * world / 256``),
-    DDP and the :class:`Trainer`. Sets ``args.lr``."""
-    in_domains, out_domains = parse_domains(args.in_domains), parse_domains(args.out_domains)
-    losses = build_pretrain_losses(out_domains, args.patch_size, extra_norm_pix_loss=args.extra_norm_pix_loss)
-    balancer = build_task_balancer(args.task_balancer, list(losses)).to(device)
-    args.lr = args.blr * args.batch_size * args.update_freq * get_world_size() / 256
-    optimizer = create_optimizer(args, pretrain_param_groups(model, balancer, args.weight_decay,
-                                                             args.balancer_lr_scale, args.decay_filter))
-    steps = len(loader) // args.update_freq
-    if args.max_steps_per_epoch:
-        steps = min(steps, args.max_steps_per_epoch)
-    lr_schedule = cosine_scheduler(args.lr, args.min_lr, args.epochs, steps, args.warmup_epochs,
-                                   args.warmup_lr, args.warmup_steps)
-    wd_schedule = weight_decay_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps)
-    if args.grad_ckpt:
-        model.set_grad_checkpointing(True)
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    wrapped: nn.Module = model
-    if get_world_size() > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        wrapped = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=args.find_unused_params)
-        if any(True for _ in balancer.parameters()):
-            balancer = DistributedDataParallel(balancer, device_ids=ids)
-    if args.compile:
-        wrapped = torch.compile(wrapped)
-    step_fn = PretrainStep(in_domains, losses, balancer, args.num_encoded_tokens, args.alphas,
-                           args.sample_tasks_uniformly, split_list(args.fp32_output_adapters),
-                           args.standardize_depth, args.loss_on_unmasked,
-                           log_weighted=args.task_balancer != "none")
-    print(f"lr: {args.lr:.3e} (blr {args.blr} x batch {args.batch_size} x update_freq {args.update_freq} x "
-          f"{get_world_size()} processes / 256), "
-          f"{steps} steps per epoch, {n_parameters / 1e6:.2f}M trainable parameters")
-    return Trainer(wrapped, optimizer, step_fn, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
-                   steps_per_epoch=steps, epochs=args.epochs, device=device, amp=args.amp,
-                   clip_grad=args.clip_grad, skip_grad=args.skip_grad, update_freq=args.update_freq,
-                   modules={"loss_balancer": balancer}, batch_transform=_transform(args).finish,
-                   output_dir=args.output_dir, save_ckpt_freq=args.save_ckpt_freq, keep_last=args.keep_last,
-                   print_freq=args.print_freq, config=args_to_dict(args), wandb=wandb,
-                   batch_size=args.batch_size, extra_log={"n_parameters": n_parameters},
-                   epoch_start_hooks=[_set_data_epoch(loader)])
+def build_pretrain_step(cfg: PretrainConfig, losses: dict[str, nn.Module], balancer: nn.Module) -> PretrainStep:
+    """The masked multi-task step of ``cfg``'s domains with the given losses and task balancer."""
+    return PretrainStep(parse_domains(cfg.in_domains), losses, balancer, cfg.num_encoded_tokens, cfg.alphas,
+                        cfg.sample_tasks_uniformly, split_list(cfg.fp32_output_adapters), cfg.standardize_depth,
+                        cfg.loss_on_unmasked, log_weighted=cfg.task_balancer != "none")
+
+
+@register_job("pretrain", "multimae")
+class MultiMAEPretraining(Job):
+    """Masked multi-modal multi-task pre-training: data over every domain, MultiMAE, published optimizer
+    grouping (``lr = blr * batch * update_freq * world / 256``), reconstruction pictures."""
+    config_class = PretrainConfig
+
+    def build(self, cfg: PretrainConfig, ctx: DistContext) -> Parts:
+        dataset, loader = build_pretrain_loader(cfg)
+        model = build_pretrain_model(cfg).to(ctx.device)
+        print(f"Data: {len(dataset)} samples of {dataset.modalities} from {cfg.data_path}")
+        return Parts(model, loader, {"dataset": dataset})
+
+    def plan(self, cfg: PretrainConfig, ctx: DistContext, parts: Parts) -> TrainingPlan:
+        losses = build_pretrain_losses(parse_domains(cfg.out_domains), cfg.patch_size,
+                                       extra_norm_pix_loss=cfg.extra_norm_pix_loss)
+        balancer = build_task_balancer(cfg.task_balancer, list(losses)).to(ctx.device)
+        lr, _ = peak_lr(cfg.optim, cfg.batch_size, cfg.update_freq, ctx.world_size)
+        groups = pretrain_param_groups(parts.model, balancer, cfg.weight_decay, cfg.balancer_lr_scale,
+                                       cfg.decay_filter)
+        balancer = ddp_wrap(balancer, ctx)
+
+        def describe(steps: int, optimizer: Any, n_parameters: int) -> str:
+            return (f"lr: {lr:.3e} (blr {cfg.blr} x batch {cfg.batch_size} x update_freq {cfg.update_freq} x "
+                    f"{ctx.world_size} processes / 256), {steps} steps per epoch, "
+                    f"{n_parameters / 1e6:.2f}M trainable parameters")
+
+        return TrainingPlan(build_pretrain_step(cfg, losses, balancer), groups, lr,
+                            modules={"loss_balancer": balancer}, batch_transform=_transform(cfg).finish,
+                            epoch_start_hooks=[_set_data_epoch(parts.train_loader)], describe=describe)
+
+    def callbacks(self, cfg: PretrainConfig, ctx: DistContext, parts: Parts, trainer: Any, wandb: Any) -> list:
+        return [ReconstructionVis(cfg, trainer.step_fn, ctx.device, wandb, seed=cfg.seed)]
+
+    def finish(self, cfg: PretrainConfig, ctx: DistContext, parts: Parts, trainer: Any, record: dict,
+               wandb: Any) -> Any:
+        return trainer
 
 
 def _set_data_epoch(loader: DataLoader):
@@ -276,17 +278,17 @@ class ReconstructionVis:
     input / prediction / target per modality), also to W&B when enabled. Uses its own RNG stream, so
     training (and resuming) is unaffected."""
 
-    def __init__(self, args: argparse.Namespace, step: PretrainStep, device: torch.device, wandb: Any = None,
+    def __init__(self, cfg: PretrainConfig, step: PretrainStep, device: torch.device, wandb: Any = None,
                  seed: int = 0):
-        self.freq, self.epochs, self.step, self.device = args.save_vis_freq, args.epochs, step, device
-        self.out_dir = os.path.join(args.output_dir, "vis") if args.output_dir else ""
+        self.freq, self.epochs, self.step, self.device = cfg.save_vis_freq, cfg.epochs, step, device
+        self.out_dir = os.path.join(cfg.output_dir, "vis") if cfg.output_dir else ""
         self.wandb, self.seed, self.batch = wandb, seed, None
-        self.mean_std = _transform(args, train=False)
-        if args.num_vis > 0 and self.freq > 0 and self.out_dir and is_main_process():
-            domains = ordered_domains(parse_domains(args.in_domains), parse_domains(args.out_domains))
-            root = vis_dataset_root(args.data_path)
-            ds = MultiModalImageFolder(root, domains, transform=_transform(args, train=False))
-            n = min(args.num_vis, len(ds))
+        self.mean_std = _transform(cfg, train=False)
+        if cfg.num_vis > 0 and self.freq > 0 and self.out_dir and is_main_process():
+            domains = ordered_domains(parse_domains(cfg.in_domains), parse_domains(cfg.out_domains))
+            root = vis_dataset_root(cfg.data_path)
+            ds = MultiModalImageFolder(root, domains, transform=_transform(cfg, train=False))
+            n = min(cfg.num_vis, len(ds))
             idx = [round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)]  # spread over the classes
             with torch.random.fork_rng(devices=[]):  # leave the training RNG stream alone
                 samples = [ds[i][0] for i in idx]

@@ -10,8 +10,7 @@ script the builders of the chosen method.
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -20,6 +19,12 @@ from torch import Tensor, nn
 from multimae import SpatialOutputAdapter
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from utils.config import add_bool_arg
+from utils.config.checks import check_path_exists
+from utils.dist import DistContext
+from utils.engine.factory import TrainingPlan
+from utils.jobs import Parts, register_job
+from utils.pretrain.config import PretrainConfig
+from utils.pretrain.multimae import MultiMAEPretraining, build_pretrain_loader, validate_pretrain_args
 from utils.data.depth import robust_standardize
 from utils.data.modalities import build_input_adapters, get_modality, parse_domains
 from multimae.rgbd_contrastive import (MODALITIES, RGBDContrastStage1, RGBDMaskedStage2,
@@ -29,8 +34,8 @@ from multimae.rgbd_contrastive import (MODALITIES, RGBDContrastStage1, RGBDMaske
                                     stream_valid)
 
 __all__ = ["METHODS", "add_rgbd_args", "validate_rgbd_args", "validate_method_args", "prepare_rgbd",
-           "RGBDStage1Step", "RGBDStage2Step", "build_rgbd_model", "build_rgbd_teacher", "build_rgbd_loader",
-           "build_rgbd_trainer", "PretrainMethod", "pretrain_method"]
+           "RGBDStage1Step", "RGBDStage2Step", "build_rgbd_model", "build_rgbd_teacher", "build_rgbd_step",
+           "RGBDStage1", "RGBDStage2"]
 
 METHODS = ("multimae", "rgbd_stage1", "rgbd_stage2")
 # architecture arguments a stage-2 student must share with its stage-1 teacher (it starts from its weights)
@@ -73,56 +78,54 @@ def add_rgbd_args(parser: argparse.ArgumentParser) -> None:
                    help="stage 2: the teacher sees the full clean images, or the student's masked noisy input")
 
 
-def validate_rgbd_args(args: argparse.Namespace) -> list[str]:
+def validate_rgbd_args(cfg: PretrainConfig) -> list[str]:
     """Checks of the RGB-D method's arguments (nothing for ``--method multimae``)."""
-    if args.method == "multimae":
+    if cfg.method == "multimae":
         return []
     errors = []
     try:
-        ins = parse_domains(args.in_domains)
+        ins = parse_domains(cfg.in_domains)
     except ValueError as e:
         return [f"--in_domains: {e}"]
     if sorted(ins) != sorted(MODALITIES):
-        errors.append(f"--method {args.method} uses --in_domains rgb-depth, got '{args.in_domains}'")
-    if args.input_size % args.patch_size:
-        errors.append(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
-    if not 0.0 <= args.mask_ratio < 1.0:
-        errors.append(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-    if not 0.0 <= args.min_valid_fraction <= 1.0:
-        errors.append(f"--min_valid_fraction must be in [0, 1], got {args.min_valid_fraction}")
-    if args.temperature <= 0:
-        errors.append(f"--temperature must be > 0, got {args.temperature}")
-    if args.sigma_max < 0:
-        errors.append(f"--sigma_max must be >= 0, got {args.sigma_max}")
+        errors.append(f"--method {cfg.method} uses --in_domains rgb-depth, got '{cfg.in_domains}'")
+    if cfg.input_size % cfg.patch_size:
+        errors.append(f"--input_size {cfg.input_size} is not a multiple of --patch_size {cfg.patch_size}")
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        errors.append(f"--mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if not 0.0 <= cfg.min_valid_fraction <= 1.0:
+        errors.append(f"--min_valid_fraction must be in [0, 1], got {cfg.min_valid_fraction}")
+    if cfg.temperature <= 0:
+        errors.append(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.sigma_max < 0:
+        errors.append(f"--sigma_max must be >= 0, got {cfg.sigma_max}")
     for name in ("recon_weight", "denoise_weight", "distill_weight"):
-        if getattr(args, name) < 0:
-            errors.append(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.task_balancer != "none":
-        errors.append(f"--task_balancer {args.task_balancer} is a MultiMAE option; the RGB-D method weighs its losses "
+        if getattr(cfg, name) < 0:
+            errors.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.task_balancer != "none":
+        errors.append(f"--task_balancer {cfg.task_balancer} is a MultiMAE option; the RGB-D method weighs its losses "
                       f"with --recon_weight/--denoise_weight/--distill_weight")
-    if min(args.proj_dim, args.proj_hidden_dim or 1) < 1:
+    if min(cfg.proj_dim, cfg.proj_hidden_dim or 1) < 1:
         errors.append("--proj_dim and --proj_hidden_dim must be >= 1")
-    if args.method == "rgbd_stage2" and not args.teacher_checkpoint and args.distill_weight > 0:
+    if cfg.method == "rgbd_stage2" and not cfg.teacher_checkpoint and cfg.distill_weight > 0:
         errors.append("--method rgbd_stage2 needs --teacher_checkpoint (the stage-1 checkpoint it starts from and "
                       "distils); pass --distill_weight 0 to train stage 2 from scratch without a teacher")
-    if args.teacher_checkpoint and args.method == "rgbd_stage2":
-        from utils.config.checks import check_path_exists
-        err = check_path_exists("teacher_checkpoint", args.teacher_checkpoint, "file")
+    if cfg.teacher_checkpoint and cfg.method == "rgbd_stage2":
+        err = check_path_exists("teacher_checkpoint", cfg.teacher_checkpoint, "file")
         if err:
             errors.append(err)
-    if args.use_mask_valid and args.data_path:
-        import os
-        if os.path.isdir(args.data_path) and not os.path.isdir(os.path.join(args.data_path, "mask_valid")):
-            errors.append(f"--use_mask_valid: '{args.data_path}' has no mask_valid/ folder")
+    if cfg.use_mask_valid and cfg.data_path:
+
+        if os.path.isdir(cfg.data_path) and not os.path.isdir(os.path.join(cfg.data_path, "mask_valid")):
+            errors.append(f"--use_mask_valid: '{cfg.data_path}' has no mask_valid/ folder")
     return errors
 
 
-def validate_method_args(args: argparse.Namespace) -> list[str]:
+def validate_method_args(cfg: PretrainConfig) -> list[str]:
     """The pre-training checks of the chosen method (``utils.pretrain.multimae.validate_pretrain_args`` for multimae)."""
-    if args.method == "multimae":
-        from utils.pretrain.multimae import validate_pretrain_args
-        return validate_pretrain_args(args)
-    return validate_rgbd_args(args)
+    if cfg.method == "multimae":
+        return validate_pretrain_args(cfg)
+    return validate_rgbd_args(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -257,34 +260,34 @@ class RGBDStage2Step:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def _backbone(args: argparse.Namespace, output_adapters: Optional[dict] = None) -> nn.Module:
+def _backbone(cfg: PretrainConfig, output_adapters: Optional[dict] = None) -> nn.Module:
     from multimae import create_model
 
-    overrides = {k: v for k, v in (("depth", args.encoder_depth), ("dim_tokens", args.encoder_dim),
-                                   ("num_heads", args.encoder_num_heads)) if v is not None}
-    return create_model(args.model, input_adapters=build_input_adapters(list(MODALITIES), args.patch_size,
-                                                                        args.input_size),
-                        output_adapters=output_adapters, num_global_tokens=args.num_global_tokens,
-                        drop_path_rate=args.drop_path, **overrides)
+    overrides = {k: v for k, v in (("depth", cfg.encoder_depth), ("dim_tokens", cfg.encoder_dim),
+                                   ("num_heads", cfg.encoder_num_heads)) if v is not None}
+    return create_model(cfg.model, input_adapters=build_input_adapters(list(MODALITIES), cfg.patch_size,
+                                                                        cfg.input_size),
+                        output_adapters=output_adapters, num_global_tokens=cfg.num_global_tokens,
+                        drop_path_rate=cfg.drop_path, **overrides)
 
 
-def _stage1_model(args: argparse.Namespace) -> RGBDContrastStage1:
-    depth_backbone = _backbone(args) if args.separate_encoders else None
-    return RGBDContrastStage1(_backbone(args), depth_backbone, proj_dim=args.proj_dim,
-                              proj_hidden_dim=args.proj_hidden_dim, temperature=args.temperature,
-                              learn_temperature=args.learn_temperature)
+def _stage1_model(cfg: PretrainConfig) -> RGBDContrastStage1:
+    depth_backbone = _backbone(cfg) if cfg.separate_encoders else None
+    return RGBDContrastStage1(_backbone(cfg), depth_backbone, proj_dim=cfg.proj_dim,
+                              proj_hidden_dim=cfg.proj_hidden_dim, temperature=cfg.temperature,
+                              learn_temperature=cfg.learn_temperature)
 
 
-def _stage2_model(args: argparse.Namespace) -> RGBDMaskedStage2:
-    cls = ResidualXattnSpatialOutputAdapter if args.decoder_xattn_residual else SpatialOutputAdapter
+def _stage2_model(cfg: PretrainConfig) -> RGBDMaskedStage2:
+    cls = ResidualXattnSpatialOutputAdapter if cfg.decoder_xattn_residual else SpatialOutputAdapter
     decoders = {m: cls(num_channels=get_modality(m).num_channels, stride_level=get_modality(m).stride_level,
-                       patch_size_full=args.patch_size, image_size=args.input_size, dim_tokens=args.decoder_dim,
-                       depth=args.decoder_depth, num_heads=args.decoder_num_heads,
-                       use_task_queries=args.decoder_use_task_queries, task=m, context_tasks=list(MODALITIES),
-                       use_xattn=args.decoder_use_xattn)
-                for m in (MODALITIES if args.rgb_reconstruction else ("depth",))}
-    depth_backbone = _backbone(args) if args.separate_encoders else None
-    return RGBDMaskedStage2(_backbone(args, decoders), depth_backbone)
+                       patch_size_full=cfg.patch_size, image_size=cfg.input_size, dim_tokens=cfg.decoder_dim,
+                       depth=cfg.decoder_depth, num_heads=cfg.decoder_num_heads,
+                       use_task_queries=cfg.decoder_use_task_queries, task=m, context_tasks=list(MODALITIES),
+                       use_xattn=cfg.decoder_use_xattn)
+                for m in (MODALITIES if cfg.rgb_reconstruction else ("depth",))}
+    depth_backbone = _backbone(cfg) if cfg.separate_encoders else None
+    return RGBDMaskedStage2(_backbone(cfg, decoders), depth_backbone)
 
 
 def _load_stage1(path: str) -> tuple[dict[str, Tensor], dict]:
@@ -297,100 +300,89 @@ def _load_stage1(path: str) -> tuple[dict[str, Tensor], dict]:
     return state, dict(ckpt.get("args") or {})
 
 
-def _check_same_architecture(args: argparse.Namespace, cfg: dict, path: str) -> None:
-    diff = [f"--{k} {getattr(args, k)!r} (stage 1: {cfg[k]!r})" for k in _ARCH_KEYS
-            if k in cfg and cfg[k] != getattr(args, k)]
+def _check_same_architecture(cfg: PretrainConfig, stage1: dict, path: str) -> None:
+    diff = [f"--{k} {getattr(cfg, k)!r} (stage 1: {stage1[k]!r})" for k in _ARCH_KEYS
+            if k in stage1 and _plain(stage1[k]) != _plain(getattr(cfg, k))]
     if diff:
         raise ValueError(f"stage 2 must use the architecture of its stage-1 checkpoint '{path}'; different: "
                          + ", ".join(diff))
 
 
-def build_rgbd_teacher(args: argparse.Namespace) -> Optional[RGBDContrastStage1]:
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def build_rgbd_teacher(cfg: PretrainConfig) -> Optional[RGBDContrastStage1]:
     """The frozen stage-1 model of ``--teacher_checkpoint`` in eval mode (None without a checkpoint), built
     from the configuration stored in the checkpoint."""
-    if not args.teacher_checkpoint or args.distill_weight == 0:
+    if not cfg.teacher_checkpoint or cfg.distill_weight == 0:
         return None
-    state, cfg = _load_stage1(args.teacher_checkpoint)
-    _check_same_architecture(args, cfg, args.teacher_checkpoint)
-    stage1_args = argparse.Namespace(**{**vars(args), **{k: v for k, v in cfg.items() if k in vars(args)}})
-    teacher = _stage1_model(stage1_args)
-    load_model_state(teacher, state, strict=True, source=args.teacher_checkpoint)
+    state, stage1 = _load_stage1(cfg.teacher_checkpoint)
+    _check_same_architecture(cfg, stage1, cfg.teacher_checkpoint)
+    names = set(cfg.to_dict())
+    teacher = _stage1_model(cfg.replace(**{k: v for k, v in stage1.items() if k in names and k != "config"}))
+    load_model_state(teacher, state, strict=True, source=cfg.teacher_checkpoint)
     teacher.requires_grad_(False)
     return teacher.eval()
 
 
-def build_rgbd_model(args: argparse.Namespace) -> nn.Module:
+def build_rgbd_model(cfg: PretrainConfig) -> nn.Module:
     """The stage-1 model, or the stage-2 model with its encoder (input adapters, encoder(s), global tokens)
     initialised from ``--teacher_checkpoint``."""
-    if args.method == "rgbd_stage1":
-        return _stage1_model(args)
-    model = _stage2_model(args)
-    if args.teacher_checkpoint:
-        state, cfg = _load_stage1(args.teacher_checkpoint)
-        _check_same_architecture(args, cfg, args.teacher_checkpoint)
+    if cfg.method == "rgbd_stage1":
+        return _stage1_model(cfg)
+    model = _stage2_model(cfg)
+    if cfg.teacher_checkpoint:
+        state, stage1 = _load_stage1(cfg.teacher_checkpoint)
+        _check_same_architecture(cfg, stage1, cfg.teacher_checkpoint)
         encoder_state = {k: v for k, v in state.items() if k.startswith(_ENCODER_PREFIXES)}
         wanted = [k for k in model.state_dict() if k.startswith(_ENCODER_PREFIXES)]
         missing = [k for k in wanted if k not in encoder_state]
         if missing:
-            raise ValueError(f"--teacher_checkpoint '{args.teacher_checkpoint}' lacks encoder weights {missing[:5]}"
+            raise ValueError(f"--teacher_checkpoint '{cfg.teacher_checkpoint}' lacks encoder weights {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''} (--separate_encoders must match stage 1)")
         model.load_state_dict(encoder_state, strict=False)
-        print(f"Stage 2 starts from the encoder of {args.teacher_checkpoint} ({len(wanted)} tensors)")
+        print(f"Stage 2 starts from the encoder of {cfg.teacher_checkpoint} ({len(wanted)} tensors)")
     return model
 
 
-def build_rgbd_loader(args: argparse.Namespace):
-    """The pre-training loader (:func:`utils.pretrain.multimae.build_pretrain_loader`) over rgb, depth and, with
-    ``--use_mask_valid``, mask_valid."""
-    from utils.pretrain.multimae import build_pretrain_loader
-
-    data_args = argparse.Namespace(**vars(args))
-    data_args.in_domains, data_args.out_domains = "rgb-depth", "mask_valid" if args.use_mask_valid else ""
-    return build_pretrain_loader(data_args)
-
-
-def build_rgbd_step(args: argparse.Namespace, device: torch.device) -> Callable:
-    """The step function of ``args.method`` (stage 2: with its teacher on ``device``)."""
-    common = dict(standardize_depth=args.standardize_depth, use_mask_valid=args.use_mask_valid,
-                  min_valid_fraction=args.min_valid_fraction)
-    if args.method == "rgbd_stage1":
-        return RGBDStage1Step(args.patch_size, args.contrast_negatives, **common)
-    teacher = build_rgbd_teacher(args)
-    return RGBDStage2Step(teacher.to(device) if teacher is not None else None, args.patch_size, args.mask_ratio,
-                          args.mask_sampler, args.alphas, args.sigma_max, args.recon_weight, args.denoise_weight,
-                          args.distill_weight, args.teacher_input, **common)
+def build_rgbd_step(cfg: PretrainConfig, device: torch.device) -> Callable:
+    """The step function of ``cfg.method`` (stage 2: with its teacher on ``device``)."""
+    common = dict(standardize_depth=cfg.standardize_depth, use_mask_valid=cfg.use_mask_valid,
+                  min_valid_fraction=cfg.min_valid_fraction)
+    if cfg.method == "rgbd_stage1":
+        return RGBDStage1Step(cfg.patch_size, cfg.contrast_negatives, **common)
+    teacher = build_rgbd_teacher(cfg)
+    return RGBDStage2Step(teacher.to(device) if teacher is not None else None, cfg.patch_size, cfg.mask_ratio,
+                          cfg.mask_sampler, cfg.alphas, cfg.sigma_max, cfg.recon_weight, cfg.denoise_weight,
+                          cfg.distill_weight, cfg.teacher_input, **common)
 
 
-def build_rgbd_trainer(args: argparse.Namespace, model: nn.Module, loader: Any, device: torch.device,
-                       wandb: Any = None):
-    """The pre-training Trainer (:func:`utils.pretrain.multimae.build_pretrain_trainer`: optimizer, schedules, DDP)
-    running the RGB-D step function."""
-    from utils.pretrain.multimae import build_pretrain_trainer
+class _RGBDStage(MultiMAEPretraining):
+    """A stage of the two-stage RGB-D method: MultiMAE's data, optimizer grouping and schedules around the
+    stage's own model and step (no reconstruction pictures)."""
 
-    trainer = build_pretrain_trainer(args, model, loader, device, wandb)
-    trainer.step_fn = build_rgbd_step(args, device)
-    return trainer
+    def build(self, cfg: PretrainConfig, ctx: DistContext) -> Parts:
+        data_cfg = cfg.replace(in_domains="rgb-depth", out_domains="mask_valid" if cfg.use_mask_valid else "")
+        dataset, loader = build_pretrain_loader(data_cfg)
+        model = build_rgbd_model(cfg).to(ctx.device)
+        print(f"Data: {len(dataset)} samples of {dataset.modalities} from {cfg.data_path}")
+        return Parts(model, loader, {"dataset": dataset})
 
+    def plan(self, cfg: PretrainConfig, ctx: DistContext, parts: Parts) -> TrainingPlan:
+        plan = super().plan(cfg, ctx, parts)
+        plan.step_fn = build_rgbd_step(cfg, ctx.device)
+        return plan
 
-@dataclass(frozen=True)
-class PretrainMethod:
-    """Builders of one pre-training method, as ``run_pretraining_multimae.py`` calls them."""
-    build_loader: Callable[[argparse.Namespace], tuple]
-    build_model: Callable[[argparse.Namespace], nn.Module]
-    build_trainer: Callable[..., Any]
-    callbacks: Callable[..., list]  # (args, trainer, device, wandb) -> Trainer callbacks
-
-
-def _multimae_callbacks(args: argparse.Namespace, trainer: Any, device: torch.device, wandb: Any) -> list:
-    from utils.pretrain.multimae import ReconstructionVis
-    return [ReconstructionVis(args, trainer.step_fn, device, wandb, seed=args.seed)]
+    def callbacks(self, cfg: PretrainConfig, ctx: DistContext, parts: Parts, trainer: Any, wandb: Any) -> list:
+        return []
 
 
-def pretrain_method(name: str) -> PretrainMethod:
-    """The builders of ``--method name``."""
-    if name == "multimae":
-        from utils.pretrain.multimae import build_pretrain_loader, build_pretrain_model, build_pretrain_trainer
-        return PretrainMethod(build_pretrain_loader, build_pretrain_model, build_pretrain_trainer, _multimae_callbacks)
-    if name in METHODS:
-        return PretrainMethod(build_rgbd_loader, build_rgbd_model, build_rgbd_trainer, lambda *a: [])
-    raise ValueError(f"unknown pre-training method {name!r}; expected one of {METHODS}")
+@register_job("pretrain", "rgbd_stage1")
+class RGBDStage1(_RGBDStage):
+    """Stage 1: cross-modal patch contrast."""
+
+
+@register_job("pretrain", "rgbd_stage2")
+class RGBDStage2(_RGBDStage):
+    """Stage 2: masked depth reconstruction, denoising and distillation from the stage-1 teacher."""
