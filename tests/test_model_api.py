@@ -112,7 +112,7 @@ def test_create_model_errors_and_compat():
     with pytest.warns(DeprecationWarning):
         model = create_model("multivit_tiny", input_adapters=_input_adapters(), output_adapters=None, depth=2,
                              drop_connect_rate=0.2, drop_path_rate=None, num_global_tokens=None)
-    assert model.encoder[1].drop_path.drop_prob == pytest.approx(0.2)
+    assert model.encoder[1].drop_path1.drop_prob == pytest.approx(0.2)
     assert model.global_tokens.shape[1] == 1  # None kwargs keep the defaults
     with pytest.raises(ValueError, match="no weights are bundled"):
         create_model("multivit_tiny", input_adapters=_input_adapters(), pretrained=True)
