@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .multimae_utils import Block, trunc_normal_, xavier_uniform_fused_
+from .multimae_utils import transformer_blocks, trunc_normal_, xavier_uniform_fused_
 from .registry import register_model, strip_timm_kwargs
 
 __all__ = [
@@ -137,11 +137,8 @@ class MultiMAE(nn.Module):
         self.global_tokens = nn.Parameter(torch.zeros(1, num_global_tokens, dim_tokens))
         trunc_normal_(self.global_tokens, std=0.02)
 
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-        self.encoder = nn.Sequential(*[
-            Block(dim=dim_tokens, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
-            for i in range(depth)])
+        self.encoder = nn.Sequential(*transformer_blocks(depth, dim_tokens, num_heads, mlp_ratio, qkv_bias, drop_rate,
+                                                         attn_drop_rate, drop_path_rate, norm_layer))
         self.grad_checkpointing = False
         self._init_all_weights()
 

@@ -9,7 +9,7 @@ counterpart with these parameter names and is defined here.
 from __future__ import annotations
 
 import math
-from typing import Any, Tuple, Type, Union
+from typing import Any, List, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,7 @@ __all__ = [
     "Attention",
     "CrossAttention",
     "Block",
+    "transformer_blocks",
     "DropPath",
     "trunc_normal_",
     "xavier_uniform_fused_",
@@ -171,6 +172,14 @@ class Block(TimmBlock):
         super().__init__(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop,
                          attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer,
                          mlp_layer=Mlp, attn_layer=Attention)
+
+
+def transformer_blocks(depth: int, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float,
+                       attn_drop: float, drop_path_rate: float, norm_layer: Type[nn.Module]) -> List[Block]:
+    """``depth`` blocks whose drop-path rate grows linearly from 0 (first) to ``drop_path_rate`` (last)."""
+    dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+    return [Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop,
+                  attn_drop=attn_drop, drop_path=rate, norm_layer=norm_layer) for rate in dpr]
 
 
 def xavier_uniform_fused_(weight: torch.Tensor, num_fused: int) -> None:
