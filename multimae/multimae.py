@@ -89,8 +89,9 @@ class MultiMAE(nn.Module):
             nn.init.constant_(m.weight, 1.0)
 
     def _init_all_weights(self) -> None:
-        """Published init over the whole tree, adapters included (spec 1.6): Xavier Linear / unit
-        LayerNorm, then fused qkv / kv Linear bounds per projection and Xavier patch projections."""
+        """Initialise the whole tree, adapters included: Xavier-uniform Linear weights with zero bias and
+        unit LayerNorms; fused ``qkv`` / ``kv`` weights take the bound of one projection, and patch-projection
+        convs get Xavier-uniform on their flattened weight."""
         self.apply(self._init_weights)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
@@ -190,7 +191,7 @@ class MultiMAE(nn.Module):
 
     def _append_global_tokens(self, tokens: Tensor) -> Tensor:
         # no dtype cast: under autocast the concatenation promotes to float32, keeping the residual
-        # stream in full precision as in the published model
+        # stream in full precision
         return torch.cat([tokens, self.global_tokens.expand(tokens.shape[0], -1, -1)], dim=1)
 
     # ------------------------------------------------------------------ masking
