@@ -1,4 +1,4 @@
-"""Building blocks: sin-cos embedding closed form, attention kernels, initialisation (spec 1.1, 1.2, 1.6)."""
+"""Building blocks: sin-cos embedding closed form, attention kernels, initialisation."""
 import math
 
 import pytest
