@@ -1,7 +1,8 @@
 """MultiMAE: multi-modal multi-task masked autoencoders (Bachmann et al., ECCV 2022).
 
 A pure model library: models, adapters, losses and the model registry. It does no file I/O and
-imports nothing from ``utils``.
+imports nothing from ``utils`` or ``tools``. Module and parameter names and constructor arguments
+match the released MultiMAE checkpoints, which load with ``strict=True``.
 
 >>> from multimae import create_model, PatchedInputAdapter
 >>> model = create_model('multivit_tiny', input_adapters={'rgb': PatchedInputAdapter(3, 1, 16, image_size=64)},

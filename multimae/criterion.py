@@ -5,10 +5,9 @@ Each loss takes a prediction ``input (B, C, H, W)``, a target and an optional to
 hidden pixels of each sample, then over the samples that have any; samples without hidden pixels
 are skipped, and a batch with no hidden pixel at all gives 0. Without a mask the plain mean is used.
 
-Differences from the published code, none of which changes a value it could compute: the
-all-visible case returns a float zero (connected to the graph) instead of an integer tensor, there is
-no host synchronisation (no data-dependent Python branch), and the cross-entropy loss accepts an
-``ignore_index`` whose pixels are excluded from the per-sample denominators.
+The all-visible case gives a float zero that stays connected to the graph, and no loss branches on
+data in Python, so computing a loss never synchronises the host with the device. The cross-entropy
+loss also accepts an ``ignore_index`` whose pixels are excluded from the per-sample denominators.
 """
 from __future__ import annotations
 
@@ -120,8 +119,7 @@ class MaskedCrossEntropyLoss(nn.Module):
 
     ``forward(input (B, K, H, W) logits, target (B, H, W) int64, mask (B, N_H*N_W) or None)``.
     Pixels whose target equals ``ignore_index`` contribute neither to the loss nor to the per-sample
-    pixel counts. With the default ``ignore_index=-100`` (never a real label) the values equal the
-    published loss.
+    pixel counts. With the default ``ignore_index=-100`` (never a real label) every pixel counts.
     """
 
     def __init__(self, patch_size: int = 16, stride: int = 1, label_smoothing: float = 0.0,

@@ -9,34 +9,56 @@ from typing import Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .multimae_utils import build_2d_sincos_posemb, pair, trunc_normal_
+from .multimae_utils import trunc_normal_
+from .pos_embed import make_pos_emb, pair, patch_size_at_stride, pos_emb_tokens, token_grid
 
 __all__ = ["PatchedInputAdapter", "SemSegInputAdapter"]
 
 
-def _resized_pos_emb(pos_emb: torch.Tensor, size: Tuple[int, int], mode: str) -> torch.Tensor:
-    """Resize a ``(1, D, h, w)`` position embedding to ``size`` and flatten it to ``(1, h'*w', D)``.
+class _PatchTokenizer(nn.Module):
+    """Shared part of the input adapters: patch geometry, position embedding and the size check.
 
-    Interpolating to the stored size is an exact identity for bilinear/bicubic with
-    ``align_corners=False``, so that case skips the kernel.
+    Subclasses create ``proj`` in ``init``; their ``forward`` calls :meth:`_check_input`, then :meth:`_tokens`.
     """
-    if tuple(pos_emb.shape[-2:]) != tuple(size):
-        pos_emb = F.interpolate(pos_emb, size=size, mode=mode, align_corners=False)
-    return pos_emb.flatten(2).transpose(1, 2)
+
+    pos_emb_mode = "bicubic"  # how the position embedding is resized to other token grids
+
+    def __init__(self, stride_level: int, patch_size_full: Union[int, Tuple[int, int]], dim_tokens: Optional[int],
+                 sincos_pos_emb: bool, learnable_pos_emb: bool, image_size: Union[int, Tuple[int, int]]):
+        super().__init__()
+        self.stride_level = stride_level
+        self.patch_size_full = pair(patch_size_full)
+        self.dim_tokens = dim_tokens
+        self.sincos_pos_emb = sincos_pos_emb
+        self.learnable_pos_emb = learnable_pos_emb
+        self.image_size = pair(image_size)
+        self.P_H, self.P_W = patch_size_at_stride(self.patch_size_full, stride_level)
+
+    def _init_pos_emb(self, dim_tokens: int) -> None:
+        """Set the token width and create ``pos_emb (1, dim_tokens, N_H, N_W)`` for ``image_size``."""
+        self.dim_tokens = dim_tokens
+        h, w = token_grid(self.image_size, self.stride_level, (self.P_H, self.P_W))
+        self.pos_emb = make_pos_emb(dim_tokens, h, w, self.sincos_pos_emb, self.learnable_pos_emb)
+
+    def no_weight_decay(self) -> Set[str]:
+        return {"pos_emb"}
+
+    def _check_input(self, H: int, W: int) -> None:
+        name = type(self).__name__
+        if self.dim_tokens is None:
+            raise RuntimeError(f"{name}: call init(dim_tokens) before forward")
+        if H % self.P_H != 0 or W % self.P_W != 0:
+            raise ValueError(f"{name}: input size {(H, W)} is not divisible by the patch size {(self.P_H, self.P_W)}")
+
+    def _tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """``proj`` the ``(B, C, H, W)`` feature map to tokens ``(B, N, D)`` and add the position embedding."""
+        H, W = features.shape[-2:]
+        tokens = self.proj(features).flatten(2).transpose(1, 2)
+        return tokens + pos_emb_tokens(self.pos_emb, (H // self.P_H, W // self.P_W), mode=self.pos_emb_mode)
 
 
-def _make_pos_emb(dim_tokens: int, h: int, w: int, sincos: bool, learnable: bool) -> nn.Parameter:
-    """Position-embedding parameter ``(1, D, h, w)``: frozen sin-cos by default, else trunc-normal(0.02)."""
-    if sincos:
-        return nn.Parameter(build_2d_sincos_posemb(h=h, w=w, embed_dim=dim_tokens), requires_grad=learnable)
-    pos_emb = nn.Parameter(torch.zeros(1, dim_tokens, h, w))
-    trunc_normal_(pos_emb, std=0.02)
-    return pos_emb
-
-
-class PatchedInputAdapter(nn.Module):
+class PatchedInputAdapter(_PatchTokenizer):
     """Patch embedding for dense image-like modalities (rgb, depth, ...).
 
     Args:
@@ -48,50 +70,31 @@ class PatchedInputAdapter(nn.Module):
         learnable_pos_emb: make the sin-cos embedding trainable.
         image_size: full-resolution image size the position embedding is built for.
 
-    ``forward(x: (B, C, H, W)) -> (B, (H / P_H) * (W / P_W), D)``.
+    ``forward(x: (B, C, H, W)) -> (B, (H / P_H) * (W / P_W), D)``; the position embedding is resized
+    bicubically to other input sizes.
     """
 
     def __init__(self, num_channels: int, stride_level: int, patch_size_full: Union[int, Tuple[int, int]],
                  dim_tokens: Optional[int] = None, sincos_pos_emb: bool = True, learnable_pos_emb: bool = False,
                  image_size: Union[int, Tuple[int, int]] = 224):
-        super().__init__()
+        super().__init__(stride_level, patch_size_full, dim_tokens, sincos_pos_emb, learnable_pos_emb, image_size)
         self.num_channels = num_channels
-        self.stride_level = stride_level
-        self.patch_size_full = pair(patch_size_full)
-        self.dim_tokens = dim_tokens
-        self.sincos_pos_emb = sincos_pos_emb
-        self.learnable_pos_emb = learnable_pos_emb
-        self.image_size = pair(image_size)
         self.num_patches = (self.image_size[0] // self.patch_size_full[0]) * (self.image_size[1] // self.patch_size_full[1])
-        self.P_H = max(1, self.patch_size_full[0] // stride_level)
-        self.P_W = max(1, self.patch_size_full[1] // stride_level)
         if self.dim_tokens is not None:
             self.init(dim_tokens=dim_tokens)
 
     def init(self, dim_tokens: int = 768) -> None:
-        """Create the projection and position embedding for token width ``dim_tokens``."""
-        self.dim_tokens = dim_tokens
-        h = self.image_size[0] // (self.stride_level * self.P_H)
-        w = self.image_size[1] // (self.stride_level * self.P_W)
-        self.pos_emb = _make_pos_emb(dim_tokens, h, w, self.sincos_pos_emb, self.learnable_pos_emb)
+        """Create the position embedding and projection for token width ``dim_tokens``."""
+        self._init_pos_emb(dim_tokens)
         self.proj = nn.Conv2d(self.num_channels, dim_tokens, kernel_size=(self.P_H, self.P_W),
                               stride=(self.P_H, self.P_W))
 
-    def no_weight_decay(self) -> Set[str]:
-        return {"pos_emb"}
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dim_tokens is None:
-            raise RuntimeError("PatchedInputAdapter: call init(dim_tokens) before forward")
-        B, C, H, W = x.shape
-        if H % self.P_H != 0 or W % self.P_W != 0:
-            raise ValueError(f"PatchedInputAdapter: input size {(H, W)} is not divisible by the patch size "
-                             f"{(self.P_H, self.P_W)}")
-        tokens = self.proj(x).flatten(2).transpose(1, 2)
-        return tokens + _resized_pos_emb(self.pos_emb, (H // self.P_H, W // self.P_W), mode="bicubic")
+        self._check_input(*x.shape[-2:])
+        return self._tokens(x)
 
 
-class SemSegInputAdapter(nn.Module):
+class SemSegInputAdapter(_PatchTokenizer):
     """Token embedding for semantic label maps (class indices, no one-hot).
 
     Each pixel's class is embedded (``class_emb``, width ``dim_class_emb``) and the embedding map is
@@ -99,36 +102,28 @@ class SemSegInputAdapter(nn.Module):
     down-sampled by the patch size and projected with a 1x1 conv (keys ``proj.1.*``).
     If ``emb_padding_idx`` is given, one extra class row is added for it.
 
-    ``forward(x: LongTensor (B, H, W)) -> (B, (H / P_H) * (W / P_W), D)``.
+    ``forward(x: LongTensor (B, H, W)) -> (B, (H / P_H) * (W / P_W), D)``; the position embedding is
+    resized bilinearly to other input sizes.
     """
+
+    pos_emb_mode = "bilinear"
 
     def __init__(self, num_classes: int, stride_level: int, patch_size_full: Union[int, Tuple[int, int]],
                  dim_tokens: Optional[int] = None, sincos_pos_emb: bool = True, learnable_pos_emb: bool = False,
                  image_size: Union[int, Tuple[int, int]] = 224, dim_class_emb: int = 64,
                  interpolate_class_emb: bool = False, emb_padding_idx: Optional[int] = None):
-        super().__init__()
+        super().__init__(stride_level, patch_size_full, dim_tokens, sincos_pos_emb, learnable_pos_emb, image_size)
         self.num_classes = num_classes + (1 if emb_padding_idx is not None else 0)
-        self.stride_level = stride_level
-        self.patch_size_full = pair(patch_size_full)
-        self.dim_tokens = dim_tokens
-        self.sincos_pos_emb = sincos_pos_emb
-        self.learnable_pos_emb = learnable_pos_emb
-        self.image_size = pair(image_size)
         self.dim_class_emb = dim_class_emb
         self.interpolate_class_emb = interpolate_class_emb
         self.emb_padding_idx = emb_padding_idx
-        self.P_H = max(1, self.patch_size_full[0] // stride_level)
-        self.P_W = max(1, self.patch_size_full[1] // stride_level)
         if self.dim_tokens is not None:
             self.init(dim_tokens=dim_tokens)
 
     def init(self, dim_tokens: int = 768) -> None:
-        """Create class embedding, projection and position embedding for token width ``dim_tokens``."""
-        self.dim_tokens = dim_tokens
-        h = self.image_size[0] // (self.stride_level * self.P_H)
-        w = self.image_size[1] // (self.stride_level * self.P_W)
-        self.pos_emb = _make_pos_emb(dim_tokens, h, w, self.sincos_pos_emb, self.learnable_pos_emb)
-        # The padding row is re-drawn too (published behaviour); padding_idx only blocks its gradient.
+        """Create position embedding, class embedding and projection for token width ``dim_tokens``."""
+        self._init_pos_emb(dim_tokens)
+        # The padding row is drawn like the others; padding_idx only blocks its gradient.
         self.class_emb = nn.Embedding(self.num_classes, self.dim_class_emb, padding_idx=self.emb_padding_idx)
         trunc_normal_(self.class_emb.weight, std=0.02)
         if self.interpolate_class_emb:
@@ -141,17 +136,11 @@ class SemSegInputAdapter(nn.Module):
                                   stride=(self.P_H, self.P_W))
 
     def no_weight_decay(self) -> Set[str]:
-        # 'class_emb' (not 'class_emb.weight') as published: fine-tuning layer decay therefore still
-        # decays the class embedding, which the released recipes were tuned with.
+        # 'class_emb' (not 'class_emb.weight'), the name the released fine-tuning recipes were tuned with:
+        # layer-wise decay therefore still decays the class embedding.
         return {"pos_emb", "class_emb"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dim_tokens is None:
-            raise RuntimeError("SemSegInputAdapter: call init(dim_tokens) before forward")
-        B, H, W = x.shape
-        if H % self.P_H != 0 or W % self.P_W != 0:
-            raise ValueError(f"SemSegInputAdapter: label map size {(H, W)} is not divisible by the patch size "
-                             f"{(self.P_H, self.P_W)}")
-        emb = self.class_emb(x).permute(0, 3, 1, 2)  # (B, dim_class_emb, H, W)
-        tokens = self.proj(emb).flatten(2).transpose(1, 2)
-        return tokens + _resized_pos_emb(self.pos_emb, (H // self.P_H, W // self.P_W), mode="bilinear")
+        """``x (B, H, W)`` int64 class indices."""
+        self._check_input(*x.shape[-2:])
+        return self._tokens(self.class_emb(x).permute(0, 3, 1, 2))  # (B, dim_class_emb, H, W)

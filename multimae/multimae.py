@@ -6,16 +6,17 @@ Masks use 1 = hidden from the encoder, 0 = visible.
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .multimae_utils import Block, trunc_normal_, xavier_uniform_fused_
+from .masking import ModelDeviceDefault, random_token_masks, sample_alphas, token_ids_from_masks
+from .masking import make_mask as _make_mask
+from .multimae_utils import transformer_blocks, trunc_normal_, xavier_uniform_fused_
 from .registry import register_model, strip_timm_kwargs
 
 __all__ = [
@@ -34,72 +35,6 @@ __all__ = [
 
 Tensor = torch.Tensor
 InputInfo = Dict[str, Any]
-
-
-def sample_alphas(B: int, n_tasks: int, alphas: Union[float, Sequence[float]] = 1.0, eps: float = 1e-5,
-                  device: Optional[torch.device] = None) -> Tensor:
-    """Dirichlet concentrations ``(B, n_tasks)`` for uniform task-subset sampling.
-
-    Every sample picks one of the ``2**n_tasks - 1`` non-empty task subsets uniformly; chosen tasks
-    get their ``alphas`` entry, the others ``0`` (plus ``eps`` so the Dirichlet is defined). Subset
-    indices follow ``itertools.product([0, 1], repeat=n_tasks)`` order (first task = most
-    significant bit), as published.
-    """
-    alphas_t = _per_task_tensor(alphas, n_tasks, device)
-    choice = torch.randint(0, 2 ** n_tasks - 1, (B,), device=device) + 1  # skip the all-zero subset
-    shifts = torch.arange(n_tasks - 1, -1, -1, device=device)
-    chosen = torch.bitwise_and(torch.bitwise_right_shift(choice[:, None], shifts), 1).to(torch.float32)
-    return chosen * alphas_t + eps
-
-
-class _ModelDeviceDefault:
-    """Descriptor for ``make_mask``: on an instance the default device is the model's, on the class it is CPU."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.__doc__ = fn.__doc__
-
-    def __get__(self, obj, objtype=None):
-        if obj is None:
-            return self.fn
-
-        def bound(*args, **kwargs):
-            if kwargs.get("device") is None:
-                p = next(obj.parameters(), None)
-                kwargs["device"] = p.device if p is not None else torch.device("cpu")
-            return self.fn(*args, **kwargs)
-
-        bound.__doc__ = self.fn.__doc__
-        return bound
-
-
-def _make_mask(N_H: int = 14, N_W: int = 14, xy_idxs: Optional[Dict[str, List[Sequence[int]]]] = None,
-               full_tasks: Sequence[str] = (), indicate_visible: bool = True, flatten: bool = True,
-               device: Optional[Union[str, torch.device]] = None) -> Dict[str, Tensor]:
-    """Per-task masks from lists of visible patch coordinates ``{task: [[x, y], ...]}``.
-
-    Listed patches are 0 (visible), others 1; tasks in ``full_tasks`` are fully visible. With
-    ``indicate_visible=False`` the masks are inverted. Returns int64 ``(1, N_H*N_W)`` masks if
-    ``flatten`` else ``(N_H, N_W)``. ``device`` defaults to the model's device (CPU on the class).
-    """
-    device = torch.device("cpu") if device is None else torch.device(device)
-    xy_idxs = xy_idxs or {}
-    masks = {}
-    for task, coords in xy_idxs.items():
-        m = torch.ones(N_H, N_W, dtype=torch.int64, device=device)
-        if len(coords) > 0:
-            xy = torch.as_tensor(coords, dtype=torch.int64, device=device).reshape(-1, 2)
-            m[xy[:, 1], xy[:, 0]] = 0
-        masks[task] = m
-    for task in full_tasks:
-        if task not in masks:
-            raise KeyError(f"make_mask: full task {task!r} has no entry in xy_idxs {list(xy_idxs)}")
-        masks[task].zero_()
-    if not indicate_visible:
-        masks = {k: 1 - v for k, v in masks.items()}
-    if flatten:
-        masks = {k: v.flatten().unsqueeze(0) for k, v in masks.items()}
-    return masks
 
 
 class MultiMAE(nn.Module):
@@ -137,11 +72,8 @@ class MultiMAE(nn.Module):
         self.global_tokens = nn.Parameter(torch.zeros(1, num_global_tokens, dim_tokens))
         trunc_normal_(self.global_tokens, std=0.02)
 
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-        self.encoder = nn.Sequential(*[
-            Block(dim=dim_tokens, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
-            for i in range(depth)])
+        self.encoder = nn.Sequential(*transformer_blocks(depth, dim_tokens, num_heads, mlp_ratio, qkv_bias, drop_rate,
+                                                         attn_drop_rate, drop_path_rate, norm_layer))
         self.grad_checkpointing = False
         self._init_all_weights()
 
@@ -157,8 +89,9 @@ class MultiMAE(nn.Module):
             nn.init.constant_(m.weight, 1.0)
 
     def _init_all_weights(self) -> None:
-        """Published init over the whole tree, adapters included (spec 1.6): Xavier Linear / unit
-        LayerNorm, then fused qkv / kv Linear bounds per projection and Xavier patch projections."""
+        """Initialise the whole tree, adapters included: Xavier-uniform Linear weights with zero bias and
+        unit LayerNorms; fused ``qkv`` / ``kv`` weights take the bound of one projection, and patch-projection
+        convs get Xavier-uniform on their flattened weight."""
         self.apply(self._init_weights)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
@@ -220,7 +153,7 @@ class MultiMAE(nn.Module):
         return outputs if return_all_layers else tokens
 
     # ------------------------------------------------------------------ input processing
-    make_mask = _ModelDeviceDefault(_make_mask)
+    make_mask = ModelDeviceDefault(_make_mask)
 
     def _image_size(self, x: Dict[str, Tensor]) -> Tuple[int, int]:
         """Full-resolution ``(H, W)``: from rgb, else from semseg times its stride, else the first input."""
@@ -258,76 +191,20 @@ class MultiMAE(nn.Module):
 
     def _append_global_tokens(self, tokens: Tensor) -> Tensor:
         # no dtype cast: under autocast the concatenation promotes to float32, keeping the residual
-        # stream in full precision as in the published model
+        # stream in full precision
         return torch.cat([tokens, self.global_tokens.expand(tokens.shape[0], -1, -1)], dim=1)
 
     # ------------------------------------------------------------------ masking
     def generate_random_masks(self, input_tokens: Dict[str, Tensor], num_encoded_tokens: int,
                               alphas: Union[float, Sequence[float]] = 1.0, sample_tasks_uniformly: bool = False
                               ) -> Tuple[Dict[str, Tensor], Tensor, Tensor]:
-        """Dirichlet-distributed per-sample token budgets across tasks (spec 1.5).
+        """Random masks with Dirichlet-distributed per-sample token budgets across tasks.
 
         Returns ``task_masks {task: (B, N_task) int64}`` (1 = hidden), ``ids_keep (B, num_encoded_tokens)``
-        and ``ids_restore (B, N_total)``. Every sample keeps exactly ``num_encoded_tokens`` tokens.
-        Runs entirely on the tokens' device without host synchronisation.
+        and ``ids_restore (B, N_total)``; see :func:`multimae.masking.random_token_masks`.
         """
-        first = next(iter(input_tokens.values()))
-        B, device = first.shape[0], first.device
-        n_tasks = len(input_tokens)
-        if isinstance(alphas, (int, float)):
-            alphas = [float(alphas)] * n_tasks
-        if len(alphas) != n_tasks:
-            raise ValueError(f"alphas has {len(alphas)} entries but there are {n_tasks} input tasks "
-                             f"{list(input_tokens)}")
-        if sample_tasks_uniformly:
-            concentration = sample_alphas(B, n_tasks, alphas=alphas, device=device)
-        else:
-            concentration = _per_task_tensor(alphas, n_tasks, device).expand(B, n_tasks)
-        proportions = _sample_dirichlet(concentration)
-        samples_per_task = (proportions * num_encoded_tokens).round().long()  # (B, T)
-
-        masks = []
-        sizes = [t.shape[1] for t in input_tokens.values()]
-        for i, n in enumerate(sizes):
-            # position j is kept iff argsort(noise)[j] < k: a uniformly random subset of min(k, n) tokens
-            perm = torch.argsort(torch.rand(B, n, device=device), dim=1)
-            masks.append((perm >= samples_per_task[:, i:i + 1]).long())
-        mask_all = torch.cat(masks, dim=1)
-        # kept tokens first (random order inside each group), then cut at the exact budget
-        ids_shuffle = torch.argsort(mask_all + torch.rand_like(mask_all, dtype=torch.float32), dim=1)
-        ids_restore = _inverse_permutation(ids_shuffle)
-        ids_keep = ids_shuffle[:, :num_encoded_tokens]
-        mask_all = (ids_restore >= num_encoded_tokens).long()
-        task_masks = dict(zip(input_tokens.keys(), torch.split(mask_all, sizes, dim=1)))
-        return task_masks, ids_keep, ids_restore
-
-    @staticmethod
-    def _ids_from_masks(task_masks: Dict[str, Tensor], input_tokens: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
-        """``ids_keep (B, n_vis)`` and ``ids_restore (B, N)`` from given masks.
-
-        Every sample must have the same number of visible tokens; reading that number is a host
-        synchronisation, which only this (user-supplied masks) path pays.
-        """
-        missing = [t for t in input_tokens if t not in task_masks]
-        if missing:
-            raise KeyError(f"task_masks has no entry for input task(s) {missing}; got {list(task_masks)}")
-        parts = []
-        for task, tokens in input_tokens.items():
-            m = task_masks[task]
-            B, n = tokens.shape[:2]
-            if m.dim() != 2 or m.shape[1] != n or m.shape[0] not in (1, B):
-                raise ValueError(f"task_masks[{task!r}] has shape {tuple(m.shape)}, expected ({B}, {n}) "
-                                 f"(1 = hidden, 0 = visible)")
-            parts.append((m != 0).long().to(tokens.device).expand(B, n))
-        mask_all = torch.cat(parts, dim=1)
-        ids_shuffle = torch.argsort(mask_all, dim=1, stable=True)
-        ids_restore = _inverse_permutation(ids_shuffle)
-        visible = (mask_all == 0).sum(dim=1)
-        lo, hi = torch.stack([visible.min(), visible.max()]).tolist()
-        if lo != hi:
-            raise ValueError(f"task_masks: every sample must have the same number of visible tokens, got between "
-                             f"{lo} and {hi} per sample")
-        return ids_shuffle[:, :lo], ids_restore
+        return random_token_masks(input_tokens, num_encoded_tokens, alphas=alphas,
+                                  sample_tasks_uniformly=sample_tasks_uniformly)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Union[Tensor, Dict[str, Tensor]], mask_inputs: bool = True,
@@ -361,7 +238,7 @@ class MultiMAE(nn.Module):
             task_masks, ids_keep, ids_restore = self.generate_random_masks(
                 input_task_tokens, num_encoded_tokens, alphas=alphas, sample_tasks_uniformly=sample_tasks_uniformly)
         else:
-            ids_keep, ids_restore = self._ids_from_masks(task_masks, input_task_tokens)
+            ids_keep, ids_restore = token_ids_from_masks(task_masks, input_task_tokens)
 
         tokens = torch.cat(list(input_task_tokens.values()), dim=1)
         tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[2]))
@@ -406,105 +283,37 @@ class MultiViT(MultiMAE):
                 for task, adapter in self.output_adapters.items()}
 
 
-def _per_task_tensor(values: Union[float, Sequence[float]], n_tasks: int, device: Optional[torch.device]) -> Tensor:
-    """``(n_tasks,)`` float32 tensor on ``device`` built with fill kernels: a host-to-device copy of a Python
-    list (``torch.tensor(values, device='cuda')``) would synchronise the host on every training step."""
-    if isinstance(values, (int, float)):
-        return torch.full((n_tasks,), float(values), dtype=torch.float32, device=device)
-    values = [float(v) for v in values]
-    if len(values) != n_tasks:
-        raise ValueError(f"expected {n_tasks} per-task values, got {len(values)}: {values}")
-    if len(set(values)) == 1:
-        return torch.full((n_tasks,), values[0], dtype=torch.float32, device=device)
-    return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in values])
-
-
-def _sample_dirichlet(concentration: Tensor) -> Tensor:
-    """One Dirichlet draw per row of ``concentration (B, T)``, as normalised Gamma(alpha, 1) draws.
-
-    Consumes the same random numbers as ``torch.distributions.Dirichlet`` (values agree to float
-    rounding) but, unlike ``aten::_sample_dirichlet``, also runs on the meta device and under
-    ``torch.compile`` tracing.
-    """
-    gammas = torch.distributions.Gamma(concentration, torch.ones_like(concentration), validate_args=False).sample()
-    return gammas / gammas.sum(dim=-1, keepdim=True)
-
-
-def _inverse_permutation(perm: Tensor) -> Tensor:
-    """Row-wise inverse of a batch of permutations ``(B, N)`` (same result as ``argsort(perm)``)."""
-    arange = torch.arange(perm.shape[1], device=perm.device).expand_as(perm)
-    return torch.empty_like(perm).scatter_(1, perm, arange)
-
-
 # ---------------------------------------------------------------------- registered constructors
 _SIZES = {
-    "tiny": dict(dim_tokens=192, depth=12, num_heads=3),
-    "small": dict(dim_tokens=384, depth=12, num_heads=6),
-    "base": dict(dim_tokens=768, depth=12, num_heads=12),
-    "large": dict(dim_tokens=1024, depth=24, num_heads=16),
+    "tiny": ("Ti", dict(dim_tokens=192, depth=12, num_heads=3)),
+    "small": ("S", dict(dim_tokens=384, depth=12, num_heads=6)),
+    "base": ("B", dict(dim_tokens=768, depth=12, num_heads=12)),
+    "large": ("L", dict(dim_tokens=1024, depth=24, num_heads=16)),
 }
 
 
-def _build(cls: Type[MultiMAE], name: str, size: str, input_adapters: Dict[str, nn.Module],
-           output_adapters: Optional[Dict[str, nn.Module]], kwargs: Dict[str, Any]) -> MultiMAE:
-    """Instantiate ``cls`` with the size preset; ``kwargs`` may override any preset value."""
-    kwargs = strip_timm_kwargs(dict(kwargs), name)
-    args = dict(_SIZES[size], mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-    args.update(kwargs)
-    return cls(input_adapters=input_adapters, output_adapters=output_adapters, **args)
+def _constructor(cls: Type[MultiMAE], name: str, size: str) -> Callable[..., MultiMAE]:
+    """Registered constructor ``name`` building ``cls`` with the ``size`` preset (ViT widths, MLP ratio 4,
+    qkv bias, LayerNorm eps 1e-6); keyword arguments override any preset value."""
+    vit, preset = _SIZES[size]
+
+    def build(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
+              **kwargs: Any) -> MultiMAE:
+        args = dict(preset, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        args.update(strip_timm_kwargs(dict(kwargs), name))
+        return cls(input_adapters=input_adapters, output_adapters=output_adapters, **args)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = (f"{cls.__name__} with a ViT-{vit} encoder ({preset['dim_tokens']} wide, {preset['depth']} "
+                     f"blocks, {preset['num_heads']} heads).")
+    return register_model(build)
 
 
-@register_model
-def pretrain_multimae_tiny(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
-                           **kwargs: Any) -> MultiMAE:
-    """MultiMAE with a ViT-Ti encoder (192 wide, 12 blocks, 3 heads)."""
-    return _build(MultiMAE, "pretrain_multimae_tiny", "tiny", input_adapters, output_adapters, kwargs)
-
-
-@register_model
-def pretrain_multimae_small(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
-                            **kwargs: Any) -> MultiMAE:
-    """MultiMAE with a ViT-S encoder (384 wide, 12 blocks, 6 heads)."""
-    return _build(MultiMAE, "pretrain_multimae_small", "small", input_adapters, output_adapters, kwargs)
-
-
-@register_model
-def pretrain_multimae_base(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
-                           **kwargs: Any) -> MultiMAE:
-    """MultiMAE with a ViT-B encoder (768 wide, 12 blocks, 12 heads)."""
-    return _build(MultiMAE, "pretrain_multimae_base", "base", input_adapters, output_adapters, kwargs)
-
-
-@register_model
-def pretrain_multimae_large(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
-                            **kwargs: Any) -> MultiMAE:
-    """MultiMAE with a ViT-L encoder (1024 wide, 24 blocks, 16 heads)."""
-    return _build(MultiMAE, "pretrain_multimae_large", "large", input_adapters, output_adapters, kwargs)
-
-
-@register_model
-def multivit_tiny(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
-                  **kwargs: Any) -> MultiViT:
-    """MultiViT with a ViT-Ti encoder (192 wide, 12 blocks, 3 heads)."""
-    return _build(MultiViT, "multivit_tiny", "tiny", input_adapters, output_adapters, kwargs)
-
-
-@register_model
-def multivit_small(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
-                   **kwargs: Any) -> MultiViT:
-    """MultiViT with a ViT-S encoder (384 wide, 12 blocks, 6 heads)."""
-    return _build(MultiViT, "multivit_small", "small", input_adapters, output_adapters, kwargs)
-
-
-@register_model
-def multivit_base(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
-                  **kwargs: Any) -> MultiViT:
-    """MultiViT with a ViT-B encoder (768 wide, 12 blocks, 12 heads)."""
-    return _build(MultiViT, "multivit_base", "base", input_adapters, output_adapters, kwargs)
-
-
-@register_model
-def multivit_large(input_adapters: Dict[str, nn.Module], output_adapters: Optional[Dict[str, nn.Module]] = None,
-                   **kwargs: Any) -> MultiViT:
-    """MultiViT with a ViT-L encoder (1024 wide, 24 blocks, 16 heads)."""
-    return _build(MultiViT, "multivit_large", "large", input_adapters, output_adapters, kwargs)
+pretrain_multimae_tiny = _constructor(MultiMAE, "pretrain_multimae_tiny", "tiny")
+pretrain_multimae_small = _constructor(MultiMAE, "pretrain_multimae_small", "small")
+pretrain_multimae_base = _constructor(MultiMAE, "pretrain_multimae_base", "base")
+pretrain_multimae_large = _constructor(MultiMAE, "pretrain_multimae_large", "large")
+multivit_tiny = _constructor(MultiViT, "multivit_tiny", "tiny")
+multivit_small = _constructor(MultiViT, "multivit_small", "small")
+multivit_base = _constructor(MultiViT, "multivit_base", "base")
+multivit_large = _constructor(MultiViT, "multivit_large", "large")

@@ -1,18 +1,24 @@
-"""Transformer building blocks shared by the encoder and the adapters.
+"""Transformer layers shared by the encoder and the adapters, and the attention-kernel choice.
 
-Parameter names (``qkv``, ``proj``, ``q``, ``kv``, ``fc1``, ``fc2``, ``norm1``, ``norm2``) follow the
-published MultiMAE code so that its checkpoints load unchanged. ``DropPath`` and ``trunc_normal_``
-come from timm.
+``Mlp``, ``Attention`` and ``Block`` are timm's classes (same parameter names: ``qkv``, ``proj``,
+``fc1``, ``fc2``, ``norm1``, ``norm2``), adapted where this library needs something else: the
+attention core goes through a process-wide kernel choice (:func:`set_attention_impl`) and the MLP
+drops out only after ``fc2``. ``CrossAttention`` (``q`` and fused ``kv`` projections) has no timm
+counterpart with these parameter names and is defined here.
 """
 from __future__ import annotations
 
 import math
-from typing import Tuple, Type, TypeVar, Union
+from typing import Any, List, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import Attention as TimmAttention
+from timm.layers import DropPath, Mlp as TimmMlp, trunc_normal_
+from timm.models.vision_transformer import Block as TimmBlock
+
+from .pos_embed import build_2d_sincos_posemb, pair
 
 __all__ = [
     "pair",
@@ -23,11 +29,11 @@ __all__ = [
     "Attention",
     "CrossAttention",
     "Block",
+    "transformer_blocks",
     "DropPath",
     "trunc_normal_",
+    "xavier_uniform_fused_",
 ]
-
-T = TypeVar("T")
 
 _ATTENTION_IMPLS = ("auto", "sdpa", "math")
 _attention_impl = "auto"
@@ -42,8 +48,8 @@ def set_attention_impl(impl: str) -> None:
 
     ``'auto'`` (default) uses ``F.scaled_dot_product_attention`` (fused kernels where available) except
     for CPU tensors in bf16/fp16 with fewer than 1024 keys, where the explicit formulation is faster;
-    ``'sdpa'`` always uses the fused call; ``'math'`` is the explicit ``softmax(q k^T * scale) v``
-    formulation of the published code, kept for benchmarks and equivalence tests.
+    ``'sdpa'`` always uses the fused call; ``'math'`` always uses the explicit
+    ``softmax(q k^T * scale) v``, for benchmarks and equivalence tests.
     """
     global _attention_impl
     if impl not in _ATTENTION_IMPLS:
@@ -54,34 +60,6 @@ def set_attention_impl(impl: str) -> None:
 def get_attention_impl() -> str:
     """Return the currently selected attention implementation (``'auto'``, ``'sdpa'`` or ``'math'``)."""
     return _attention_impl
-
-
-def pair(t: Union[T, Tuple[T, T]]) -> Tuple[T, T]:
-    """Return ``t`` if it is already a tuple, else ``(t, t)``."""
-    return t if isinstance(t, tuple) else (t, t)
-
-
-def build_2d_sincos_posemb(h: int, w: int, embed_dim: int = 1024, temperature: float = 10000.0) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding with the published channel layout.
-
-    Returns a ``(1, embed_dim, h, w)`` float32 tensor. With ``q = embed_dim // 4`` and
-    ``omega_k = temperature ** -(k / q)``, the vector at (row ``a``, column ``b``) is
-    ``[sin(i omega), cos(i omega), sin(j omega), cos(j omega)]`` where ``n = a * w + b``,
-    ``i = n // h`` and ``j = n % h``. For square grids ``i`` is the row and ``j`` the column;
-    for non-square grids this reproduces the published (scrambled) layout on purpose, because the
-    released weights were trained with it.
-    """
-    if embed_dim % 4 != 0:
-        raise ValueError(f"embed_dim must be divisible by 4 for the 2-D sin-cos embedding, got {embed_dim}")
-    q = embed_dim // 4
-    omega = 1.0 / (temperature ** (torch.arange(q, dtype=torch.float32) / q))
-    n = torch.arange(h * w)
-    i = torch.div(n, h, rounding_mode="floor").to(torch.float32)
-    j = torch.remainder(n, h).to(torch.float32)
-    out_i = i[:, None] * omega[None, :]
-    out_j = j[:, None] * omega[None, :]
-    emb = torch.cat([out_i.sin(), out_i.cos(), out_j.sin(), out_j.cos()], dim=1)  # (h*w, D)
-    return emb.t().reshape(1, embed_dim, h, w).contiguous()
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attn_drop: nn.Dropout,
@@ -100,61 +78,72 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, att
     return attn @ v
 
 
-class Mlp(nn.Module):
-    """``fc1 -> act -> fc2 -> dropout`` on ``(..., in_features)``.
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``(B, heads, N, head_dim) -> (B, N, heads * head_dim)``."""
+    B, h, N, d = x.shape
+    return x.transpose(1, 2).reshape(B, N, h * d)
 
-    Unlike timm's ``Mlp`` there is no dropout between the activation and ``fc2`` (published layout).
-    """
+
+def _check_heads(layer: str, dim: int, num_heads: int) -> None:
+    if dim % num_heads != 0:
+        raise ValueError(f"{layer}: dim={dim} is not divisible by num_heads={num_heads}")
+
+
+class Mlp(TimmMlp):
+    """timm's ``Mlp`` (``fc1 -> act -> fc2``) on ``(..., in_features)`` with a scalar ``drop`` applied only
+    after ``fc2``: ``drop1`` (between the activation and ``fc2``) is a no-op. A ``(p1, p2)`` tuple sets
+    both dropouts as in timm."""
 
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
-                 act_layer: Type[nn.Module] = nn.GELU, drop: float = 0.0):
-        super().__init__()
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.act(self.fc1(x))))
+                 act_layer: Type[nn.Module] = nn.GELU, drop: Union[float, Tuple[float, float]] = 0.0,
+                 **kwargs: Any):
+        drop = drop if isinstance(drop, tuple) else (0.0, drop)
+        super().__init__(in_features, hidden_features, out_features, act_layer=act_layer, drop=drop, **kwargs)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection: ``(B, N, dim) -> (B, N, dim)``."""
+class Attention(TimmAttention):
+    """timm's multi-head self-attention (fused ``qkv`` projection): ``(B, N, dim) -> (B, N, dim)``.
+
+    The attention core follows :func:`set_attention_impl` instead of timm's ``fused_attn`` flag. timm
+    options this forward does not apply (``scale_norm``, ``gated``, ``attn_head_dim``, ``dim_out``) are
+    rejected; ``qk_norm`` works. Attention masks are not supported (the encoder drops tokens instead).
+    """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"Attention: dim={dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+                 proj_drop: float = 0.0, **kwargs: Any):
+        _check_heads("Attention", dim, num_heads)
+        unsupported = [k for k in ("scale_norm", "gated", "attn_head_dim", "dim_out") if kwargs.get(k)]
+        if unsupported:
+            raise ValueError(f"Attention: timm option(s) {unsupported} are not supported")
+        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+                         **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("Attention: attention masks are not supported")
+        B, N, _ = x.shape
         # unbind (not qkv[0], qkv[1], qkv[2]): its backward stacks the three gradients in one pass instead
         # of zero-filling and copying into a 3x buffer three times
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
         x = _attend(q, k, v, self.scale, self.attn_drop, self.training)
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(_merge_heads(x)))
 
 
 class CrossAttention(nn.Module):
-    """Multi-head cross-attention: queries ``x (B, N, dim)`` attend to ``context (B, M, dim)`` -> ``(B, N, dim)``."""
+    """Multi-head cross-attention: queries ``x (B, N, dim)`` attend to ``context (B, M, dim)`` -> ``(B, N, dim)``.
+
+    ``q`` projects the queries, the fused ``kv`` projection the context (keys first).
+    """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0):
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"CrossAttention: dim={dim} is not divisible by num_heads={num_heads}")
+        _check_heads("CrossAttention", dim, num_heads)
         self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
@@ -162,33 +151,35 @@ class CrossAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
+        B, N, _ = x.shape
         M = context.shape[1]
-        h = self.num_heads
-        q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)
-        k, v = self.kv(context).reshape(B, M, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
+        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         x = _attend(q, k, v, self.scale, self.attn_drop, self.training)
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(_merge_heads(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: ``x + DP(attn(norm1(x)))`` then ``x + DP(mlp(norm2(x)))`` on ``(B, N, dim)``."""
+class Block(TimmBlock):
+    """timm's pre-norm transformer block on ``(B, N, dim)``: ``x + DP(attn(norm1(x)))`` then
+    ``x + DP(mlp(norm2(x)))``, built from this module's :class:`Attention` and :class:`Mlp`.
+
+    ``drop`` is the dropout after the attention and MLP output projections (timm's ``proj_drop``).
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  act_layer: Type[nn.Module] = nn.GELU, norm_layer: Type[nn.Module] = nn.LayerNorm):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        super().__init__(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop,
+                         attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer,
+                         mlp_layer=Mlp, attn_layer=Attention)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+
+def transformer_blocks(depth: int, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float,
+                       attn_drop: float, drop_path_rate: float, norm_layer: Type[nn.Module]) -> List[Block]:
+    """``depth`` blocks whose drop-path rate grows linearly from 0 (first) to ``drop_path_rate`` (last)."""
+    dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+    return [Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop,
+                  attn_drop=attn_drop, drop_path=rate, norm_layer=norm_layer) for rate in dpr]
 
 
 def xavier_uniform_fused_(weight: torch.Tensor, num_fused: int) -> None:

@@ -1,6 +1,6 @@
 """Convolutional pieces of the dense fine-tuning heads: the ConvNeXt block and the DPT
-reassemble/fusion modules. Module and parameter names follow the published code (and, through it,
-the DPT reference implementation) so that checkpoints load unchanged.
+reassemble/fusion modules. Module and parameter names (``resConfUnit1``, ``layer1_rn``, ...) are the
+key names of the released fine-tuning checkpoints.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ class FeatureFusionBlock_custom(nn.Module):
 def make_scratch(in_shape: Sequence[int], out_shape: int, groups: int = 1, expand: bool = False) -> nn.Module:
     """3x3 convs (no bias) mapping the four reassembled feature maps to the fusion width.
 
-    They are registered twice, as ``layer{1..4}_rn`` and as the list ``layer_rn`` (the published state
+    They are registered twice, as ``layer{1..4}_rn`` and as the list ``layer_rn`` (the released state
     dict contains both key spellings for the same tensors).
     """
     widths = [out_shape] * 4

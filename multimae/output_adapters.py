@@ -18,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .multimae_utils import Block, CrossAttention, Mlp, build_2d_sincos_posemb, pair, trunc_normal_
+from .multimae_utils import CrossAttention, Mlp, transformer_blocks, trunc_normal_
 from .output_adapter_utils import ConvNeXtBlock, Interpolate, make_fusion_block, make_scratch
+from .pos_embed import make_pos_emb, pair, patch_size_at_stride, pos_emb_tokens, token_grid
 
 __all__ = [
     "SpatialOutputAdapter",
@@ -33,8 +34,8 @@ InputInfo = Dict[str, Any]
 
 
 def _init_trunc_normal(m: nn.Module) -> None:
-    """Adapter-local init (Linear trunc-normal 0.02, LayerNorm 1/0). ``MultiMAE`` later re-initialises
-    every Linear with Xavier (published behaviour), so this only matters for stand-alone use."""
+    """Adapter-local init (Linear trunc-normal 0.02, LayerNorm 1/0). ``MultiMAE`` re-initialises every
+    Linear of the whole model with Xavier after building it, so this only matters for stand-alone use."""
     if isinstance(m, nn.Linear):
         trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -42,13 +43,6 @@ def _init_trunc_normal(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
-
-
-def _pos_emb_tokens(pos_emb: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """``(1, D, h, w)`` embedding resized bilinearly to ``size`` -> ``(1, size_h * size_w, D)``."""
-    if tuple(pos_emb.shape[-2:]) != tuple(size):  # same-size bilinear resize is an exact identity
-        pos_emb = F.interpolate(pos_emb, size=size, mode="bilinear", align_corners=False)
-    return pos_emb.flatten(2).transpose(1, 2)
 
 
 def _main_task_tokens(encoder_tokens: torch.Tensor, input_info: InputInfo, main_tasks: Sequence[str]) -> torch.Tensor:
@@ -95,29 +89,8 @@ class SpatialOutputAdapter(nn.Module):
         self.use_task_queries = use_task_queries
         self.task = task
         self.use_xattn = use_xattn
-        self.P_H = max(1, self.patch_size_full[0] // stride_level)
-        self.P_W = max(1, self.patch_size_full[1] // stride_level)
-
-        if context_tasks is not None:
-            # sorted like the published ParameterDict (built from a plain dict), so key order matches
-            self.task_embeddings = nn.ParameterDict(
-                {t: nn.Parameter(torch.zeros(1, 1, dim_tokens)) for t in sorted(context_tasks)})
-            for emb in self.task_embeddings.values():
-                trunc_normal_(emb, std=0.02)
-        else:
-            self.task_embeddings = None
-
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim_tokens))
-
-        h = self.image_size[0] // (stride_level * self.P_H)
-        w = self.image_size[1] // (stride_level * self.P_W)
-        if not learnable_pos_emb:
-            self.pos_emb = nn.Parameter(build_2d_sincos_posemb(h=h, w=w, embed_dim=dim_tokens), requires_grad=False)
-        else:
-            # (1, D, h, w) like the fixed one; the published (1, h, w, D) shape could not run.
-            self.pos_emb = nn.Parameter(torch.zeros(1, dim_tokens, h, w))
-            trunc_normal_(self.pos_emb, std=0.02)
-
+        self.P_H, self.P_W = patch_size_at_stride(self.patch_size_full, stride_level)
+        self._build_embeddings(context_tasks)
         if use_xattn:
             self.decoder = CrossAttention(dim_tokens, num_heads=num_heads, qkv_bias=qkv_bias,
                                           attn_drop=attn_drop_rate, proj_drop=drop_rate)
@@ -125,22 +98,33 @@ class SpatialOutputAdapter(nn.Module):
             self.query_norm = norm_layer(dim_tokens)
             self.out_norm = norm_layer(dim_tokens)
             self.mlp = Mlp(in_features=dim_tokens, hidden_features=int(dim_tokens * mlp_ratio))
-
-        if depth > 0:
-            dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-            self.decoder_transformer = nn.Sequential(*[
-                Block(dim=dim_tokens, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                      attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
-                for i in range(depth)])
-        else:
-            self.decoder_transformer = nn.Identity()
-
+        blocks = transformer_blocks(depth, dim_tokens, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
+                                    drop_path_rate, norm_layer)
+        self.decoder_transformer = nn.Sequential(*blocks) if depth > 0 else nn.Identity()
         self.dim_patch = num_channels * self.P_H * self.P_W
         self.out_proj = nn.Linear(dim_tokens, self.dim_patch)
         self.grad_checkpointing = False
-
         if dim_tokens_enc is not None:
             self.init(dim_tokens_enc=dim_tokens_enc)
+
+    def _build_embeddings(self, context_tasks: Optional[Sequence[str]]) -> None:
+        """Task embeddings (one per context task, trunc-normal), ``mask_token`` (zeros) and ``pos_emb``
+        (fixed sin-cos, or trunc-normal if ``learnable_pos_emb``), all ``dim_tokens`` wide."""
+        d = self.dim_tokens
+        self.task_embeddings = None
+        if context_tasks is not None:
+            # sorted by task name, the key order of the released checkpoints
+            self.task_embeddings = nn.ParameterDict(
+                {t: nn.Parameter(torch.zeros(1, 1, d)) for t in sorted(context_tasks)})
+            for emb in self.task_embeddings.values():
+                trunc_normal_(emb, std=0.02)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        h, w = self._grid(self.image_size)
+        self.pos_emb = make_pos_emb(d, h, w, sincos=not self.learnable_pos_emb, learnable=self.learnable_pos_emb)
+
+    def _grid(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
+        """Decoder token grid ``(N_H, N_W)`` for a full-resolution ``image_size``."""
+        return token_grid(image_size, self.stride_level, (self.P_H, self.P_W))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the cross-attention and each decoder block in backward instead of storing activations."""
@@ -164,17 +148,20 @@ class SpatialOutputAdapter(nn.Module):
             return self.task_embeddings[task]
         return None
 
+    def _with_task_embedding(self, x: torch.Tensor, task: Optional[str]) -> torch.Tensor:
+        task_emb = self._task_embedding(task)
+        return x + task_emb if task_emb is not None else x
+
     def _context_embeddings(self, input_info: InputInfo, size: Tuple[int, int]) -> torch.Tensor:
         """Task + position embedding of every input token, in input order: ``(1, N_total, dim_tokens)``."""
-        pos = _pos_emb_tokens(self.pos_emb, size)
+        pos = pos_emb_tokens(self.pos_emb, size)
         embs = []
         for task, info in input_info["tasks"].items():
             if info["num_tokens"] != pos.shape[1]:
                 raise ValueError(
                     f"SpatialOutputAdapter(task={self.task!r}): input task {task!r} has {info['num_tokens']} tokens "
                     f"but the decoder grid {size} has {pos.shape[1]}; all inputs must share the token grid")
-            task_emb = self._task_embedding(task)
-            embs.append(pos + task_emb if task_emb is not None else pos)
+            embs.append(self._with_task_embedding(pos, task))
         return torch.cat(embs, dim=1)
 
     def get_queries_and_context(self, context_tokens: torch.Tensor, input_info: InputInfo, ids_keep: torch.Tensor,
@@ -182,9 +169,7 @@ class SpatialOutputAdapter(nn.Module):
         """Build decoder queries ``(B, N_H*N_W, d)`` and context ``(B, n_vis + n_global, d)`` from the
         projected encoder tokens ``(B, n_vis + n_global, d)``."""
         B, _, d = context_tokens.shape
-        H, W = input_info["image_size"]
-        N_H = H // (self.stride_level * self.P_H)
-        N_W = W // (self.stride_level * self.P_W)
+        grid = self._grid(input_info["image_size"])
         n_global = input_info.get("num_global_tokens", 0)
         n_total = input_info["num_task_tokens"]
         visible = context_tokens[:, :context_tokens.shape[1] - n_global]
@@ -193,16 +178,13 @@ class SpatialOutputAdapter(nn.Module):
         mask_tokens = self.mask_token.expand(B, n_total - visible.shape[1], d)
         full = torch.cat([visible, mask_tokens], dim=1)
         full = torch.gather(full, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
-        full = full + self._context_embeddings(input_info, (N_H, N_W))
+        full = full + self._context_embeddings(input_info, grid)
 
         tasks = input_info["tasks"]
         if self.use_task_queries and self.task in tasks:
             queries = full[:, tasks[self.task]["start_idx"]:tasks[self.task]["end_idx"]]
         else:
-            queries = self.mask_token + _pos_emb_tokens(self.pos_emb, (N_H, N_W))
-            task_emb = self._task_embedding(self.task)
-            if task_emb is not None:
-                queries = queries + task_emb
+            queries = self._with_task_embedding(self.mask_token + pos_emb_tokens(self.pos_emb, grid), self.task)
             queries = queries.expand(B, -1, -1)
 
         context = torch.gather(full, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
@@ -211,7 +193,7 @@ class SpatialOutputAdapter(nn.Module):
         return queries, context
 
     def _cross_attend(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # no residual around the cross-attention (published architecture)
+        # no residual around the cross-attention: its output replaces the queries
         x = self.decoder(self.query_norm(queries), self.context_norm(context))
         return x + self.mlp(self.out_norm(x))
 
@@ -219,10 +201,7 @@ class SpatialOutputAdapter(nn.Module):
                 ids_restore: torch.Tensor) -> torch.Tensor:
         if self.dim_tokens_enc is None:
             raise RuntimeError("SpatialOutputAdapter: call init(dim_tokens_enc) before forward")
-        H, W = input_info["image_size"]
-        N_H = H // (self.stride_level * self.P_H)
-        N_W = W // (self.stride_level * self.P_W)
-
+        N_H, N_W = self._grid(input_info["image_size"])
         x = self.proj_context(encoder_tokens)
         queries, context = self.get_queries_and_context(x, input_info, ids_keep, ids_restore)
         x = self._checkpointed(self._cross_attend, queries, context) if self.use_xattn else queries
@@ -277,7 +256,29 @@ class LinearOutputAdapter(nn.Module):
         return self.head(self.norm(x))
 
 
-class SegmenterMaskTransformerAdapter(nn.Module):
+class _MainTaskHead(nn.Module):
+    """Shared part of the Segmenter and ConvNeXt heads: the main tasks' tokens, concatenated along
+    channels, are projected to ``embed_dim`` by ``proj_dec`` (created by ``init``)."""
+
+    def __init__(self, num_classes: int, embed_dim: int, main_tasks: Union[str, Sequence[str]], patch_size: int):
+        super().__init__()
+        self.main_tasks = _as_task_list(main_tasks)
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
+
+    def init(self, dim_tokens_enc: int = 768) -> None:
+        """Create the projection from the (concatenated) main-task tokens to ``embed_dim``."""
+        self.in_channels = dim_tokens_enc * len(self.main_tasks)
+        self.proj_dec = nn.Linear(self.in_channels, self.embed_dim)
+        _init_trunc_normal(self.proj_dec)
+
+    def _project(self, encoder_tokens: torch.Tensor, input_info: InputInfo) -> torch.Tensor:
+        """``(B, N, D_enc)`` encoder tokens -> projected main-task tokens ``(B, N_task, embed_dim)``."""
+        return self.proj_dec(_main_task_tokens(encoder_tokens, input_info, self.main_tasks))
+
+
+class SegmenterMaskTransformerAdapter(_MainTaskHead):
     """Segmenter mask-transformer head: class embeddings are decoded jointly with the patch tokens,
     masks are cosine similarities between patch and class features.
 
@@ -289,35 +290,21 @@ class SegmenterMaskTransformerAdapter(nn.Module):
                  attn_drop_rate: float = 0.0, qkv_bias: bool = True, main_tasks: Sequence[str] = ("rgb",),
                  patch_size: int = 16, norm_layer: Type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
                  **kwargs: Any):
-        super().__init__()
-        self.main_tasks = _as_task_list(main_tasks)
-        self.patch_size = patch_size
-        self.embed_dim = embed_dim
-        self.num_classes = num_classes
-
+        super().__init__(num_classes, embed_dim, main_tasks, patch_size)
         self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
         trunc_normal_(self.cls_emb, std=0.02)
         self.patch_proj = nn.Linear(embed_dim, embed_dim, bias=False)
         self.classes_proj = nn.Linear(embed_dim, embed_dim, bias=False)
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-        self.blocks = nn.ModuleList([
-            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
-            for i in range(depth)])
+        self.blocks = nn.ModuleList(transformer_blocks(depth, embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate,
+                                                       attn_drop_rate, drop_path_rate, norm_layer))
         self.decoder_norm = norm_layer(embed_dim)
         self.mask_norm = norm_layer(num_classes)
         self.apply(_init_trunc_normal)
 
-    def init(self, dim_tokens_enc: int = 768) -> None:
-        """Create the projection from the (concatenated) main-task tokens to ``embed_dim``."""
-        self.in_channels = dim_tokens_enc * len(self.main_tasks)
-        self.proj_dec = nn.Linear(self.in_channels, self.embed_dim)
-        _init_trunc_normal(self.proj_dec)
-
     def forward(self, encoder_tokens: torch.Tensor, input_info: InputInfo, **kwargs: Any) -> torch.Tensor:
         H, W = input_info["image_size"]
         N_H, N_W = H // self.patch_size, W // self.patch_size
-        x = self.proj_dec(_main_task_tokens(encoder_tokens, input_info, self.main_tasks))
+        x = self._project(encoder_tokens, input_info)
         x = torch.cat([x, self.cls_emb.expand(x.shape[0], -1, -1)], dim=1)
         for blk in self.blocks:
             x = blk(x)
@@ -329,8 +316,8 @@ class SegmenterMaskTransformerAdapter(nn.Module):
         return F.interpolate(masks, size=(H, W), mode="bilinear")
 
 
-class ConvNeXtAdapter(nn.Module):
-    """ConvNeXt semantic-segmentation head (the published default).
+class ConvNeXtAdapter(_MainTaskHead):
+    """ConvNeXt semantic-segmentation head.
 
     Each main-task token is projected to ``embed_dim`` channels and split into ``preds_per_patch``
     sub-tokens of ``embed_dim // preds_per_patch`` channels, laid out as a sqrt(p) x sqrt(p) grid
@@ -342,40 +329,62 @@ class ConvNeXtAdapter(nn.Module):
     def __init__(self, num_classes: int, embed_dim: int = 6144, preds_per_patch: int = 16,
                  main_tasks: Sequence[str] = ("rgb",), patch_size: int = 16, depth: int = 4,
                  interpolate_mode: str = "bilinear", **kwargs: Any):
-        super().__init__()
+        super().__init__(num_classes, embed_dim, main_tasks, patch_size)
         side = int(round(preds_per_patch ** 0.5))
         if side * side != preds_per_patch:
             raise ValueError(f"ConvNeXtAdapter: preds_per_patch must be a square number, got {preds_per_patch}")
         if embed_dim % preds_per_patch != 0:
             raise ValueError(f"ConvNeXtAdapter: embed_dim={embed_dim} is not divisible by "
                              f"preds_per_patch={preds_per_patch}")
-        self.main_tasks = _as_task_list(main_tasks)
-        self.patch_size = patch_size
-        self.embed_dim = embed_dim
         self.preds_per_patch = preds_per_patch
         self.class_dim = embed_dim // preds_per_patch
-        self.num_classes = num_classes
         self.interpolate_mode = interpolate_mode
         self.blocks = nn.Sequential(*[ConvNeXtBlock(dim=self.class_dim) for _ in range(depth)])
         self.final_layer = nn.Conv2d(self.class_dim, num_classes, kernel_size=1)
         self.apply(_init_trunc_normal)
 
-    def init(self, dim_tokens_enc: int = 768) -> None:
-        """Create the projection from the (concatenated) main-task tokens to ``embed_dim``."""
-        self.in_channels = dim_tokens_enc * len(self.main_tasks)
-        self.proj_dec = nn.Linear(self.in_channels, self.embed_dim)
-        _init_trunc_normal(self.proj_dec)
-
     def forward(self, encoder_tokens: torch.Tensor, input_info: InputInfo, **kwargs: Any) -> torch.Tensor:
         H, W = input_info["image_size"]
         N_H, N_W = H // self.patch_size, W // self.patch_size
         side = int(round(self.preds_per_patch ** 0.5))
-        x = self.proj_dec(_main_task_tokens(encoder_tokens, input_info, self.main_tasks))  # (B, N, p*c)
+        x = self._project(encoder_tokens, input_info)  # (B, N, p*c)
         B = x.shape[0]
         x = x.reshape(B, N_H, N_W, side, side, self.class_dim)
         x = x.permute(0, 5, 1, 3, 2, 4).reshape(B, self.class_dim, N_H * side, N_W * side)
         x = self.final_layer(self.blocks(x))
         return F.interpolate(x, size=(H, W), mode=self.interpolate_mode)
+
+
+def _dpt_head(head_type: str, feature_dim: int, num_classes: int, use_bn: bool) -> nn.Sequential:
+    """DPT prediction head on the finest fused map ``(B, feature_dim, h, w) -> (B, num_classes, 2h, 2w)``."""
+    if head_type == "regression":
+        return nn.Sequential(
+            nn.Conv2d(feature_dim, feature_dim // 2, kernel_size=3, stride=1, padding=1),
+            Interpolate(scale_factor=2, mode="bilinear", align_corners=True),
+            nn.Conv2d(feature_dim // 2, 32, kernel_size=3, stride=1, padding=1),
+            nn.ReLU(True),
+            nn.Conv2d(32, num_classes, kernel_size=1, stride=1, padding=0),
+        )
+    return nn.Sequential(
+        nn.Conv2d(feature_dim, feature_dim, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(feature_dim) if use_bn else nn.Identity(),
+        nn.ReLU(True),
+        nn.Dropout(0.1, False),
+        nn.Conv2d(feature_dim, num_classes, kernel_size=1),
+        Interpolate(scale_factor=2, mode="bilinear", align_corners=True),
+    )
+
+
+def _dpt_reassemble(dim_in: int, dim_out: int, stage: int) -> nn.Sequential:
+    """Reassemble stage ``stage`` (0-3): 1x1 conv to ``dim_out``, then x4 / x2 up-sampling, identity or
+    x2 down-sampling of the ``(B, dim_in, N_H, N_W)`` token map."""
+    layers = [nn.Conv2d(dim_in, dim_out, kernel_size=1, stride=1, padding=0)]
+    if stage < 2:
+        scale = 4 if stage == 0 else 2
+        layers.append(nn.ConvTranspose2d(dim_out, dim_out, kernel_size=scale, stride=scale, padding=0, bias=True))
+    elif stage == 3:
+        layers.append(nn.Conv2d(dim_out, dim_out, kernel_size=3, stride=2, padding=1))
+    return nn.Sequential(*layers)
 
 
 class DPTOutputAdapter(nn.Module):
@@ -407,57 +416,22 @@ class DPTOutputAdapter(nn.Module):
         self.feature_dim = feature_dim
         self.head_type = head_type
         self.dim_tokens_enc = None
-        self.P_H = max(1, self.patch_size[0] // stride_level)
-        self.P_W = max(1, self.patch_size[1] // stride_level)
+        self.P_H, self.P_W = patch_size_at_stride(self.patch_size, stride_level)
 
         self.scratch = make_scratch(self.layer_dims, feature_dim, groups=1, expand=False)
-        self.scratch.refinenet1 = make_fusion_block(feature_dim, use_bn)
-        self.scratch.refinenet2 = make_fusion_block(feature_dim, use_bn)
-        self.scratch.refinenet3 = make_fusion_block(feature_dim, use_bn)
-        self.scratch.refinenet4 = make_fusion_block(feature_dim, use_bn)
-
-        if head_type == "regression":
-            self.head = nn.Sequential(
-                nn.Conv2d(feature_dim, feature_dim // 2, kernel_size=3, stride=1, padding=1),
-                Interpolate(scale_factor=2, mode="bilinear", align_corners=True),
-                nn.Conv2d(feature_dim // 2, 32, kernel_size=3, stride=1, padding=1),
-                nn.ReLU(True),
-                nn.Conv2d(32, num_classes, kernel_size=1, stride=1, padding=0),
-            )
-        else:
-            self.head = nn.Sequential(
-                nn.Conv2d(feature_dim, feature_dim, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(feature_dim) if use_bn else nn.Identity(),
-                nn.ReLU(True),
-                nn.Dropout(0.1, False),
-                nn.Conv2d(feature_dim, num_classes, kernel_size=1),
-                Interpolate(scale_factor=2, mode="bilinear", align_corners=True),
-            )
-
+        for i in range(1, 5):
+            setattr(self.scratch, f"refinenet{i}", make_fusion_block(feature_dim, use_bn))
+        self.head = _dpt_head(head_type, feature_dim, num_classes, use_bn)
         if dim_tokens_enc is not None:
             self.init(dim_tokens_enc=dim_tokens_enc)
 
     def init(self, dim_tokens_enc: int = 768) -> None:
         """Create the reassemble layers (``act_{1..4}_postprocess``, aliased as ``act_postprocess``)."""
         self.dim_tokens_enc = dim_tokens_enc * len(self.main_tasks)
-        d, dims = self.dim_tokens_enc, self.layer_dims
-        self.act_1_postprocess = nn.Sequential(
-            nn.Conv2d(d, dims[0], kernel_size=1, stride=1, padding=0),
-            nn.ConvTranspose2d(dims[0], dims[0], kernel_size=4, stride=4, padding=0, bias=True),
-        )
-        self.act_2_postprocess = nn.Sequential(
-            nn.Conv2d(d, dims[1], kernel_size=1, stride=1, padding=0),
-            nn.ConvTranspose2d(dims[1], dims[1], kernel_size=2, stride=2, padding=0, bias=True),
-        )
-        self.act_3_postprocess = nn.Sequential(
-            nn.Conv2d(d, dims[2], kernel_size=1, stride=1, padding=0),
-        )
-        self.act_4_postprocess = nn.Sequential(
-            nn.Conv2d(d, dims[3], kernel_size=1, stride=1, padding=0),
-            nn.Conv2d(dims[3], dims[3], kernel_size=3, stride=2, padding=1),
-        )
-        self.act_postprocess = nn.ModuleList([
-            self.act_1_postprocess, self.act_2_postprocess, self.act_3_postprocess, self.act_4_postprocess])
+        stages = [_dpt_reassemble(self.dim_tokens_enc, dim, i) for i, dim in enumerate(self.layer_dims)]
+        for i, stage in enumerate(stages):
+            setattr(self, f"act_{i + 1}_postprocess", stage)
+        self.act_postprocess = nn.ModuleList(stages)
 
     def forward(self, encoder_tokens: List[torch.Tensor], input_info: InputInfo, **kwargs: Any) -> torch.Tensor:
         if self.dim_tokens_enc is None:
@@ -465,9 +439,7 @@ class DPTOutputAdapter(nn.Module):
         if isinstance(encoder_tokens, torch.Tensor):
             raise TypeError("DPTOutputAdapter needs the outputs of all encoder layers; call the model with "
                             "return_all_layers=True")
-        H, W = input_info["image_size"]
-        N_H = H // (self.stride_level * self.P_H)
-        N_W = W // (self.stride_level * self.P_W)
+        N_H, N_W = token_grid(input_info["image_size"], self.stride_level, (self.P_H, self.P_W))
         layers = []
         for i, hook in enumerate(self.hooks):
             x = _main_task_tokens(encoder_tokens[hook], input_info, self.main_tasks)  # (B, N, C)

@@ -64,9 +64,8 @@ def model_entrypoint(model_name: str) -> Callable[..., nn.Module]:
 def create_model(model_name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model: ``create_model('multivit_base', input_adapters=..., output_adapters=...)``.
 
-    As in the published ``utils.create_model``, keyword arguments set to None are dropped (so that
-    unset command-line options keep the model defaults) and the deprecated ``drop_connect_rate`` is
-    mapped to ``drop_path_rate``.
+    Keyword arguments set to None are dropped (so that unset command-line options keep the model
+    defaults) and the deprecated ``drop_connect_rate`` is mapped to ``drop_path_rate``.
     """
     drop_connect_rate = kwargs.pop("drop_connect_rate", None)
     if drop_connect_rate is not None and kwargs.get("drop_path_rate") is None:

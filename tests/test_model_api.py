@@ -1,5 +1,5 @@
 """Registry, every registered model and output adapter (forward + backward), timm conventions
-(no_weight_decay, group_matcher / layer decay, grad checkpointing), state-dict round trip, spec 10 shapes."""
+(no_weight_decay, group_matcher / layer decay, grad checkpointing), state-dict round trip, output shapes at 224."""
 import pytest
 import timm
 import torch
@@ -112,7 +112,7 @@ def test_create_model_errors_and_compat():
     with pytest.warns(DeprecationWarning):
         model = create_model("multivit_tiny", input_adapters=_input_adapters(), output_adapters=None, depth=2,
                              drop_connect_rate=0.2, drop_path_rate=None, num_global_tokens=None)
-    assert model.encoder[1].drop_path.drop_prob == pytest.approx(0.2)
+    assert model.encoder[1].drop_path1.drop_prob == pytest.approx(0.2)
     assert model.global_tokens.shape[1] == 1  # None kwargs keep the defaults
     with pytest.raises(ValueError, match="no weights are bundled"):
         create_model("multivit_tiny", input_adapters=_input_adapters(), pretrained=True)
@@ -311,8 +311,8 @@ def test_state_dict_round_trip(tmp_path):
         assert torch.equal(a[k], b[k])
 
 
-# ---------------------------------------------------------------------------------------------- spec 10 shapes
-def test_spec_10_1_and_10_2_shapes_at_224():
+# ---------------------------------------------------------------------------------------------- shapes at 224
+def test_pretrain_and_finetune_shapes_at_224():
     """Released pre-training layout at 224 px and 98 visible tokens (tiny width, one block, for speed)."""
     model = create_model("pretrain_multimae_tiny", input_adapters=_input_adapters(224, 133),
                          output_adapters=_pretrain_adapters(224, 133, dim=32, depth=1, heads=4), depth=1).eval()
@@ -342,7 +342,7 @@ def test_no_host_sync_in_pretraining_forward_backward():
 
 
 @pytest.mark.slow
-def test_spec_10_1_full_vit_b():
+def test_full_vit_b_shapes():
     model = create_model("pretrain_multimae_base", input_adapters=_input_adapters(224, 133),
                          output_adapters=_pretrain_adapters(224, 133, dim=256, depth=2, heads=8)).eval()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Building blocks: sin-cos embedding closed form, attention kernels, initialisation (spec 1.1, 1.2, 1.6)."""
+"""Building blocks: sin-cos embedding closed form, attention kernels, initialisation."""
 import math
 
 import pytest
@@ -140,7 +140,7 @@ def test_unknown_attention_impl_rejected(attention_impl):
 
 def test_mlp_has_no_dropout_between_activation_and_fc2():
     mlp = Mlp(8, 16, drop=0.5)
-    assert [name for name, _ in mlp.named_children()] == ["fc1", "act", "fc2", "drop"]
+    assert mlp.drop1.p == 0.0 and mlp.drop2.p == 0.5
     mlp.train()
     x = torch.randn(4, 8)
     torch.manual_seed(0)
@@ -154,7 +154,22 @@ def test_block_is_prenorm_residual():
     x = torch.randn(2, 5, 16)
     y = x + blk.attn(blk.norm1(x))
     torch.testing.assert_close(blk(x), y + blk.mlp(blk.norm2(y)))
-    assert isinstance(blk.drop_path, nn.Identity)
+    assert isinstance(blk.drop_path1, nn.Identity) and isinstance(blk.drop_path2, nn.Identity)
+
+
+def test_layers_are_timms_with_the_same_keys_and_dropout_placement():
+    from timm.layers import Attention as TimmAttention, Mlp as TimmMlp
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    blk = Block(16, num_heads=2, qkv_bias=True, drop=0.3, attn_drop=0.2)
+    assert isinstance(blk, TimmBlock) and isinstance(blk.attn, TimmAttention) and isinstance(blk.mlp, TimmMlp)
+    assert list(blk.state_dict()) == [f"{p}.{t}" for p in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1",
+                                                            "mlp.fc2") for t in ("weight", "bias")]
+    assert (blk.attn.attn_drop.p, blk.attn.proj_drop.p, blk.mlp.drop1.p, blk.mlp.drop2.p) == (0.2, 0.3, 0.0, 0.3)
+    with pytest.raises(ValueError, match="not divisible"):
+        Attention(10, num_heads=3)
+    with pytest.raises(ValueError, match="not supported"):
+        blk.attn(torch.randn(1, 3, 16), is_causal=True)
 
 
 # ---------------------------------------------------------------------------------------------- initialisation

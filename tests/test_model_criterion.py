@@ -1,4 +1,4 @@
-"""Masked pre-training losses (spec 4.1, 10.9) and the ignore_index extension."""
+"""Masked pre-training losses and the ignore_index extension."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +7,7 @@ from multimae import MaskedCrossEntropyLoss, MaskedL1Loss, MaskedMSELoss
 
 
 def _published_masked(loss, mask, p):
-    """Spec 4.1 formula: per-sample mean over hidden pixels, nanmean over samples."""
+    """Reference formula: per-sample mean over hidden pixels, nanmean over samples."""
     B, H, W = loss.shape
     m = mask.reshape(B, H // p, W // p).repeat_interleave(p, 1).repeat_interleave(p, 2).float()
     return ((loss * m).flatten(1).sum(1) / m.flatten(1).sum(1)).nanmean()

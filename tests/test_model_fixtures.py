@@ -227,7 +227,7 @@ def test_finetune_head_outputs(finetune, entry):
 
 # ---------------------------------------------------------------------------------------------- released layout
 def test_pretrain_multimae_base_matches_released_key_layout(fixtures_dir):
-    """``pretrain_multimae_base`` built like the released config (spec 8.1) has exactly the released
+    """``pretrain_multimae_base`` built like the released config has exactly the released
     checkpoint's keys and shapes, 98,569,360 elements (built on the meta device: no memory, no init cost)."""
     ref = json.loads((fixtures_dir / "vitb_keys.json").read_text())["multimae"]
     tasks = ["rgb", "depth", "semseg"]

@@ -1,4 +1,4 @@
-"""Token masking: Dirichlet budgets (spec 1.5), given masks, make_mask, sampling statistics (spec 10.10)."""
+"""Token masking: Dirichlet budgets, given masks, make_mask, sampling statistics."""
 import itertools
 
 import pytest
@@ -19,7 +19,7 @@ def masker():
 
 
 def _reference_masks(sizes, B, budget, alphas):
-    """Spec 1.5 written out literally (Dirichlet over the batch, per-task shuffles, rounding repair)."""
+    """The masking algorithm written out literally (Dirichlet over the batch, per-task shuffles, rounding repair)."""
     props = torch.distributions.Dirichlet(torch.tensor(alphas)).sample((B,))
     k = (props * budget).round().long()
     masks = []
