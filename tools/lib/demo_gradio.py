@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -88,117 +89,137 @@ class DemoState:
         return f"**{s.name}:** " + ("; ".join(notes) if notes else "all modalities given") + "."
 
 
+def _layout(state: DemoState, gr: Any, share_mods: list[str]) -> SimpleNamespace:
+    """Create the page's components (inside an open gr.Blocks); returns them by name."""
+    e, ui = state.engine, SimpleNamespace(imgs={}, caps={})
+    gr.Markdown("# MultiMAE: masked multi-modal reconstruction, computed live")
+    ui.header = gr.Markdown(state.header(), elem_id="header")
+    with gr.Row():
+        ui.picker = gr.Dropdown(state.choices(), value=state.choice(), label="image", elem_id="image")
+        ui.prev = gr.Button("previous image", elem_id="prev")
+        ui.next = gr.Button("next image", elem_id="next")
+    with gr.Accordion("upload an image (optional depth and semseg files) or another checkpoint", open=True):
+        with gr.Row():
+            ui.up_rgb = gr.File(label="RGB image", elem_id="upload_rgb")
+            ui.up_depth = gr.File(label="depth (16-bit PNG, same size)", elem_id="upload_depth")
+            ui.up_sem = gr.File(label="semseg (class-id PNG, same size)", elem_id="upload_semseg")
+            ui.up_ckpt = gr.File(label="checkpoint (.pth / .safetensors)", elem_id="upload_ckpt")
+        ui.up_go = gr.Button("use uploaded image", elem_id="upload_go")
+    ui.status = gr.Markdown(state.notes(), elem_id="status")
+    steps = e.visible_steps()
+    with gr.Tabs():
+        for demo in DEMOS:
+            with gr.Tab(TITLES[demo], elem_id=f"tab_{demo}"):
+                if demo == "random":
+                    ui.resample = gr.Button("resample mask", elem_id="resample")
+                elif demo == "visible":
+                    ui.visible = gr.Slider(steps[0], steps[-1], step=steps[1] - steps[0] if len(steps) > 1 else 1,
+                                           value=min(steps, key=lambda s: abs(s - e.cfg.num_encoded_tokens)),
+                                           label="visible tokens", elem_id="visible_n")
+                elif demo == "share":
+                    ui.shares = [gr.Slider(0, SHARE_LEVELS - 1, value=1, step=1, label=f"{m} weight",
+                                           elem_id=f"share_{m}", visible=m in e.inputs) for m in share_mods]
+                else:
+                    ui.hue = gr.Slider(HUE_STEPS[0], HUE_STEPS[-1], value=0.3, step=0.1, label="hue shift",
+                                       elem_id="hue_shift")
+                ui.caps[demo] = gr.Markdown(elem_id=f"{demo}_caption")
+                ui.imgs[demo] = gr.Image(type="numpy", format="png", interactive=False, show_label=False,
+                                         elem_id=f"{demo}_img")
+    ui.controls = [ui.visible, ui.hue, *ui.shares]
+    ui.views = [x for d in DEMOS for x in (ui.imgs[d], ui.caps[d])]
+    return ui
+
+
+class _Handlers:
+    """The page's callbacks. Each takes the control values last and returns the values of its outputs;
+    ``guarded`` turns any error into one sentence in the status box (the last output)."""
+
+    def __init__(self, state: DemoState, gr: Any, share_mods: list[str]):
+        self.state, self.gr, self.share_mods = state, gr, share_mods
+
+    def guarded(self, fn: Callable[..., list[Any]], n_out: int) -> Callable[..., list[Any]]:
+        def run(*args):
+            with self.state.lock:
+                try:
+                    return fn(*args)
+                except Exception as err:  # noqa: BLE001 -- the page shows one sentence, never a traceback
+                    msg = err.args[0] if isinstance(err, DemoError) and err.args else f"{type(err).__name__}: {err}"
+                    return [self.gr.update()] * (n_out - 1) + [f"**Error:** {msg}"]
+        return run
+
+    def read(self, v, h, *ws) -> dict[str, Any]:
+        return {"visible": v, "hue": h, "share": dict(zip(self.share_mods, ws))}
+
+    def all_views(self, *c) -> list[Any]:
+        return [x for d in DEMOS for x in self.state.render(d, self.read(*c))]
+
+    def picked(self) -> Any:
+        return self.gr.update(choices=self.state.choices(), value=self.state.choice())
+
+    def one(self, demo: str) -> Callable[..., list[Any]]:
+        return lambda *c: [*self.state.render(demo, self.read(*c)), self.gr.update()]
+
+    def init(self, *c) -> list[Any]:
+        return [*self.all_views(*c), self.state.notes()]
+
+    def pick(self, choice, *c) -> list[Any]:
+        names = self.state.choices()
+        self.state.current = -1 if str(choice).startswith(UPLOAD) else names.index(choice) if choice in names else 0
+        return [*self.all_views(*c), self.state.notes()]
+
+    def step(self, delta: int) -> Callable[..., list[Any]]:
+        def go(*c):
+            st = self.state
+            st.current = (max(st.current, 0) + delta) % len(st.samples) if st.samples else -1
+            return [self.picked(), *self.all_views(*c), st.notes()]
+        return go
+
+    def resample(self, *c) -> list[Any]:
+        self.state.seed += 1
+        return [*self.state.render("random", self.read(*c)), self.gr.update()]
+
+    def upload(self, rgb, depth, sem, *c) -> list[Any]:
+        if rgb is None:
+            raise DemoError("choose an RGB image file first")
+        files = {"rgb": _path(rgb), "depth": _path(depth), "semseg": _path(sem)}
+        self.state.upload = self.state.engine.load_sample(files, name=os.path.basename(files["rgb"]))
+        self.state.current = -1
+        return [self.picked(), *self.all_views(*c), self.state.notes()]
+
+    def checkpoint(self, f, *c) -> list[Any]:
+        st = self.state
+        if f is None:
+            raise DemoError("no checkpoint file")
+        engine = DemoEngine.from_checkpoint(_path(f), st.device, labellers=st.engine.labellers)
+        fresh = DemoState(engine, st.files, st.device)
+        st.__dict__.update({k: v for k, v in fresh.__dict__.items() if k != "lock"})
+        sliders = [self.gr.update(visible=m in engine.inputs) for m in self.share_mods]
+        return [self.picked(), st.header(), *sliders, *self.all_views(*c),
+                f"loaded checkpoint {os.path.basename(_path(f))}. " + st.notes()]
+
+
 def build_app(state: DemoState) -> Any:
     """The gr.Blocks page for ``state`` (not launched)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    e = state.engine
-    share_mods = list(dict.fromkeys([*SHARE_MODALITIES, *e.inputs]))
+    share_mods = list(dict.fromkeys([*SHARE_MODALITIES, *state.engine.inputs]))
     with gr.Blocks(title="MultiMAE demos", analytics_enabled=False) as app:
-        gr.Markdown("# MultiMAE: masked multi-modal reconstruction, computed live")
-        header = gr.Markdown(state.header(), elem_id="header")
-        with gr.Row():
-            picker = gr.Dropdown(state.choices(), value=state.choice(), label="image", elem_id="image")
-            prev_b = gr.Button("previous image", elem_id="prev")
-            next_b = gr.Button("next image", elem_id="next")
-        with gr.Accordion("upload an image (optional depth and semseg files) or another checkpoint", open=True):
-            with gr.Row():
-                up_rgb = gr.File(label="RGB image", elem_id="upload_rgb")
-                up_depth = gr.File(label="depth (16-bit PNG, same size)", elem_id="upload_depth")
-                up_sem = gr.File(label="semseg (class-id PNG, same size)", elem_id="upload_semseg")
-                up_ckpt = gr.File(label="checkpoint (.pth / .safetensors)", elem_id="upload_ckpt")
-            up_go = gr.Button("use uploaded image", elem_id="upload_go")
-        status = gr.Markdown(state.notes(), elem_id="status")
-        imgs, caps = {}, {}
-        with gr.Tabs():
-            for demo in DEMOS:
-                with gr.Tab(TITLES[demo], elem_id=f"tab_{demo}"):
-                    if demo == "random":
-                        resample = gr.Button("resample mask", elem_id="resample")
-                    elif demo == "visible":
-                        steps = e.visible_steps()
-                        visible = gr.Slider(steps[0], steps[-1], value=min(steps, key=lambda s: abs(
-                            s - e.cfg.num_encoded_tokens)), step=steps[1] - steps[0] if len(steps) > 1 else 1,
-                            label="visible tokens", elem_id="visible_n")
-                    elif demo == "share":
-                        shares = [gr.Slider(0, SHARE_LEVELS - 1, value=1, step=1, label=f"{m} weight",
-                                            elem_id=f"share_{m}", visible=m in e.inputs) for m in share_mods]
-                    else:
-                        hue = gr.Slider(HUE_STEPS[0], HUE_STEPS[-1], value=0.3, step=0.1, label="hue shift",
-                                        elem_id="hue_shift")
-                    caps[demo] = gr.Markdown(elem_id=f"{demo}_caption")
-                    imgs[demo] = gr.Image(type="numpy", format="png", interactive=False, label=TITLES[demo],
-                                          elem_id=f"{demo}_img")
-        controls = [visible, hue, *shares]
-        views = [x for d in DEMOS for x in (imgs[d], caps[d])]
-
-        def read(v, h, *ws) -> dict[str, Any]:
-            return {"visible": v, "hue": h, "share": dict(zip(share_mods, ws))}
-
-        def all_views(*c) -> list[Any]:
-            return [x for d in DEMOS for x in state.render(d, read(*c))]
-
-        def guarded(fn: Callable[..., list[Any]], n_out: int) -> Callable[..., list[Any]]:
-            def run(*args):
-                with state.lock:
-                    try:
-                        return fn(*args)
-                    except Exception as err:  # noqa: BLE001 -- the page shows one sentence, never a traceback
-                        msg = err.args[0] if isinstance(err, DemoError) and err.args else f"{type(err).__name__}: {err}"
-                        return [gr.update()] * (n_out - 1) + [f"**Error:** {msg}"]
-            return run
-
-        def one(demo: str):
-            return guarded(lambda *c: [*state.render(demo, read(*c)), gr.update()], 3)
-
-        def pick(choice, *c):
-            names = state.choices()
-            state.current = -1 if choice.startswith(UPLOAD) else names.index(choice) if choice in names else 0
-            return [*all_views(*c), state.notes()]
-
-        def step(delta: int):
-            def go(*c):
-                state.current = (max(state.current, 0) + delta) % len(state.samples) if state.samples else -1
-                return [gr.update(choices=state.choices(), value=state.choice()), *all_views(*c), state.notes()]
-            return go
-
-        def resample_fn(*c):
-            state.seed += 1
-            return [*state.render("random", read(*c)), gr.update()]
-
-        def upload_fn(rgb, depth, sem, *c):
-            if rgb is None:
-                raise DemoError("choose an RGB image file first")
-            files = {"rgb": _path(rgb), "depth": _path(depth), "semseg": _path(sem)}
-            state.upload = state.engine.load_sample(files, name=os.path.basename(files["rgb"]))
-            state.current = -1
-            return [gr.update(choices=state.choices(), value=state.choice()), *all_views(*c), state.notes()]
-
-        def ckpt_fn(f, *c):
-            if f is None:
-                return [gr.update()] * (len(views) + len(shares) + 2) + [state.notes()]
-            engine = DemoEngine.from_checkpoint(_path(f), state.device, labellers=state.engine.labellers)
-            fresh = DemoState(engine, state.files, state.device)
-            state.__dict__.update({k: v for k, v in fresh.__dict__.items() if k != "lock"})
-            sliders = [gr.update(visible=m in engine.inputs) for m in share_mods]
-            return [gr.update(choices=state.choices(), value=state.choice()), state.header(), *sliders,
-                    *all_views(*c), f"loaded checkpoint {os.path.basename(_path(f))}. " + state.notes()]
-
-        n_views = len(views) + 1
-        app.load(guarded(lambda *c: [*all_views(*c), state.notes()], n_views), controls, [*views, status])
-        picker.input(guarded(pick, n_views), [picker, *controls], [*views, status])
-        for button, delta in ((prev_b, -1), (next_b, 1)):
-            button.click(guarded(step(delta), n_views + 1), controls, [picker, *views, status])
-        resample.click(guarded(resample_fn, 3), controls, [imgs["random"], caps["random"], status])
-        visible.change(one("visible"), controls, [imgs["visible"], caps["visible"], status])
-        hue.change(one("hue"), controls, [imgs["hue"], caps["hue"], status])
-        for s in shares:
-            s.change(one("share"), controls, [imgs["share"], caps["share"], status])
-        up_go.click(guarded(upload_fn, n_views + 1), [up_rgb, up_depth, up_sem, *controls],
-                    [picker, *views, status])
-        up_ckpt.upload(guarded(ckpt_fn, n_views + 2 + len(shares)), [up_ckpt, *controls],
-                       [picker, header, *shares, *views, status])
+        ui = _layout(state, gr, share_mods)
+        h = _Handlers(state, gr, share_mods)
+        c, n = ui.controls, len(ui.views) + 1
+        app.load(h.guarded(h.init, n), c, [*ui.views, ui.status])
+        ui.picker.input(h.guarded(h.pick, n), [ui.picker, *c], [*ui.views, ui.status])
+        for button, delta in ((ui.prev, -1), (ui.next, 1)):
+            button.click(h.guarded(h.step(delta), n + 1), c, [ui.picker, *ui.views, ui.status])
+        ui.resample.click(h.guarded(h.resample, 3), c, [ui.imgs["random"], ui.caps["random"], ui.status])
+        for demo, sliders in (("visible", [ui.visible]), ("hue", [ui.hue]), ("share", ui.shares)):
+            for s in sliders:
+                s.change(h.guarded(h.one(demo), 3), c, [ui.imgs[demo], ui.caps[demo], ui.status])
+        ui.up_go.click(h.guarded(h.upload, n + 1), [ui.up_rgb, ui.up_depth, ui.up_sem, *c],
+                       [ui.picker, *ui.views, ui.status])
+        ui.up_ckpt.upload(h.guarded(h.checkpoint, n + 2 + len(ui.shares)), [ui.up_ckpt, *c],
+                          [ui.picker, ui.header, *ui.shares, *ui.views, ui.status])
     app.queue(default_concurrency_limit=1)
     return app
 
