@@ -23,26 +23,34 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def _pretrain(tmp: Path, out: str, extra=()) -> Path:
-    import run_pretraining_multimae
-    from utils.config import parse_args
-    from utils.pretrain.multimae import validate_pretrain_args
+def _demo_checkpoint(path: Path, **overrides) -> Path:
+    """A checkpoint of the demo model of cfgs/pretrain/demo.yaml (96 px, rgb-depth-semseg), freshly initialised
+    (seeded), saved as pre-training does: {'model': state dict, 'args': config}. Built directly rather than by
+    run_pretraining_multimae.py so these tests follow the app, not the runner; the pictures they compare are
+    whatever the weights compute."""
+    import argparse
 
-    argv = ["-c", "cfgs/pretrain/demo.yaml", "--epochs", "1", "--data_path", str(tmp / "data/train"),
-            "--output_dir", str(tmp / out), "--save_vis_freq", "0", "--warmup_epochs", "0", *extra]
-    run_pretraining_multimae.main(parse_args(run_pretraining_multimae.get_args_parser(), argv,
-                                             validate=validate_pretrain_args, exit_on_error=False))
-    return tmp / out / "checkpoint-last.pth"
+    import yaml
+
+    from tools.visualize import _PUBLISHED_DEFAULTS
+    from utils.pretrain.multimae import build_pretrain_model
+
+    cfg = {**_PUBLISHED_DEFAULTS, **yaml.safe_load(Path("cfgs/pretrain/demo.yaml").read_text()), **overrides}
+    torch.manual_seed(0)
+    model = build_pretrain_model(argparse.Namespace(**cfg))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "args": cfg}, path)
+    return path
 
 
 @pytest.fixture(scope="module")
 def demo_ckpt(tmp_path_factory):
-    """The demo model of cfgs/pretrain/demo.yaml (96 px, rgb-depth-semseg) after two steps, and its data."""
+    """The demo model's checkpoint and a synthetic 96 px data set."""
     tmp = tmp_path_factory.mktemp("demo_app")
     make_synthetic_dataset(str(tmp / "data"), num_train=8, num_val=4, image_size=96, seed=3)
     if os.environ.get("DEMO_APP_CHECKPOINT"):  # e.g. `make demo`'s trained model, for telling screenshots
         return tmp, Path(os.environ["DEMO_APP_CHECKPOINT"])
-    return tmp, _pretrain(tmp, "run")
+    return tmp, _demo_checkpoint(tmp / "run" / "checkpoint-last.pth")
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +132,7 @@ def test_uploads_pseudo_labels_and_errors(demo_ckpt, engine, tmp_path):
 
 def test_rgb_only_checkpoint_says_what_it_cannot_do(demo_ckpt, tmp_path):
     tmp, _ = demo_ckpt
-    ckpt = _pretrain(tmp, "rgb_only", ["--in_domains", "rgb", "--out_domains", "rgb", "--num_encoded_tokens", "12",
-                                       "--fp32_output_adapters", ""])
+    ckpt = _demo_checkpoint(tmp_path / "rgb_only.pth", in_domains="rgb", out_domains="rgb", num_encoded_tokens=12)
     eng = DemoEngine.from_checkpoint(str(ckpt), torch.device("cpu"))
     why = eng.unsupported()
     assert set(why) == {"share", "hue"} and "one input modality" in why["share"]
