@@ -34,6 +34,7 @@ demo: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) run_pretraining_multimae.py -c cfgs/pretrain/demo.yaml \
 		--data_path $(DEMO_DATA)/train --output_dir $(DEMO_OUT)
 	@echo "checkpoint:      $(DEMO_OUT)/checkpoint-last.pth"
+	@echo "  demos in the browser: $(PY) tools/demo_app.py --checkpoint $(DEMO_OUT)/checkpoint-last.pth --data_path $(DEMO_DATA)/val"
 	@echo "reconstructions: $$(ls $(DEMO_OUT)/vis/*.png | tail -n 1)"
 	@echo "loss per epoch:  $(DEMO_OUT)/log.txt"
 
