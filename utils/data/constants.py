@@ -40,3 +40,11 @@ SEMSEG_STRIDE = 4
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp', '.jpx')
 
 IMAGE_TASKS = ['rgb', 'depth', 'semseg', 'semseg_coco']
+
+# Fine-tuning-only modalities: COCO pseudo labels, and the Taskonomy targets as {name: (channels, decoder)}.
+PSEUDO_SEMSEG = 'pseudo_semseg'
+TASKONOMY_TASKS = {
+    'depth_zbuffer': (1, 'gray'), 'depth_euclidean': (1, 'gray'), 'edge_texture': (1, 'gray'),
+    'edge_occlusion': (1, 'gray'), 'keypoints2d': (1, 'gray'), 'keypoints3d': (1, 'gray'),
+    'normal': (3, 'rgb'), 'principal_curvature': (2, 'rgb'), 'reshading': (1, 'rgb'),
+}

@@ -1,13 +1,13 @@
 """The modality registry: one entry per modality says how to load, transform, encode, decode and score it.
 
-Replaces the published ``DOMAIN_CONF`` table that was copied into four scripts. Scripts, datasets and
-transforms read this registry; adding a modality is one ``register_modality(Modality(...))`` call::
+Every modality of the project is defined at the end of this module, and nothing else registers one.
+Scripts, datasets and transforms read this registry; adding a modality is one entry::
 
     register_modality(Modality('normal', num_channels=3, kind='dense', decoder='rgb',
                                value_scale=1 / 255, value_range=(0.0, 1.0), loss='l1',
                                hflip_negate_channels=(0,)))
 
-Domain order matters (it fixes token order and dict order): use ``ordered_domains`` (spec 9.6).
+Domain order matters (it fixes token order and dict order): use ``ordered_domains``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 from torch import nn
 
-from utils.data.constants import COCO_SEMSEG_NUM_CLASSES, DEPTH_PNG_SCALE, SEG_IGNORE_INDEX, SEMSEG_STRIDE
+from utils.data.constants import (COCO_SEMSEG_NUM_CLASSES, DEPTH_PNG_SCALE, PSEUDO_SEMSEG, SEG_IGNORE_INDEX,
+                                  SEMSEG_STRIDE, TASKONOMY_TASKS)
 
 __all__ = [
     'Modality', 'MODALITIES', 'register_modality', 'unregister_modality', 'get_modality', 'parse_domains',
@@ -211,6 +212,11 @@ def build_pretrain_losses(out_domains: Sequence[str], patch_size: int,
     return losses
 
 
+# ---------------------------------------------------------------------------------------------------
+# Every modality of the project, in one place. Adding one of an existing kind is one entry here (or one
+# register_modality call in user code). The order fixes nothing: ordered_domains sorts domains itself.
+
+# Pre-training (and fine-tuning) inputs and targets.
 register_modality(Modality('rgb', num_channels=3, kind='rgb', decoder='rgb', loss='mse'))
 register_modality(Modality('depth', num_channels=1, kind='dense', decoder='gray', value_scale=1.0 / DEPTH_PNG_SCALE,
                            value_range=(0.0, 1.0), loss='l1', bit_depth=16))
@@ -220,3 +226,17 @@ register_modality(Modality('semseg', num_channels=COCO_SEMSEG_NUM_CLASSES, strid
                            input_adapter=semseg_input_adapter))
 register_modality(Modality('mask_valid', num_channels=1, kind='mask', decoder='mask', loss=None,
                            input_adapter=None, output_adapter=None))
+# COCO pseudo labels read as data only: the model sees them through its 'semseg' adapter.
+register_modality(Modality(PSEUDO_SEMSEG, num_channels=COCO_SEMSEG_NUM_CLASSES, stride_level=SEMSEG_STRIDE,
+                           num_classes=COCO_SEMSEG_NUM_CLASSES, kind='label', decoder='label',
+                           input_adapter=None, output_adapter=None))
+# Surface normals (3 channels in [0, 1]; a horizontal flip negates x): the synthetic scenes and Taskonomy.
+register_modality(Modality('normal', num_channels=3, kind='dense', decoder='rgb', value_scale=1 / 255,
+                           value_range=(0.0, 1.0), loss='l1', hflip_negate_channels=(0,)))
+# The other Taskonomy targets with their real channel counts. 16-bit targets are scaled by 1/65535, so an
+# 8-bit file would be silently wrong: bit_depth=16 makes it an error.
+for _name, (_channels, _decoder) in TASKONOMY_TASKS.items():
+    if _name not in MODALITIES:
+        register_modality(Modality(_name, num_channels=_channels, kind='dense', decoder=_decoder,
+                                   value_scale=1 / 255 if _decoder == 'rgb' else 1 / 65535, value_range=(0.0, 1.0),
+                                   loss='l1', bit_depth=None if _decoder == 'rgb' else 16))

@@ -343,13 +343,9 @@ def render_scene(seed: int | Sequence[int], category: int, image_size: int = 96,
 
 
 def register_normal_modality(name: str = 'normal'):
-    """Register the generator's normal modality (3 channels in [0, 1], L1 loss; a horizontal flip
-    negates the x component) unless a modality of that name exists; returns the registry entry."""
-    from utils.data.modalities import MODALITIES, Modality, register_modality
-    if name in MODALITIES:
-        return MODALITIES[name]
-    return register_modality(Modality(name, num_channels=3, kind='dense', decoder='rgb', value_scale=1 / 255,
-                                      value_range=(0.0, 1.0), loss='l1', hflip_negate_channels=(0,)))
+    """The registry entry of the generator's normal modality (defined in :mod:`utils.data.modalities`)."""
+    from utils.data.modalities import get_modality
+    return get_modality(name)
 
 
 def _write_png(array: np.ndarray, path: str) -> None:
