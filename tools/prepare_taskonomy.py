@@ -4,9 +4,9 @@
     python tools/prepare_taskonomy.py --source /data/taskonomy --split_csv train_val_test_tiny.csv \
         --save_path /data/taskonomy_mm --link
 
-Source: the Taskonomy data set (Taskonomy project page; the "tiny" subset of 35 buildings is about 300 GB
-over all domains, the full set about 12 TB), downloaded with the Omnidata download tool into one folder
-per domain and building::
+Source: the Taskonomy data set (Taskonomy project page; hundreds of GB for the "tiny" split over all
+domains, terabytes for the full set: fetch only the domains you need), downloaded with the Omnidata
+download tool into one folder per domain and building::
 
     <source>/<domain>/taskonomy/<building>/point_<p>_view_<v>_domain_<domain>.png
         domain in rgb, depth_zbuffer, depth_euclidean, normal, principal_curvature, reshading, edge_texture,
@@ -20,8 +20,8 @@ view) present in `rgb`::
     save_path/{train,val,test}/<task>/<building>/point_<p>_view_<v>.png
 
 The files are unchanged (16-bit depth in 1/512 m, 8-bit normals, ...): the Taskonomy configs' `taskonomy`
-augmentation scales each task as the published code did. The `mask_valid` files are named either with
-`_domain_mask_valid` or, as the Omnidata tool writes them, `_domain_depth_zbuffer`; both are found.
+augmentation scales each task as the published code did. A `mask_valid` file may carry the domain name
+`mask_valid` or `depth_zbuffer` in its name; both are accepted.
 
 Nothing is written before every input is checked: every domain folder of every building of the selected
 splits and every file of every sample must exist, else the tool stops naming what is missing, so `--link`
