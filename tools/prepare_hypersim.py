@@ -48,7 +48,7 @@ import os
 
 import numpy as np
 
-from tools.lib.prepare import PrepareError, read_csv, require, require_files, run_jobs
+from tools.lib.prepare import PrepareError, read_csv, require, require_dirs, require_files, run_jobs
 from utils.io import save_png
 
 CSV_COLUMNS = ("scene_name", "camera_name", "frame_id", "included_in_public_release", "split_partition_name")
@@ -151,6 +151,7 @@ def _write_frame(source: str, save_path: str, split: str, scene: str, camera: st
 def prepare(args: argparse.Namespace) -> dict[str, int]:
     """Check the CSV and every input file, then convert every frame; returns frames per split."""
     require("h5py", TOOL)
+    require_dirs([args.source], hint="--source: the folder holding the unpacked scene folders ai_VVV_NNN/")
     frames = select_frames(read_csv(args.split_csv, CSV_COLUMNS), args.source, args.splits, args.skip_missing_scenes)
     require_files([p for _, s, c, f in frames for p in frame_paths(args.source, s, c, f).values()],
                   hint="listed in the split CSV; expected the unpacked per-scene release")

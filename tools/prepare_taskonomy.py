@@ -87,6 +87,7 @@ def _source_file(source: str, subfolder: str, task: str, building: str, sample: 
 def collect(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(source file, destination file) of every task of every sample, after every check."""
     tasks = list(dict.fromkeys(["rgb", *args.tasks]))
+    require_dirs([args.source], hint="--source: the folder holding one folder per domain")
     buildings = split_buildings(read_csv(args.split_csv, ["id", *args.splits]), args.splits)
     buildings = _present(buildings, args.source, args.subfolder, tasks, args.skip_missing_buildings)
     pairs, missing, dropped = [], [], 0

@@ -60,7 +60,7 @@ def require_files(paths: Iterable[str], hint: str = "") -> None:
 
 def read_csv(path: str, columns: Sequence[str]) -> list[dict[str, str]]:
     """Rows of a CSV file with a header holding at least ``columns`` (surrounding spaces stripped)."""
-    require_files([path])
+    require_files([path], hint=f"the split CSV, with columns {', '.join(columns)}")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
