@@ -221,6 +221,32 @@ def test_dataset_class_checks(data, capsys):
         build_cls_dataset(args("--data_set", "CIFAR", "--nb_classes", "100"), True)
 
 
+def test_multimodal_split_with_unregistered_modality_reads_rgb(tmp_path, monkeypatch):
+    """FINETUNING.md's synthetic data has a normal/ folder, a modality only the dense fine-tuning registers:
+    the split is still multi-modal (read from rgb/), not an ImageFolder whose classes are the modalities."""
+    from utils.data.modalities import MODALITIES
+    from utils.data.synthetic import make_synthetic_dataset
+    from utils.finetune.cls import build_cls_dataset
+
+    monkeypatch.delitem(MODALITIES, "normal", raising=False)  # as in a fresh run_finetuning_cls.py process
+    make_synthetic_dataset(str(tmp_path / "syn"), num_train=4, num_val=4, image_size=16, with_normals=True)
+    assert sorted(p.name for p in (tmp_path / "syn/val").iterdir()) == ["depth", "mask_valid", "normal", "rgb",
+                                                                         "semseg"]
+    argv = ["--data_path", str(tmp_path / "syn/train"), "--eval_data_path", str(tmp_path / "syn/val"),
+            "--data_set", "image_folder", "--nb_classes", "4", "--input_size", "16"]
+    ds = build_cls_dataset(parse_args(get_args_parser(), argv, exit_on_error=False), False)
+    assert Path(ds.root) == tmp_path / "syn/val/rgb" and ds.classes == ["boxes", "cones", "cylinders", "spheres"]
+    assert len(ds) == 4
+    # a plain ImageFolder whose class happens to be called rgb (images, not class folders, inside) stays one
+    for cls in ("rgb", "other"):
+        (tmp_path / "plain" / cls).mkdir(parents=True)
+        (tmp_path / "plain" / cls / "a.png").write_bytes((tmp_path / "syn/val/rgb/boxes/val_000000.png").read_bytes())
+    argv[3] = str(tmp_path / "plain")
+    ds = build_cls_dataset(parse_args(get_args_parser(), argv[:4] + ["--nb_classes", "2", "--input_size", "16"],
+                                      exit_on_error=False), False)
+    assert Path(ds.root) == tmp_path / "plain" and ds.classes == ["other", "rgb"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -89,5 +89,9 @@ def test_errors_name_the_file_and_problem(tmp_path, nyu_files):
     with pytest.raises(SystemExit, match="class id 7 has no entry in mapClass"):
         prepare_nyuv2.main(args[:4] + ["--class_mapping_path", str(tmp_path / "short_map.mat"),
                                        "--save_path", str(tmp_path / "o2")])
+    with pytest.raises(SystemExit, match=r"--splits_path: file '.*nosplits.mat' not found"):
+        prepare_nyuv2.main(args[:2] + ["--splits_path", str(tmp_path / "nosplits.mat")] + args[4:]
+                           + ["--save_path", str(tmp_path / "o0")])
+    (tmp_path / "none").mkdir()
     with pytest.raises(SystemExit, match="normals/0000.png' missing"):
         prepare_nyuv2.main(args + ["--save_path", str(tmp_path / "o3"), "--normals_path", str(tmp_path / "none")])

@@ -1,8 +1,17 @@
 #!/usr/bin/env python
-"""Turn the official NYUv2 labelled release into the multi-modal folder layout (spec 7.3).
+"""Turn the official NYUv2 labelled release into the multi-modal folder layout.
 
     python tools/prepare_nyuv2.py --dataset_path nyu_depth_v2_labeled.mat --splits_path splits.mat \
         --class_mapping_path classMapping40.mat --save_path data/nyuv2
+
+Sources (three files; nothing is downloaded by this tool):
+
+- `nyu_depth_v2_labeled.mat` (about 2.8 GB): the 1449 densely labelled RGB-D images of the NYU Depth
+  Dataset V2 (Silberman et al., ECCV 2012), "Labeled dataset" on the data set's project page at NYU.
+- `splits.mat` (a few KB): the standard 795 / 654 train / test split (`trainNdxs`, `testNdxs`), from the
+  same project page.
+- `classMapping40.mat` (a few KB): `mapClass`, the mapping of the 894 labelled classes to the 40 classes of
+  Gupta et al. (CVPR 2013), distributed with their RGB-D toolkit (rgbd-utils).
 
 Writes, for the standard split (795 train / 654 test images, `trainNdxs` / `testNdxs` of splits.mat)::
 
@@ -100,6 +109,12 @@ def _copy_normals(normals_path: str, name: str, out_root: str) -> None:
 def prepare(args: argparse.Namespace) -> dict[str, int]:
     """Write every split; returns the number of images per split."""
     h5py = _require("h5py")
+    for flag, path in (("--dataset_path", args.dataset_path), ("--splits_path", args.splits_path),
+                       ("--class_mapping_path", args.class_mapping_path)):
+        if not os.path.isfile(path):
+            raise SystemExit(f"{flag}: file '{path}' not found (see the sources in tools/prepare_nyuv2.py --help)")
+    if args.normals_path and not os.path.isdir(args.normals_path):
+        raise SystemExit(f"--normals_path: folder '{args.normals_path}' not found (expected normals/ and masks/)")
     splits, lut = read_splits(args.splits_path), read_class_mapping(args.class_mapping_path)
     palette = semseg_palette(NYU40_CLASSES + 1)
     counts = {}

@@ -31,12 +31,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from utils.config import ConfigError, args_to_dict, load_yaml_config
 from utils.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
-                                  IMAGENET_INCEPTION_STD)
+                                  IMAGENET_INCEPTION_STD, IMG_EXTENSIONS)
 from utils.dist import get_world_size
 from utils.engine.trainer import Trainer, autocast, unwrap_model
 from utils.finetune.runner import build_schedules, count_params, wrap_model
 from utils.finetune.metrics import ClassificationMetrics
-from utils.data.modalities import MODALITIES, build_input_adapters
+from utils.data.modalities import build_input_adapters
 from utils.engine.optim import create_optimizer, finetune_param_groups
 
 __all__ = [
@@ -114,13 +114,16 @@ def validate_cls_args(args: argparse.Namespace) -> list[str]:
 # data
 
 def _image_folder_root(path: str) -> str:
-    """``path`` itself, or ``path/rgb`` when ``path`` is a multi-modal split folder (rgb/, depth/, ...)."""
+    """``path`` itself, or ``path/rgb`` when ``path`` is a multi-modal split: its ``rgb/`` holds class folders
+    (not images), whatever lies beside it (e.g. a ``normal/`` not registered in this process)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"image folder '{path}' does not exist (expected <root>/<class>/<image> or a "
                                 "split folder holding rgb/<class>/<image>)")
-    subdirs = {e.name for e in os.scandir(path) if e.is_dir()}
-    if RGB in subdirs and subdirs <= set(MODALITIES):
-        return os.path.join(path, RGB)
+    rgb = os.path.join(path, RGB)
+    entries = list(os.scandir(rgb)) if os.path.isdir(rgb) else []
+    if any(e.is_dir() for e in entries) and not any(os.path.splitext(e.name)[1].lower() in IMG_EXTENSIONS
+                                                    for e in entries if e.is_file()):
+        return rgb
     return path
 
 
