@@ -37,7 +37,7 @@ def nyu_files(tmp_path):
 def test_layout_units_mask_valid_and_labels(tmp_path, nyu_files):
     args, rgb, depth, labels, lut = nyu_files
     out = tmp_path / "nyu"
-    assert prepare_nyuv2.main(args + ["--save_path", str(out)]) == {"train": 3, "test": 2}
+    assert prepare_nyuv2.main(args + ["--save_path", str(out), "--depth_scale", "1000"]) == {"train": 3, "test": 2}
     for split, idx in (("train", [0, 2, 4]), ("test", [1, 3])):
         for modality in ("rgb", "depth", "semseg", "mask_valid"):
             assert sorted(p.name for p in (out / split / modality / "data").iterdir()) == [f"{i:04d}.png" for i in idx]
@@ -69,8 +69,8 @@ def test_raw_depth_published_scale_and_normals(tmp_path, nyu_files):
         for i in range(N):
             Image.fromarray(np.full((H, W), i + (sub == "masks"), np.uint8)).save(normals / sub / f"{i:04d}.png")
     out = tmp_path / "nyu"
-    prepare_nyuv2.main(args + ["--save_path", str(out), "--depth_key", "rawDepths", "--depth_scale", "6553.6",
-                               "--normals_path", str(normals)])
+    # the default scale is the published one: metres x 6553.6
+    prepare_nyuv2.main(args + ["--save_path", str(out), "--depth_key", "rawDepths", "--normals_path", str(normals)])
     raw = depth[4] * (depth[4] > 2)
     d = np.array(Image.open(out / "train/depth/data/0004.png"))
     np.testing.assert_array_equal(d, np.round(raw.astype(np.float64) * 6553.6).astype(np.uint16))

@@ -27,8 +27,9 @@ Depth units. The published script stored metres x 6553.6 (2^16 / 10 m), but the 
 normalises raw PNG values with NYU_MEAN = 2070.78 and NYU_STD = 777.57 (utils/data/constants.py). Those
 can only be millimetre statistics: in 6553.6-per-metre units the mean would be 0.32 m, closer than the
 Kinect's ~0.5 m minimum range, whereas in millimetres it is 2.07 m (std 0.78 m), which fits indoor NYU
-scenes. So depth is written in millimetres (`--depth_scale 1000`, the default); pass `--depth_scale 6553.6`
-for the published files. The published script also wrote no `mask_valid`, which the depth fine-tuning
+scenes. Depth is nevertheless written like the published files by default (`--depth_scale 6553.6`), so
+that the published configs and their normalisation reproduce the published numbers; `--depth_scale 1000`
+writes millimetres (then the same constants describe the data; see FINETUNING.md, differences). The published script also wrote no `mask_valid`, which the depth fine-tuning
 config needs; it is written here. With the default `--depth_key depths` (the in-painted depth of the
 labelled release) almost every pixel is valid; `--depth_key rawDepths` keeps the sensor holes.
 
@@ -155,9 +156,8 @@ def main(argv=None) -> dict[str, int]:
     p.add_argument("--save_path", required=True, help="output root; train/ and test/ are created inside")
     p.add_argument("--depth_key", default="depths", choices=["depths", "rawDepths"],
                    help="in-painted depth (published) or raw sensor depth with holes")
-    p.add_argument("--depth_scale", type=float, default=1000.0,
-                   help="PNG value per metre: 1000 = millimetres, the units NYU_MEAN/NYU_STD expect "
-                        "(published files: 6553.6)")
+    p.add_argument("--depth_scale", type=float, default=6553.6,
+                   help="PNG value per metre: 6553.6 = the published files (2^16 / 10 m), 1000 = millimetres")
     p.add_argument("--num_threads", type=int, default=4, help="parallel PNG encoders")
     return prepare(p.parse_args(argv))
 
