@@ -160,7 +160,8 @@ class SpatialOutputAdapter(nn.Module):
             if info["num_tokens"] != pos.shape[1]:
                 raise ValueError(
                     f"SpatialOutputAdapter(task={self.task!r}): input task {task!r} has {info['num_tokens']} tokens "
-                    f"but the decoder grid {size} has {pos.shape[1]}; all inputs must share the token grid")
+                    f"but the decoder grid {size} has {pos.shape[1]}; all inputs must share the token grid (a "
+                    f"modality of stride level s is given at 1/s of the image size: semseg maps at 1/4)")
             embs.append(self._with_task_embedding(pos, task))
         return torch.cat(embs, dim=1)
 

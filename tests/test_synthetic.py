@@ -119,3 +119,14 @@ def test_bad_arguments(tmp_path, bad):
     kwargs = {'num_train': 1, 'num_val': 0, 'image_size': 32, **bad}
     with pytest.raises(ValueError, match='image_size|num_train'):
         make_synthetic_dataset(str(tmp_path), **kwargs)
+
+
+def test_regenerating_a_smaller_set_leaves_no_stale_files(tmp_path):
+    make_synthetic_dataset(str(tmp_path), num_train=8, num_val=4, image_size=16, with_normals=True)
+    info = make_synthetic_dataset(str(tmp_path), num_train=4, num_val=2, image_size=16)
+    for split, count in (("train", 4), ("val", 2)):
+        for mod in info["modalities"]:
+            files = sorted(p.name for p in (tmp_path / split / mod).rglob("*.png"))
+            assert files == sorted(f"{split}_{i:06d}.png" for i in range(count)), (split, mod)
+        assert not (tmp_path / split / "normal").exists()  # the new set has no normals
+    assert json.loads((tmp_path / "info.json").read_text())["num_train"] == 4

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
@@ -352,6 +353,28 @@ def _write_png(array: np.ndarray, path: str) -> None:
     Image.fromarray(array).save(path, compress_level=1)
 
 
+def _remove_stale(output_dir: str, modalities: tuple, counts: dict) -> None:
+    """Regenerating into an existing folder: drop the completeness marker first, then the scenes and
+    generator modalities the new set does not have, so the folder holds exactly what ``info.json`` says."""
+    marker = os.path.join(output_dir, 'info.json')
+    if os.path.exists(marker):
+        os.remove(marker)
+    for split, count in counts.items():
+        for mod in MODALITIES + ('normal',):
+            folder = os.path.join(output_dir, split, mod)
+            if not os.path.isdir(folder):
+                continue
+            if mod not in modalities:
+                shutil.rmtree(folder)
+                continue
+            for cat in os.listdir(folder):
+                for name in os.listdir(os.path.join(folder, cat)):
+                    stem = name.rsplit('.', 1)[0]
+                    if stem.startswith(f'{split}_') and stem[len(split) + 1:].isdigit() and \
+                            int(stem[len(split) + 1:]) >= count:
+                        os.remove(os.path.join(folder, cat, name))
+
+
 def make_synthetic_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, image_size: int = 96,
                            seed: int = 0, with_normals: bool = False, verbose: bool = False) -> dict:
     """Write ``output_dir/{train,val}/<modality>/<category>/<split>_<index>.png`` and ``info.json``.
@@ -367,6 +390,8 @@ def make_synthetic_dataset(output_dir: str, num_train: int = 256, num_val: int =
     for split, count in (('train', num_train), ('val', num_val)):
         if count < 0:
             raise ValueError(f"num_{split} must be >= 0, got {count}")
+    _remove_stale(output_dir, modalities, {'train': num_train, 'val': num_val})
+    for split, count in (('train', num_train), ('val', num_val)):
         for mod in modalities:
             for cat in SCENE_CATEGORIES:
                 os.makedirs(os.path.join(output_dir, split, mod, cat), exist_ok=True)
