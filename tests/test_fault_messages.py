@@ -104,7 +104,7 @@ def test_full_disk_during_a_checkpoint_save(tmp_path, monkeypatch):
 def test_full_disk_in_a_plain_atomic_write(tmp_path, monkeypatch):
     _fill_after(monkeypatch, 10)
     monkeypatch.setattr(os, "fsync", lambda fd: None)
-    with pytest.raises(DiskFullError, match=r"no space left on the device while writing .*grid\.png"):
+    with pytest.raises(DiskFullError, match=r"No space left on device while writing .*grid\.png"):
         atomic_write(tmp_path / "grid.png", b"x" * 100_000)
     assert list(tmp_path.iterdir()) == []
 

@@ -77,7 +77,7 @@ def _disk_full_cause(exc: BaseException) -> OSError | None:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def _disk_full_error(path: Path, written: int, size_hint: int | None, cause: OSError) -> DiskFullError:
@@ -86,7 +86,7 @@ def _disk_full_error(path: Path, written: int, size_hint: int | None, cause: OSE
     needed = max(written, size_hint or 0)
     free = shutil.disk_usage(path.parent if str(path.parent) else ".").free
     keep = f" besides the existing {path.name} ({_mib(old)}), which is kept until the new file is complete" if old else ""
-    return DiskFullError(cause.errno, f"no space left on the device while writing {path}: the new file needs at least "
+    return DiskFullError(cause.errno, f"No space left on device while writing {path}: the new file needs at least "
                                       f"{_mib(needed)}{keep}; {_mib(free)} free after removing the partial "
                                       f"file ({_mib(written)} had been written). Free some space or write elsewhere")
 
