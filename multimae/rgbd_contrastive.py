@@ -321,6 +321,13 @@ def decoder_inputs(feats: Mapping[str, Tensor], keep: Mapping[str, Tensor], num_
 
 
 # ---------------------------------------------------------------------------------------------- losses
+def _similarities(z_a: Tensor, z_b: Tensor) -> Tensor:
+    """``(B, N, N)`` float32 dot products of ``z_a, z_b (B, N, P)``, also under fp16/bf16 autocast: autocast
+    would run the bmm in half precision, and half cannot hold the masked-logit fill value."""
+    with torch.autocast(device_type=z_a.device.type, enabled=False):
+        return torch.bmm(z_a.float(), z_b.float().transpose(1, 2))
+
+
 def patch_info_nce(z_a: Tensor, z_b: Tensor, logit_scale: Tensor, valid: Optional[Tensor] = None,
                    negatives: str = "image") -> Tensor:
     """Symmetric InfoNCE between patch embeddings ``z_a, z_b (B, N, P)`` (L2-normalised): the positive of
@@ -337,7 +344,7 @@ def patch_info_nce(z_a: Tensor, z_b: Tensor, logit_scale: Tensor, valid: Optiona
     if negatives == "batch":
         z_a, z_b, valid = z_a.reshape(1, -1, z_a.shape[-1]), z_b.reshape(1, -1, z_b.shape[-1]), valid.reshape(1, -1)
     B, N, _ = z_a.shape
-    logits = logit_scale.float() * torch.bmm(z_a, z_b.transpose(1, 2))  # (B, N, N): a-patches x b-patches
+    logits = logit_scale.float() * _similarities(z_a, z_b)  # (B, N, N): a-patches x b-patches
     logits = logits.masked_fill(~(valid[:, :, None] & valid[:, None, :]), _MASKED_LOGIT)
     target = torch.arange(N, device=z_a.device).repeat(B)
     loss_ab = F.cross_entropy(logits.reshape(B * N, N), target, reduction="none")
@@ -350,7 +357,7 @@ def patch_info_nce(z_a: Tensor, z_b: Tensor, logit_scale: Tensor, valid: Optiona
 def patch_retrieval_accuracy(z_a: Tensor, z_b: Tensor, valid: Optional[Tensor] = None) -> Tensor:
     """Fraction of valid patches of ``z_a (B, N, P)`` whose most similar valid patch of the same image in
     ``z_b`` is the one at the same position."""
-    sim = torch.bmm(z_a.float(), z_b.float().transpose(1, 2))
+    sim = _similarities(z_a, z_b)
     if valid is not None:
         sim = sim.masked_fill(~valid[:, None, :], _MASKED_LOGIT)
     hit = (sim.argmax(dim=-1) == torch.arange(sim.shape[1], device=sim.device)).float()

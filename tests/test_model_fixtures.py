@@ -83,9 +83,15 @@ def _encoder_kwargs(cfg):
 
 
 # ---------------------------------------------------------------------------------------------- pre-training
-@pytest.fixture(scope="module")
-def pretrain(fixtures_dir):
-    fx = _load(fixtures_dir, "public_pretrain.pt")
+PRETRAIN_FIXTURES = ["public_pretrain.pt", "public_strong_pretrain.pt"]
+FINETUNE_FIXTURES = ["public_finetune.pt", "public_strong_finetune.pt"]
+
+
+@pytest.fixture(scope="module", params=PRETRAIN_FIXTURES)
+def pretrain(fixtures_dir, request):
+    """The plain fixture, and the strong one (perturbed norms and biases, non-square inputs of another
+    size than the adapters were built for: 96 x 64 on 64 x 64 adapters)."""
+    fx = _load(fixtures_dir, request.param)
     cfg, sd, inputs = fx["config"], fx["state_dict"], fx["inputs"]
     in_adapters = _input_adapters(cfg, sd, inputs)
     context_tasks = cfg.get("context_tasks", list(in_adapters))
@@ -202,17 +208,23 @@ def _finetune_head(name: str, cfg, num_classes: int):
 
 
 def _finetune_entries(fixtures_dir):
-    path = fixtures_dir / "public_finetune.pt"
-    return list(torch.load(path, weights_only=True)["models"]) if path.exists() else ["missing"]
+    """``(fixture file, entry)`` pairs; the strong file runs the same heads on 64 x 96 inputs."""
+    pairs = []
+    for name in FINETUNE_FIXTURES:
+        path = fixtures_dir / name
+        entries = list(torch.load(path, weights_only=True)["models"]) if path.exists() else ["missing"]
+        pairs += [(name, entry) for entry in entries]
+    return pairs
 
 
-@pytest.fixture(scope="module")
-def finetune(fixtures_dir):
-    return _load(fixtures_dir, "public_finetune.pt")
+_FINETUNE_CACHE: Dict[str, dict] = {}
 
 
-@pytest.mark.parametrize("entry", _finetune_entries(Path(__file__).parent / "fixtures"))
-def test_finetune_head_outputs(finetune, entry):
+@pytest.mark.parametrize("fixture_name,entry", _finetune_entries(Path(__file__).parent / "fixtures"))
+def test_finetune_head_outputs(fixtures_dir, fixture_name, entry):
+    if fixture_name not in _FINETUNE_CACHE:
+        _FINETUNE_CACHE[fixture_name] = _load(fixtures_dir, fixture_name)
+    finetune = _FINETUNE_CACHE[fixture_name]
     cfg, inputs = finetune["config"], finetune["inputs"]
     e = finetune["models"][entry]
     head = _finetune_head(entry, cfg, num_classes=e["output"].shape[1])

@@ -61,9 +61,21 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 # writing
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` that never leaves a half-written ``path`` behind."""
-    with atomic_open(path, 'wb') as f:
+    """``torch.save(obj, path)`` that never leaves a half-written ``path`` behind; a full disk raises
+    :class:`utils.io.DiskFullError` naming the file, its size (at least the tensor bytes) and the free space."""
+    with atomic_open(path, 'wb', size_hint=_tensor_bytes(obj)) as f:
         torch.save(obj, f)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts/lists): a lower bound of its saved size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _numbered_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -173,6 +185,25 @@ def _download(url: str) -> Path:
     return target
 
 
+_GLOBAL = re.compile(r'GLOBAL ([\w.]+)')
+
+
+def _load_error(p: Path, exc: Exception) -> CheckpointError:
+    """Our own message for a failed ``torch.load(weights_only=True)`` of ``p``. Torch's text is never passed
+    on: it advises re-running with ``weights_only=False`` or allow-listing the global, i.e. executing
+    whatever the file holds."""
+    found = _GLOBAL.search(str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+    if found:
+        return CheckpointError(
+            f'refusing to load checkpoint {p}: it contains a pickled Python object ({found.group(1)}) that could '
+            f'run code when loaded. Only tensors and plain containers are read; re-save the file as a plain '
+            f'state dict (torch.save(model.state_dict(), ...)) or as .safetensors')
+    size = p.stat().st_size if p.exists() else 0
+    return CheckpointError(f'cannot read checkpoint {p} ({size} bytes): not a PyTorch checkpoint, or truncated or '
+                           f'corrupted ({type(exc).__name__} while reading it); expected a file written by '
+                           f'torch.save or a .safetensors file')
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> dict:
     """Load a checkpoint without ever executing code from it.
 
@@ -198,18 +229,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line.strip() for line in first if 'GLOBAL' in line or 'Unsupported' in line),
-                      first[0] if first else '')
-        raise CheckpointError(
-            f'refusing to load checkpoint {p}: it contains pickled Python objects that could run code '
-            f'(torch.load with weights_only=True accepts only tensors and plain containers; re-save the '
-            f'file as a plain state dict or as .safetensors). Detail: {detail}') from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f'cannot read checkpoint {p} (truncated or not a PyTorch file?): '
-                              f'{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}'
-                              ) from None
+    except Exception as exc:  # noqa: BLE001 -- random bytes raise anything from KeyError to UnicodeDecodeError
+        raise _load_error(p, exc) from None
     if isinstance(obj, dict) and isinstance(obj.get('args'), argparse.Namespace):
         obj['args'] = dict(vars(obj['args']))
     return obj

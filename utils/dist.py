@@ -18,6 +18,8 @@ Public API:
     all_gather_object(obj) -> list                   one entry per rank
     seed_everything(seed, rank=0) -> int             python, numpy and torch seeded with seed + rank
     set_deterministic(enabled)                       deterministic algorithms / cudnn settings
+    set_tf32(enabled)                                TF32 matmuls/convs (on for CUDA unless --no_tf32)
+    ddp_find_unused_parameters(model, requested)     DDP's unused-parameter search only where needed
 
 Launchers, in order of precedence:
     ``--dist_on_itp``: OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK}, MASTER_ADDR/MASTER_PORT from the env.
@@ -44,7 +46,7 @@ __all__ = [
     'resolve_device', 'init_distributed', 'DistContext', 'setup_for_distributed', 'destroy_distributed',
     'is_dist_avail_and_initialized', 'get_rank', 'get_world_size', 'is_main_process', 'barrier',
     'all_reduce_mean', 'all_reduce_sum', 'all_gather_object', 'seed_everything', 'set_deterministic',
-    'LaunchEnv', 'detect_launch_env',
+    'LaunchEnv', 'detect_launch_env', 'local_device_index', 'set_tf32', 'ddp_find_unused_parameters',
 ]
 
 _BUILTIN_PRINT = builtins.print
@@ -151,13 +153,42 @@ def _export_rendezvous(launch: LaunchEnv, environ: dict) -> None:
             raise RuntimeError(f'{launch.launcher} launch: environment variable {name} is not set')
 
 
-def init_distributed(cfg: Any, device: str = 'cuda') -> DistContext:
+def local_device_index(launch: LaunchEnv, visible: int) -> int:
+    """The CUDA device index of this process among the ``visible`` GPUs.
+
+    Normally the local rank. SLURM clusters often give each task only its own GPU(s)
+    (``--gpus-per-task`` / one ``CUDA_VISIBLE_DEVICES`` entry per task): then a task sees fewer GPUs than
+    there are tasks on the node and its device is ``local_rank % visible`` (0 when it sees one).
+    """
+    if visible < 1:
+        raise RuntimeError(f'{launch.launcher} launch: local rank {launch.local_rank} sees no GPU '
+                           f'(check CUDA_VISIBLE_DEVICES)')
+    if launch.local_rank < visible:
+        return launch.local_rank
+    if launch.launcher == 'slurm':
+        return launch.local_rank % visible
+    raise RuntimeError(f'local rank {launch.local_rank} has no GPU: only {visible} visible '
+                       f'(check --nproc_per_node / CUDA_VISIBLE_DEVICES)')
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for float32 matmuls and convolutions on CUDA (Ampere and newer; about 8x
+    the fp32 throughput, ~1e-3 relative precision). On by default for CUDA runs, off with
+    ``--no_tf32``. CPU runs never call it, so their numerics are unchanged."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+def init_distributed(cfg: Any, device: str = 'cuda', tf32: bool = True) -> DistContext:
     """Set up the process group (when launched with more than one process); return this process's facts.
 
     ``cfg``: a :class:`utils.config.job.DistConfig`; ``device``: the requested device ('cuda' falls back
-    to the CPU when CUDA is missing). On CUDA the local GPU becomes the current device.
+    to the CPU when CUDA is missing); ``tf32``: TF32 matmuls on CUDA. On CUDA the local GPU becomes the
+    current device.
     """
     dev = resolve_device(device)
+    if dev.type == 'cuda':
+        set_tf32(tf32)
     launch = detect_launch_env(cfg)
     if launch is None or launch.world_size <= 1:
         setup_for_distributed(True)
@@ -166,11 +197,9 @@ def init_distributed(cfg: Any, device: str = 'cuda') -> DistContext:
     _export_rendezvous(launch, os.environ)
     backend = getattr(cfg, 'dist_backend', None) or ('nccl' if dev.type == 'cuda' else 'gloo')
     if dev.type == 'cuda':
-        if launch.local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f'local rank {launch.local_rank} has no GPU: only '
-                               f'{torch.cuda.device_count()} visible (check --nproc_per_node / CUDA_VISIBLE_DEVICES)')
-        torch.cuda.set_device(launch.local_rank)
-        dev = torch.device('cuda', launch.local_rank)
+        gpu = local_device_index(launch, torch.cuda.device_count())
+        torch.cuda.set_device(gpu)
+        dev = torch.device('cuda', gpu)
     url = getattr(cfg, 'dist_url', 'env://') or 'env://'
     _BUILTIN_PRINT(f'| distributed init ({launch.launcher}): rank {launch.rank}/{launch.world_size}, '
                    f'local rank {launch.local_rank}, backend {backend}, {url}', flush=True)
@@ -276,12 +305,39 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     return value
 
 
+_CUBLAS_DETERMINISTIC = (':4096:8', ':16:8')  # the workspace sizes cuBLAS is reproducible with
+
+
 def set_deterministic(enabled: bool) -> None:
     """Deterministic kernels when ``enabled`` (bit-exact resume); otherwise cudnn autotuning
-    (``benchmark=True``) as in the published scripts."""
+    (``benchmark=True``) as in the published scripts.
+
+    With CUDA, a kernel without a deterministic implementation raises (it would break the promise of
+    a bit-identical resume); without CUDA it only warns, as the CPU kernels concerned are few and slow
+    paths. Call it before the first CUDA matmul: cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` once.
+    """
     if enabled:
-        # cuBLAS needs a fixed workspace for reproducible results; must be set before the first matmul.
-        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
+        if os.environ.get('CUBLAS_WORKSPACE_CONFIG') not in _CUBLAS_DETERMINISTIC:
+            os.environ['CUBLAS_WORKSPACE_CONFIG'] = ':4096:8'
+        torch.use_deterministic_algorithms(True, warn_only=not torch.cuda.is_available())
+    else:
+        torch.use_deterministic_algorithms(False)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP options
+
+def ddp_find_unused_parameters(model: torch.nn.Module, requested: bool = False) -> bool:
+    """Whether DDP must search for parameters without a gradient (an extra graph traversal each step).
+
+    True when ``requested`` or when ``model`` holds a head that leaves parameters unused in every
+    forward: the DPT head (its coarsest fusion block gets no skip input, so that block's first residual
+    unit never runs). Pre-training and the other heads use every parameter.
+    """
+    if requested:
+        return True
+    from multimae import DPTOutputAdapter  # multimae is below utils: no cycle
+
+    return any(isinstance(m, DPTOutputAdapter) for m in model.modules())

@@ -18,9 +18,11 @@ Public API:
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["atomic_open", "atomic_write", "fsync_dir", "encode_png", "save_png", "label_dtype", "save_json", "load_json",
+__all__ = ["DiskFullError", "atomic_open", "atomic_write", "fsync_dir", "encode_png", "save_png", "label_dtype", "save_json", "load_json",
            "save_weights_file", "WEIGHTS_SUFFIXES"]
 
 WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -59,11 +61,44 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class DiskFullError(OSError):
+    """The file system filled up while a file was written atomically (the previous file is untouched)."""
+
+
+def _disk_full_cause(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind ``exc``: torch.save re-raises a failed write as a RuntimeError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _disk_full_error(path: Path, written: int, size_hint: int | None, cause: OSError) -> DiskFullError:
+    """Called after the partial file was removed, so ``free`` is what the next attempt would have."""
+    old = path.stat().st_size if path.exists() else 0
+    needed = max(written, size_hint or 0)
+    free = shutil.disk_usage(path.parent if str(path.parent) else ".").free
+    keep = f" besides the existing {path.name} ({_mib(old)}), which is kept until the new file is complete" if old else ""
+    return DiskFullError(cause.errno, f"No space left on device while writing {path}: the new file needs at least "
+                                      f"{_mib(needed)}{keep}; {_mib(free)} free after removing the partial "
+                                      f"file ({_mib(written)} had been written). Free some space or write elsewhere")
+
+
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
+def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = True,
+                size_hint: int | None = None) -> Iterator[IO]:
     """Open a hidden temporary file next to `path` for writing; on success it is flushed (and fsynced
     when `fsync`) and renamed onto `path` (`os.replace`); on any exception it is deleted and `path`
-    keeps its previous content. Parent folders are created::
+    keeps its previous content. Parent folders are created. A full disk (ENOSPC/EDQUOT, also behind the
+    RuntimeError of ``torch.save``) raises one :class:`DiskFullError` naming the file, the room needed
+    (at least ``size_hint`` bytes, if given) and the free space::
 
         with atomic_open(out / "grid.png") as f:
             image.save(f, format="PNG")
@@ -84,9 +119,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        cause = _disk_full_cause(exc)
+        written = os.stat(tmp).st_size if cause is not None and os.path.exists(tmp) else 0
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if cause is not None:
+            raise _disk_full_error(path, written, size_hint, cause) from None
         raise
     if fsync:
         fsync_dir(directory)

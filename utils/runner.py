@@ -26,7 +26,7 @@ def run(cfg: JobConfig, job: Job) -> Any:
     trainer for pre-training jobs (whose ``finish`` returns it)."""
     if not cfg.runtime.show_user_warnings:
         warnings.filterwarnings("ignore", category=UserWarning)
-    ctx = init_distributed(cfg.dist, cfg.runtime.device)
+    ctx = init_distributed(cfg.dist, cfg.runtime.device, cfg.runtime.tf32)
     seed_everything(cfg.runtime.seed, ctx.rank)
     set_deterministic(cfg.runtime.deterministic)
     ctx = ctx._replace(amp=job.resolve_amp(cfg, ctx.device))

@@ -79,6 +79,7 @@ class RuntimeConfig:
     amp: str = "fp16"
     compile: bool = False
     grad_ckpt: bool = False
+    tf32: bool = True
     print_freq: int = 10
     deterministic: bool = False
     show_user_warnings: bool = False
@@ -94,7 +95,7 @@ class DistConfig:
     dist_on_itp: bool = False
     dist_url: str = "env://"
     dist_backend: str | None = None
-    find_unused_params: bool = True
+    find_unused_params: bool = False
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, **overrides: Any) -> No
 def add_runtime_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
     """Device and execution arguments: device, seed, num_workers, pin_mem (bool), amp
     ('bf16'|'fp16'|'none'), compile (bool), grad_ckpt (bool), print_freq, deterministic (bool),
-    show_user_warnings (bool); fault handling: on_bad_sample ('error'|'skip'), skip_nonfinite (int)."""
+    tf32 (bool), show_user_warnings (bool); fault handling: on_bad_sample ('error'|'skip'), skip_nonfinite (int)."""
     specs = {
         'device': ('cuda', dict(type=str, help="device ('cuda' falls back to cpu when unavailable)")),
         'seed': (0, dict(type=int, help='random seed (each rank adds its rank)')),
@@ -207,6 +207,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
         'grad_ckpt': (False, dict(bool=True, help='activation (gradient) checkpointing in the encoder')),
         'print_freq': (10, dict(type=int, help='console log line every N steps')),
         'deterministic': (False, dict(bool=True, help='deterministic algorithms (bit-exact resume)')),
+        'tf32': (True, dict(bool=True, help='TF32 tensor cores for float32 matmuls/convolutions on CUDA')),
         'show_user_warnings': (False, dict(bool=True, help='show Python UserWarnings')),
         'on_bad_sample': ('error', dict(type=str, choices=['error', 'skip'],
                                         help='unreadable/inconsistent sample: stop naming the file, or log it, '
@@ -226,7 +227,8 @@ def add_dist_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
         'dist_on_itp': (False, dict(bool=True, help='read rank/world size from OpenMPI variables')),
         'dist_url': ('env://', dict(type=str, help='process-group init method')),
         'dist_backend': (None, dict(type=str, choices=['nccl', 'gloo'], help='default: nccl on CUDA, else gloo')),
-        'find_unused_params': (True, dict(bool=True, help='DDP find_unused_parameters')),
+        'find_unused_params': (False, dict(bool=True, help='DDP find_unused_parameters (forced on for heads '
+                                                           'that need it: DPT)')),
     }
     add_arg_group(parser, 'distributed', specs, overrides)
 

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from utils.config.job import JobConfig, OptimConfig
-from utils.dist import DistContext
+from utils.dist import DistContext, ddp_find_unused_parameters
 from utils.engine.optim import cosine_scheduler, create_optimizer, weight_decay_scheduler
 from utils.engine.trainer import StepFn, Trainer
 
@@ -130,7 +130,8 @@ def build_trainer(cfg: JobConfig, ctx: DistContext, model: nn.Module, loader: Da
     if rt.grad_ckpt:
         model.set_grad_checkpointing(True)
     n_parameters = count_params(model)
-    find_unused = cfg.dist.find_unused_params if plan.find_unused_parameters is None else plan.find_unused_parameters
+    requested = cfg.dist.find_unused_params if plan.find_unused_parameters is None else plan.find_unused_parameters
+    find_unused = ddp_find_unused_parameters(model, requested)  # forced on for heads that need it (DPT)
     wrapped = wrap_model(model, ctx, rt.compile, find_unused)
     if plan.describe is not None:
         print(plan.describe(steps, optimizer, n_parameters))

@@ -145,7 +145,7 @@ def get_rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only: resumable on fewer GPUs
     return state
 
 
@@ -157,7 +157,21 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys.numpy(), dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        _set_cuda_rng_state(state["cuda"])
+
+
+def _set_cuda_rng_state(saved: Tensor | Sequence[Tensor]) -> None:
+    """Restore the current device's generator from one state (this process's device) or from a list with
+    one per visible GPU (older checkpoints); warn, restoring nothing, when the list has no entry for it."""
+    if isinstance(saved, Tensor):
+        torch.cuda.set_rng_state(saved)
+        return
+    index = torch.cuda.current_device()
+    if index < len(saved):
+        torch.cuda.set_rng_state(saved[index])
+    else:
+        warnings.warn(f"checkpoint holds CUDA RNG states for {len(saved)} device(s), none for cuda:{index}; "
+                      f"its generator is not restored (resume is not bit-identical)")
 
 
 def _infer_batch_size(batch: Any) -> int | None:

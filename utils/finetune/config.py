@@ -92,6 +92,7 @@ class ClsConfig(JobConfig):
     pin_mem: bool = True
     compile: bool = False
     grad_ckpt: bool = False
+    tf32: bool = True
     print_freq: int = 10
     deterministic: bool = False
     show_user_warnings: bool = False
@@ -184,6 +185,7 @@ class SemSegConfig(JobConfig):
     pin_mem: bool = True
     compile: bool = False
     grad_ckpt: bool = False
+    tf32: bool = True
     print_freq: int = 10
     deterministic: bool = False
     show_user_warnings: bool = False
@@ -194,7 +196,7 @@ class SemSegConfig(JobConfig):
     dist_on_itp: bool = False
     dist_url: str = 'env://'
     dist_backend: str | None = None
-    find_unused_params: bool = True
+    find_unused_params: bool = False
     log_wandb: bool = False
     wandb_project: str | None = None
     wandb_entity: str | None = None
@@ -276,6 +278,7 @@ class DepthConfig(JobConfig):
     pin_mem: bool = True
     compile: bool = False
     grad_ckpt: bool = False
+    tf32: bool = True
     print_freq: int = 10
     deterministic: bool = False
     show_user_warnings: bool = False
@@ -286,7 +289,7 @@ class DepthConfig(JobConfig):
     dist_on_itp: bool = False
     dist_url: str = 'env://'
     dist_backend: str | None = None
-    find_unused_params: bool = True
+    find_unused_params: bool = False
     log_wandb: bool = False
     wandb_project: str | None = None
     wandb_entity: str | None = None

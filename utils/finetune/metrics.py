@@ -53,6 +53,14 @@ def _count_into(counts: Tensor, index: Tensor) -> None:
         counts.index_add_(0, index, torch.ones_like(index))
 
 
+def _scalar(value: Tensor | float, like: Tensor) -> Tensor:
+    """``value`` as a 0-d tensor on ``like``'s device and dtype. A Python number is written with a fill kernel:
+    ``torch.tensor(x, device='cuda')`` copies from the host and waits for the device, once per batch."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device=like.device, dtype=like.dtype).reshape(())
+    return torch.full((), float(value), dtype=like.dtype, device=like.device)
+
+
 def _pct(x: float) -> float:
     return round(x * 100.0, 2) if not math.isnan(x) else float("nan")
 
@@ -247,8 +255,9 @@ class ClassificationMetrics:
         hit = top.eq(target.view(-1, 1).to(top.device))
         acc = _acc_dtype(logits.device)
         correct = [hit[:, :min(k, maxk)].any(dim=1).sum(dtype=acc) for k in self.topk]
-        loss_sum = torch.as_tensor(0.0 if loss is None else loss, device=logits.device).detach().to(acc) * b
-        sums = torch.stack([torch.tensor(float(b), dtype=acc, device=logits.device), loss_sum, *correct])
+        like = logits.new_zeros((), dtype=acc)
+        loss_sum = _scalar(0.0 if loss is None else loss, like) * b
+        sums = torch.stack([_scalar(b, like), loss_sum, *correct])
         if self.sums.device != sums.device or self.sums.dtype != sums.dtype:
             self.sums = self.sums.to(device=sums.device, dtype=sums.dtype)
         self.sums += sums
@@ -280,11 +289,17 @@ class MeanAccumulator:
     def update(self, n: int | float = 1, **values: Tensor | float) -> None:
         """Add `values` (0-d tensors or numbers, each the mean over `n` samples) with weight n."""
         for name, v in values.items():
-            v = torch.as_tensor(v).detach()
-            if name not in self._sums:
-                self._sums[name] = torch.zeros(2, dtype=_acc_dtype(v.device), device=v.device)
-            acc = self._sums[name]
-            acc += torch.stack([acc.new_ones(()), v.to(acc).reshape(())]) * n
+            acc = self._sums.get(name)
+            if isinstance(v, Tensor) and (acc is None or acc.device != v.device):
+                # follow the device of the values: a CPU accumulator fed device losses would copy each
+                # batch's loss to the host (one device sync per batch)
+                dev = v.device
+                acc = (torch.zeros(2, dtype=_acc_dtype(dev), device=dev) if acc is None
+                       else acc.to(device=dev, dtype=_acc_dtype(dev)))
+            elif acc is None:
+                acc = torch.zeros(2, dtype=torch.float64)
+            acc += torch.stack([acc.new_ones(()), _scalar(v, acc)]) * n
+            self._sums[name] = acc
         self._reduced = False
 
     def reduce_across_processes(self) -> "MeanAccumulator":

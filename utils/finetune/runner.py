@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from utils.config import add_arg_group, args_to_dict, split_list
-from utils.dist import get_rank, get_world_size, is_main_process
+from utils.dist import ddp_find_unused_parameters, get_rank, get_world_size, is_main_process
 from utils.engine.trainer import Trainer, autocast, move_to_device, unwrap_model
 from utils.logger import append_log_txt
 
@@ -280,7 +280,8 @@ def wrap_model(model: nn.Module, args: argparse.Namespace, device: torch.device)
     if get_world_size() > 1:
         ids = [device.index] if device.type == 'cuda' else None
         wrapped = DistributedDataParallel(model, device_ids=ids,
-                                          find_unused_parameters=getattr(args, 'find_unused_params', False))
+                                          find_unused_parameters=ddp_find_unused_parameters(
+                                              model, getattr(args, 'find_unused_params', False)))
     if getattr(args, 'compile', False):
         wrapped = torch.compile(wrapped)
     return wrapped

@@ -77,6 +77,7 @@ class PretrainConfig(JobConfig):
     pin_mem: bool = True
     compile: bool = False
     grad_ckpt: bool = False
+    tf32: bool = True
     print_freq: int = 10
     deterministic: bool = False
     show_user_warnings: bool = False
@@ -88,7 +89,7 @@ class PretrainConfig(JobConfig):
     dist_on_itp: bool = False
     dist_url: str = 'env://'
     dist_backend: str | None = None
-    find_unused_params: bool = True
+    find_unused_params: bool = False
     log_wandb: bool = False
     wandb_project: str | None = None
     wandb_entity: str | None = None
