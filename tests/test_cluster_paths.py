@@ -67,10 +67,10 @@ def test_slurm_task_picks_a_visible_gpu(monkeypatch, local_id, visible, expected
     chosen = _slurm_env(monkeypatch, local_id, visible=visible)
     args = argparse.Namespace(device="cuda", dist_url="env://", dist_on_itp=False, dist_backend="gloo", local_rank=-1)
     try:
-        device = dist_utils.init_distributed_mode(args)
+        ctx = dist_utils.init_distributed(args, "cuda")
     finally:
         dist_utils.destroy_distributed()
-    assert device == torch.device("cuda", expected) and chosen[0] == expected and args.gpu == expected
+    assert ctx.device == torch.device("cuda", expected) and chosen[0] == expected
     assert chosen[1]["rank"] == local_id and chosen[1]["world_size"] == 8
 
 
@@ -192,14 +192,13 @@ def test_tf32_is_on_for_cuda_runs_with_an_opt_out(monkeypatch, saved_flags):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     args = argparse.Namespace(device="cuda", dist_on_itp=False, local_rank=-1)
     try:
-        assert dist_utils.init_distributed_mode(args).type == "cuda"
+        assert dist_utils.init_distributed(args, "cuda").device.type == "cuda"
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        args.tf32 = False
-        dist_utils.init_distributed_mode(args)
+        dist_utils.init_distributed(args, "cuda", tf32=False)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         args = argparse.Namespace(device="cpu", dist_on_itp=False, local_rank=-1)
-        dist_utils.init_distributed_mode(args)  # CPU: the flags are left alone
+        dist_utils.init_distributed(args, "cpu")  # CPU: the flags are left alone
         assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         dist_utils.destroy_distributed()

@@ -118,26 +118,31 @@ class _Loader(list):
 def test_pretrain_lr_scales_with_update_freq(tmp_path):
     import run_pretraining_multimae
     from utils.config.parser import parse_args
-    from utils.pretrain.multimae import build_pretrain_trainer
+    from utils.dist import DistContext
+    from utils.jobs import Parts
+    from utils.pretrain.config import PretrainConfig
+    from utils.pretrain.multimae import MultiMAEPretraining
 
-    args = parse_args(run_pretraining_multimae.get_args_parser(),
-                      ["--batch_size", "4", "--update_freq", "3", "--blr", "1e-4", "--epochs", "1",
-                       "--warmup_epochs", "0", "--device", "cpu", "--output_dir", str(tmp_path)])
-    build_pretrain_trainer(args, nn.Linear(2, 2), _Loader(range(6)), torch.device("cpu"))
-    assert args.lr == pytest.approx(1e-4 * 4 * 3 / 256)
+    cfg = parse_args(run_pretraining_multimae.get_args_parser(),
+                     ["--batch_size", "4", "--update_freq", "3", "--blr", "1e-4", "--epochs", "1",
+                      "--warmup_epochs", "0", "--device", "cpu", "--output_dir", str(tmp_path)],
+                     config_class=PretrainConfig)
+    ctx = DistContext(0, 1, 0, False, None, torch.device("cpu"))
+    plan = MultiMAEPretraining().plan(cfg, ctx, Parts(nn.Linear(2, 2), _Loader(range(6))))
+    assert plan.lr == pytest.approx(1e-4 * 4 * 3 / 256)
 
 
 def test_finetune_cls_lr_scales_with_update_freq(tmp_path):
     import run_finetuning_cls
     from utils.config.parser import parse_args
-    from utils.finetune.cls import build_cls_trainer
+    from utils.engine.factory import peak_lr
 
     args = parse_args(run_finetuning_cls.get_args_parser(),
                       ["--batch_size", "4", "--update_freq", "2", "--blr", "1e-3", "--epochs", "1",
                        "--warmup_epochs", "0", "--device", "cpu", "--output_dir", str(tmp_path)])
     args.lr = None
-    build_cls_trainer(args, nn.Linear(2, 2), _Loader(range(4)), torch.device("cpu"))
-    assert args.lr == pytest.approx(1e-3 * 4 * 2 / 256)
+    lr, _ = peak_lr(args, args.batch_size, args.update_freq, 1)
+    assert lr == pytest.approx(1e-3 * 4 * 2 / 256)
 
 
 # ---------------------------------------------------------------------------------------------- depth metrics
