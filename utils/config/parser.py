@@ -40,16 +40,14 @@ turned off from the command line.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
-
-import yaml
 
 from utils.config.checks import check_shared_args
 from utils.config.names import closest, split_list
-from utils.io import atomic_open
+from utils.config.saving import args_to_dict, save_config
+from utils.config.yaml_values import (CONFIG_DEST, ConfigError, _actions_by_dest, _check_config, _read_yaml,
+                                      load_yaml_config)
 
 __all__ = [
     'OMIT', 'ConfigError', 'create_parser', 'add_bool_arg', 'add_arg_group', 'add_optim_args', 'add_checkpoint_args',
@@ -57,20 +55,7 @@ __all__ = [
     'save_config', 'args_to_dict', 'split_list', 'check_list_arg', 'closest',
 ]
 
-CONFIG_DEST = 'config'
 Validator = Callable[[argparse.Namespace], Iterable[str]]
-
-
-class ConfigError(ValueError):
-    """One or more configuration problems; ``errors`` holds one line per problem."""
-
-    def __init__(self, errors: Sequence[str]):
-        self.errors = list(errors)
-        if len(self.errors) == 1:
-            msg = self.errors[0]
-        else:
-            msg = f'{len(self.errors)} configuration errors:\n' + '\n'.join(f'  - {e}' for e in self.errors)
-        super().__init__(msg)
 
 
 class _Omit:
@@ -249,154 +234,6 @@ def add_wandb_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# YAML values
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (the silent 'last one wins' hides typos)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key '{key}'", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:
-    out: dict[str, list[argparse.Action]] = {}
-    for action in parser._actions:
-        if action.dest in (argparse.SUPPRESS, 'help', CONFIG_DEST) or isinstance(
-                action, (argparse._HelpAction, argparse._VersionAction)):
-            continue
-        out.setdefault(action.dest, []).append(action)
-    return out
-
-
-def _type_name(type_fn: Any) -> str:
-    return getattr(type_fn, '__name__', repr(type_fn)) if type_fn is not None else 'str'
-
-
-def _convert_scalar(value: Any, type_fn: Any) -> Any:
-    """Convert one YAML scalar through an argparse ``type``; raises ValueError on mismatch."""
-    if isinstance(value, (list, dict)):
-        raise ValueError
-    if type_fn is None or type_fn is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError
-        return value if isinstance(value, str) else str(value)
-    if isinstance(value, bool):
-        # YAML booleans are never numbers or strings here (True would otherwise become 1 or 'True').
-        raise ValueError
-    if type_fn is int and isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError
-        return int(value)
-    return type_fn(value)
-
-
-def _is_bool_dest(actions: list[argparse.Action]) -> bool:
-    return any(isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction,
-                              argparse.BooleanOptionalAction)) for a in actions)
-
-
-def _convert_value(key: str, value: Any, actions: list[argparse.Action], source: str) -> Any:
-    """Check/convert the YAML value of ``key``; raises ValueError with a one-line message."""
-    where = f"config key '{key}' in {source}"
-    action = actions[0]
-    if value is None:
-        if action.default is None:
-            return None
-        raise ValueError(f'{where}: null is not allowed (default is {action.default!r})')
-    if _is_bool_dest(actions):
-        if not isinstance(value, bool):
-            raise ValueError(f'{where}: expected true or false, got {value!r}')
-        return value
-    if isinstance(action, argparse._CountAction):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f'{where}: expected int, got {value!r}')
-        return value
-    if not isinstance(action, (argparse._StoreAction, argparse._AppendAction, argparse._ExtendAction)):
-        return value  # store_const & custom actions: taken as written
-    many = action.nargs in ('+', '*') or isinstance(action.nargs, int) or isinstance(
-        action, (argparse._AppendAction, argparse._ExtendAction))
-    tname = _type_name(action.type)
-    if many:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f'{where}: expected a list of {tname}, got {value!r}')
-        if isinstance(action.nargs, int) and len(value) != action.nargs:
-            raise ValueError(f'{where}: expected {action.nargs} values, got {len(value)}')
-        if action.nargs == '+' and not value:
-            raise ValueError(f'{where}: expected at least one {tname}')
-        items = list(value)
-    else:
-        items = [value]
-    converted = []
-    for item in items:
-        try:
-            item = _convert_scalar(item, action.type)
-        except (TypeError, ValueError, argparse.ArgumentTypeError):
-            raise ValueError(f'{where}: expected {tname}, got {item!r}') from None
-        if action.choices is not None and item not in action.choices:
-            choices = ', '.join(repr(c) for c in action.choices)
-            raise ValueError(f'{where}: invalid choice {item!r} (choose from {choices})')
-        converted.append(item)
-    return converted if many else converted[0]
-
-
-def _read_yaml(path: str) -> dict:
-    try:
-        with open(path, encoding='utf-8') as f:
-            raw = yaml.load(f, Loader=_UniqueKeyLoader)
-    except FileNotFoundError:
-        raise ConfigError([f'config file not found: {path}']) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, 'problem_mark', None)
-        where = f' (line {mark.line + 1})' if mark is not None else ''
-        problem = getattr(exc, 'problem', None) or str(exc).splitlines()[0]
-        raise ConfigError([f'cannot parse config file {path}{where}: {problem}']) from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError([f'config file {path} must hold a mapping of argument names to values, '
-                           f'got {type(raw).__name__}'])
-    return raw
-
-
-def _check_config(parser: argparse.ArgumentParser, raw: dict, source: str) -> tuple[dict, list[str]]:
-    actions = _actions_by_dest(parser)
-    values, errors = {}, []
-    for key, value in raw.items():
-        if not isinstance(key, str) or key not in actions:
-            hint = closest(str(key), actions)
-            errors.append(f"unknown config key '{key}' in {source}"
-                          + (f"; did you mean '{hint}'?" if hint else ''))
-            continue
-        try:
-            values[key] = _convert_value(key, value, actions[key], source)
-        except ValueError as exc:
-            errors.append(str(exc))
-    return values, errors
-
-
-def load_yaml_config(parser: argparse.ArgumentParser, path: str | os.PathLike) -> dict:
-    """Read a YAML config and return its values checked and converted for ``parser``.
-
-    Raises ConfigError listing every unknown key / wrong value of the file.
-    """
-    values, errors = _check_config(parser, _read_yaml(str(path)), str(path))
-    if errors:
-        raise ConfigError(errors)
-    return values
-
-
-# ----------------------------------------------------------------------------------------------
 # parsing
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
@@ -471,77 +308,6 @@ def _parse_with_defaults(parser: argparse.ArgumentParser, argv: list[str], value
         parser._defaults.update(saved_defaults)
     args._declared = tuple(_actions_by_dest(parser))
     return args
-
-
-# ----------------------------------------------------------------------------------------------
-# writing
-
-def _plain(value: Any) -> Any:
-    """Recursively convert to str/int/float/bool/None/list/dict."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, argparse.Namespace):
-        return {str(k): _plain(v) for k, v in vars(value).items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted((_plain(v) for v in value), key=repr)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, 'tolist'):  # numpy/torch scalars and arrays
-        return _plain(value.tolist())
-    if hasattr(value, 'item'):
-        return _plain(value.item())
-    return str(value)  # torch.device, torch.dtype, enums, ...
-
-
-def args_to_dict(args: Any) -> dict:
-    """Plain ``dict`` of the arguments (a Namespace, a typed config or a mapping; nested values converted to
-    str/int/float/bool/None/list/dict), safe to store in checkpoints loaded with ``weights_only=True``."""
-    if hasattr(args, 'to_dict'):
-        return _plain(args.to_dict())
-    return _plain(vars(args) if isinstance(args, argparse.Namespace) else dict(args))
-
-
-def _dump_entry(key: str, value: Any) -> str:
-    # One key at a time keeps short lists on one line (opt_betas: [0.9, 0.95]) and everything else block.
-    if isinstance(value, list) and all(not isinstance(v, (list, dict)) for v in value):
-        return f'{key}: ' + yaml.safe_dump(value, default_flow_style=True, width=1000).strip() + '\n'
-    return yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=False, width=1000)
-
-
-def save_config(args: argparse.Namespace, output_dir: str | os.PathLike,
-                filename: str = 'config.yaml') -> Path:
-    """Write the resolved configuration to ``output_dir/filename`` (atomically) and return the path.
-
-    The file can be given back with ``-c`` to reproduce the run. Values that are not declared
-    arguments (set by the script at run time: ``lr`` computed from ``blr``, ``rank``, ``distributed``
-    ...) are written as comments so that reloading does not trip over them.
-    """
-
-    data = args_to_dict(args)
-    data.pop(CONFIG_DEST, None)
-    declared = getattr(args, '_declared', None)
-    if declared is None:
-        declared_set = set(data)
-    else:
-        declared_set = set(declared)
-    main = {k: v for k, v in data.items() if k in declared_set}
-    derived = {k: v for k, v in data.items() if k not in declared_set}
-    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else '<script>'
-    lines = [f'# Resolved configuration (command line > YAML > defaults) of {script}.',
-             f'# Reproduce with: python {script} -c {filename}']
-    text = '\n'.join(lines) + '\n' + ''.join(_dump_entry(k, v) for k, v in main.items())
-    if derived:
-        dumped = ''.join(_dump_entry(k, v) for k, v in derived.items())
-        text += '# Set at run time (not arguments):\n' + ''.join(f'# {line}\n' for line in dumped.splitlines())
-    path = Path(output_dir) / filename
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, 'w') as f:
-        f.write(text)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
