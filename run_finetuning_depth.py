@@ -15,8 +15,11 @@ Every published argument keeps its name and default; see FINETUNING.md for the f
 from utils.config import (OMIT, add_bool_arg, add_checkpoint_args, add_dist_args, add_optim_args, add_runtime_args,
                           add_wandb_args, create_parser, parse_args)
 from utils.data.constants import NYU_MEAN, NYU_STD
-from utils.finetune.runner import add_finetune_args
-from utils.finetune.dense import add_dense_args, validate_regression_args
+from utils.finetune.args import add_dense_args, add_finetune_args
+from utils.finetune.config import DepthConfig
+from utils.finetune.depth import validate_regression_args
+from utils.jobs import get_job
+from utils.runner import run
 
 
 def get_args_parser():
@@ -55,12 +58,15 @@ def apply_tmp(args):
     return args
 
 
-def main(args):
-    from utils.finetune.runner import run_finetuning
-    from utils.finetune.dense import regression_task
+def parse_config(argv=None, exit_on_error=True) -> DepthConfig:
+    """Command line + YAML (``--tmp`` applied before freezing), frozen and validated."""
+    return parse_args(get_args_parser(), argv, validate=validate_regression_args, config_class=DepthConfig,
+                      prepare=apply_tmp, exit_on_error=exit_on_error)
 
-    return run_finetuning(apply_tmp(args), regression_task)
+
+def main(cfg: DepthConfig):
+    return run(cfg, get_job("finetune", "depth"))
 
 
 if __name__ == "__main__":
-    main(parse_args(get_args_parser(), validate=validate_regression_args))
+    main(parse_config())

@@ -11,8 +11,11 @@ Every published argument keeps its name and default; see FINETUNING.md for the f
 """
 from utils.config import (OMIT, add_bool_arg, add_checkpoint_args, add_dist_args, add_optim_args, add_runtime_args,
                           add_wandb_args, create_parser, parse_args)
-from utils.finetune.runner import add_finetune_args
-from utils.finetune.dense import add_dense_args, validate_semseg_args
+from utils.finetune.args import add_dense_args, add_finetune_args
+from utils.finetune.config import SemSegConfig
+from utils.finetune.semseg import validate_semseg_args
+from utils.jobs import get_job
+from utils.runner import run
 
 
 def get_args_parser():
@@ -36,12 +39,15 @@ def get_args_parser():
     return p
 
 
-def main(args):
-    from utils.finetune.runner import run_finetuning
-    from utils.finetune.dense import semseg_task
+def parse_config(argv=None, exit_on_error=True) -> SemSegConfig:
+    """Command line + YAML, frozen and validated."""
+    return parse_args(get_args_parser(), argv, validate=validate_semseg_args, config_class=SemSegConfig,
+                      exit_on_error=exit_on_error)
 
-    return run_finetuning(args, semseg_task)
+
+def main(cfg: SemSegConfig):
+    return run(cfg, get_job("finetune", "semseg"))
 
 
 if __name__ == "__main__":
-    main(parse_args(get_args_parser(), validate=validate_semseg_args))
+    main(parse_config())

@@ -78,10 +78,11 @@ def main(cfg):
     return run(cfg, get_job("pretrain", cfg.method))
 
 
-def parse(argv=None) -> PretrainConfig:
-    return parse_args(get_args_parser(), argv, validate=[validate_method_args, check_pretrain_args],
+def parse_config(argv=None, exit_on_error=True) -> PretrainConfig:
+    """Command line + YAML, frozen and validated."""
+    return parse_args(get_args_parser(), argv, validate=[validate_method_args, check_pretrain_args], exit_on_error=exit_on_error,
                       config_class=PretrainConfig)
 
 
 if __name__ == "__main__":
-    main(parse())
+    main(parse_config())

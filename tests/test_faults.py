@@ -328,7 +328,7 @@ def test_config_combinations_in_process(data):
     import run_finetuning_depth
     import run_pretraining_multimae
     from utils.config import ConfigError, parse_args
-    from utils.finetune.dense import validate_regression_args
+    from utils.finetune.depth import validate_regression_args
     from utils.pretrain.multimae import validate_pretrain_args
     from utils.config.checks import check_pretrain_args
 

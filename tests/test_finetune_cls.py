@@ -185,18 +185,17 @@ def test_linprobe_defaults_yield_to_explicit_values(tmp_path):
 def test_lars_adapts_matrices_like_mae():
     """With weight decay 0 (the probe default) the weight matrix still gets the trust-ratio update, the bias
     a plain SGD update -- MAE's LARS; timm's Lars alone would skip the adaptation."""
-    from argparse import Namespace
-
-    from utils.finetune.cls import _lars_param_groups
+    from utils.config.job import OptimConfig
     from utils.engine.optim import create_optimizer, finetune_param_groups
+    from utils.finetune.cls import _lars_param_groups
 
     lin = torch.nn.Linear(6, 3)
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
     lin(torch.randn(5, 6)).square().sum().backward()
     gw, gb = lin.weight.grad.clone(), lin.bias.grad.clone()
     groups = _lars_param_groups(finetune_param_groups(lin, weight_decay=0.0, layer_decay=None))
-    opt = create_optimizer(Namespace(opt="lars", lr=2.0, weight_decay=0.0, momentum=0.0, opt_eps=1e-8,
-                                     opt_betas=None), groups)
+    opt = create_optimizer(OptimConfig(opt="lars", lr=2.0, weight_decay=0.0, momentum=0.0, opt_eps=1e-8,
+                                       opt_betas=None), groups)
     opt.step()
     trust = 0.001 * w0.norm() / gw.norm()
     torch.testing.assert_close(lin.weight.detach(), w0 - 2.0 * trust * gw)
@@ -204,7 +203,7 @@ def test_lars_adapts_matrices_like_mae():
 
 
 def test_dataset_class_checks(data, capsys):
-    from utils.finetune.cls import build_cls_dataset
+    from utils.finetune.cls_data import build_cls_dataset
 
     def args(*extra):
         return parse_args(get_args_parser(), data + list(extra), exit_on_error=False)
@@ -283,7 +282,7 @@ def test_randaugment_posterize_to_zero_bits_does_not_crash(data):
     from PIL import Image
     from timm.data.auto_augment import AugmentOp
 
-    from utils.finetune.cls import build_cls_transform_from_args
+    from utils.finetune.cls_data import build_cls_transform_from_args
 
     build_cls_transform_from_args(parse_args(get_args_parser(), data, exit_on_error=False), is_train=True)
     img = Image.new("RGB", (8, 8), (200, 120, 40))

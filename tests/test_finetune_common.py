@@ -1,15 +1,15 @@
-"""utils.finetune.runner: DPT geometry derived from the encoder, dense heads on a tiny MultiViT, the no-padding evaluation
+"""utils.finetune.models / common and the Trainer factory's schedules: DPT geometry derived from the encoder, dense heads on a tiny MultiViT, the no-padding evaluation
 sampler, schedules (warmup_lr honoured), amp resolution, and the final test that strictly loads the best checkpoint."""
-import argparse
-
 import pytest
 import torch
 from torch import nn
 
 from utils.checkpoint import CheckpointError, save_checkpoint
-from utils.finetune.runner import (EncoderInfo, EvalShardSampler, build_dense_head, build_multivit, build_schedules,
-                            dpt_feature_dim, dpt_hooks, dpt_layer_dims, encoder_info, resolve_finetune_amp,
-                            evaluate_best_checkpoint)
+from utils.config.job import OptimConfig
+from utils.engine.factory import build_schedules
+from utils.finetune.common import EvalShardSampler, evaluate_best_checkpoint, resolve_finetune_amp
+from utils.finetune.models import (EncoderInfo, build_dense_head, build_multivit, dpt_feature_dim, dpt_hooks,
+                                   dpt_layer_dims, encoder_info)
 
 
 def test_dpt_geometry_is_published_for_vit_b_and_scales_down():
@@ -48,21 +48,22 @@ def test_eval_shards_cover_every_sample_exactly_once(n, world):
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
-def _optim_args(**kw):
-    base = dict(lr=1e-3, min_lr=0.0, warmup_lr=1e-5, warmup_epochs=1, warmup_steps=-1, epochs=3,
-                weight_decay=0.05, weight_decay_end=None)
-    return argparse.Namespace(**{**base, **kw})
+def _schedules(steps_per_epoch, epochs=3, **kw):
+    """The fine-tuning schedules (warm-up fitted to the run) of the one Trainer factory."""
+    base = dict(lr=1e-3, min_lr=0.0, warmup_lr=1e-5, warmup_epochs=1, warmup_steps=-1, weight_decay=0.05,
+                weight_decay_end=None)
+    return build_schedules(OptimConfig(**{**base, **kw}), 1e-3, epochs, steps_per_epoch, fit_warmup=True)
 
 
 def test_schedule_warms_up_from_warmup_lr():
-    lr, wd = build_schedules(_optim_args(), steps_per_epoch=4)
+    lr, wd = _schedules(steps_per_epoch=4)
     assert len(lr) == len(wd) == 12
     assert lr[0] == pytest.approx(1e-5) and lr[3] == pytest.approx(1e-3)  # published: started at 0
     assert all(a > b for a, b in zip(lr[4:], lr[5:])) and (wd == 0.05).all()
 
 
 def test_warmup_longer_than_the_run_is_shortened(capsys):
-    lr, _ = build_schedules(_optim_args(warmup_epochs=100, epochs=2), steps_per_epoch=3)
+    lr, _ = _schedules(warmup_epochs=100, epochs=2, steps_per_epoch=3)
     assert len(lr) == 6 and lr[0] == pytest.approx(1e-5) and lr[-1] == pytest.approx(1e-3)
     assert "longer than the run" in capsys.readouterr().out
 

@@ -11,8 +11,6 @@ import pytest
 
 import run_finetuning_depth
 import run_finetuning_semseg
-from utils.config import parse_args
-from utils.finetune.dense import validate_regression_args, validate_semseg_args
 from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,8 +55,7 @@ def _val_record(out):
 @pytest.mark.parametrize("cfg", SEMSEG, ids=lambda p: Path(p).stem)
 def test_semseg_config_runs(cfg, data, tmp_path):
     out = tmp_path / "out"
-    args = parse_args(run_finetuning_semseg.get_args_parser(), ["-c", cfg, *_common(data, out)],
-                      validate=validate_semseg_args, exit_on_error=False)
+    args = run_finetuning_semseg.parse_config(["-c", cfg, *_common(data, out)], exit_on_error=False)
     run_finetuning_semseg.main(args)
     rec = _val_record(out)[-1]
     assert 0.0 <= rec["val/mean_iou"] <= 100.0 and math.isfinite(rec["val/loss"])
@@ -71,8 +68,7 @@ def test_regression_config_runs(cfg, data, tmp_path):
     argv = ["-c", cfg, *_common(data, out)]
     if "taskonomy" in cfg:
         argv += ["--test_data_path", str(data / "val"), "--max_test_images", "2"]
-    args = parse_args(run_finetuning_depth.get_args_parser(), argv, validate=validate_regression_args,
-                      exit_on_error=False)
+    args = run_finetuning_depth.parse_config(argv, exit_on_error=False)
     run_finetuning_depth.main(args)
     records = _val_record(out)
     assert math.isfinite(records[0]["val/loss"]) and records[0]["train/loss"] > 0

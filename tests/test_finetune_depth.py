@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import run_finetuning_depth as script
-from utils.config import parse_args
-from utils.finetune.runner import build_finetune_optimizer
-from utils.finetune.dense import build_regression_model, validate_regression_args
+from utils.engine.optim import create_optimizer
+from utils.finetune.dense import dense_param_groups
+from utils.finetune.depth import build_regression_model
 from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def argv_for(data, out, *extra):
 
 
 def parse(argv):
-    return parse_args(script.get_args_parser(), argv, validate=validate_regression_args, exit_on_error=False)
+    return script.parse_config(argv, exit_on_error=False)
 
 
 def records(out):
@@ -102,7 +102,7 @@ def test_tmp_is_the_only_output_dir_rewrite(data, tmp_path):
 def test_freeze_transformer_trains_only_adapters_and_head(data, tmp_path):
     args = parse(argv_for(data, tmp_path, "--freeze_transformer", "--loss", "l2"))
     model = build_regression_model(args)
-    opt = build_finetune_optimizer(args, model)
+    opt = create_optimizer(args.optim, dense_param_groups(args, model))
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in trained}
     assert names and not any(n.startswith("encoder.") for n in names)

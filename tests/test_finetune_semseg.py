@@ -13,9 +13,8 @@ import torch
 from PIL import Image
 
 import run_finetuning_semseg as script
-from utils.config import parse_args
-from utils.finetune.runner import load_pretrained
-from utils.finetune.dense import build_semseg_model, validate_semseg_args
+from utils.finetune.models import load_pretrained
+from utils.finetune.semseg import build_semseg_model
 from utils.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +38,7 @@ def argv_for(data, out, *extra):
 
 
 def run(argv):
-    args = parse_args(script.get_args_parser(), argv, validate=validate_semseg_args, exit_on_error=False)
+    args = script.parse_config(argv, exit_on_error=False)
     return args, script.main(args)
 
 
@@ -121,7 +120,7 @@ def test_pseudo_semseg_input_from_multimae_checkpoint(data, tmp_path):
     argv = argv_for(data, tmp_path / "out", "--in_domains", "rgb-depth-pseudo_semseg", "--use_mask_valid",
                     "--decoder_main_tasks", "rgb-semseg", "--finetune", str(weights), "--epochs", "1",
                     "--max_steps_per_epoch", "2", "--no_save_ckpt", "--num_vis", "1")
-    args = parse_args(script.get_args_parser(), argv, validate=validate_semseg_args, exit_on_error=False)
+    args = script.parse_config(argv, exit_on_error=False)
     model = build_semseg_model(args)
     report = load_pretrained(model, args.finetune)
     key = "input_adapters.semseg.class_emb.weight"
@@ -169,10 +168,9 @@ def test_two_process_eval_equals_single_process(trained, data, tmp_path):
 
 def test_label_out_of_range_names_the_file(data):
     from utils.data.datasets import BadSampleError
-    from utils.finetune.dense import build_semseg_dataset
+    from utils.finetune.semseg import build_semseg_dataset
 
-    args = parse_args(script.get_args_parser(), argv_for(data, "unused", "--num_classes", "2"),
-                      validate=validate_semseg_args, exit_on_error=False)
+    args = script.parse_config(argv_for(data, "unused", "--num_classes", "2"), exit_on_error=False)
     ds = build_semseg_dataset(args, "val")
     with pytest.raises(BadSampleError, match=r"semseg file '.*\.png' holds class id"):
         for i in range(len(ds)):  # every synthetic scene has floor, wall and at least one object (id >= 2)
@@ -181,7 +179,7 @@ def test_label_out_of_range_names_the_file(data):
 
 def test_channels_last_gives_the_same_run(data, tmp_path):
     """--channels_last on (the CUDA default) changes the memory layout of the convolutions only."""
-    from utils.finetune.runner import use_channels_last
+    from utils.finetune.models import use_channels_last
 
     assert use_channels_last("auto", torch.device("cuda")) and not use_channels_last("auto", torch.device("cpu"))
     assert use_channels_last("on", torch.device("cpu")) and not use_channels_last("off", torch.device("cuda"))

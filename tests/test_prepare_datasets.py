@@ -19,7 +19,7 @@ SMALL = ["--finetune", "", "--input_size", "32", "--num_workers", "0"]
 
 def _semseg_args(config, train, val):
     import run_finetuning_semseg as script
-    from utils.finetune.dense import validate_semseg_args
+    from utils.finetune.semseg import validate_semseg_args
 
     argv = ["-c", str(REPO / config), "--data_path", str(train), "--eval_data_path", str(val), *SMALL]
     return parse_args(script.get_args_parser(), argv, validate=validate_semseg_args, exit_on_error=False)
@@ -32,7 +32,7 @@ def _files(folder: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------- ADE20K
 
 def test_ade20k_layout_labels_and_config_reads_it(tmp_path):
-    from utils.finetune.dense import build_semseg_dataset
+    from utils.finetune.semseg import build_semseg_dataset
 
     labels = make_ade20k(tmp_path / "ADEChallengeData2016")
     out = tmp_path / "ade"
@@ -77,7 +77,7 @@ SCENES = {"ai_001_001": [("cam_00", 0, "train"), ("cam_00", 3, "train"), ("cam_0
 
 
 def test_hypersim_tone_map_planar_depth_labels_and_config_reads_it(tmp_path):
-    from utils.finetune.dense import build_semseg_dataset
+    from utils.finetune.semseg import build_semseg_dataset
 
     csv_path, written = make_hypersim(tmp_path / "hypersim", SCENES)
     out = tmp_path / "hs"
@@ -137,9 +137,8 @@ BUILDINGS = {"allensville": "train", "beechwood": "val", "collierville": "test"}
 
 def test_taskonomy_links_copies_and_config_reads_it(tmp_path):
     import run_finetuning_depth as script
-    from utils.finetune.dense import build_regression_dataset, register_finetune_modalities, validate_regression_args
+    from utils.finetune.depth import build_regression_dataset, validate_regression_args
 
-    register_finetune_modalities()  # done at import; conftest restores the registry between tests
     src = tmp_path / "taskonomy"
     csv_path = make_taskonomy(src, BUILDINGS)
     out = tmp_path / "tk"

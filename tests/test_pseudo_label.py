@@ -169,7 +169,7 @@ def test_module_depth_labels_resized_back_and_scaled(rgb_data, weights, tmp_path
 def _finetuned_depth_checkpoint(path):
     import run_finetuning_depth
     from utils.config import args_to_dict, parse_args
-    from utils.finetune.dense import build_regression_model
+    from utils.finetune.depth import build_regression_model
 
     args = parse_args(run_finetuning_depth.get_args_parser(),
                       ["-c", str(ROOT / "cfgs/finetune/depth/synthetic.yaml"), "--input_size", str(SIZE),
@@ -213,7 +213,7 @@ def test_finetuned_depth_labeller_then_pretraining_step(rgb_data, weights, tmp_p
 def test_finetuned_semseg_labeller_skips_void_and_restores_zero_label(rgb_data, tmp_path):
     import run_finetuning_semseg
     from utils.config import args_to_dict, parse_args
-    from utils.finetune.dense import build_semseg_model
+    from utils.finetune.semseg import build_semseg_model
 
     args = parse_args(run_finetuning_semseg.get_args_parser(),
                       ["-c", str(ROOT / "cfgs/finetune/semseg/synthetic_rgb.yaml"), "--input_size", str(SIZE),

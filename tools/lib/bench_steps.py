@@ -40,7 +40,7 @@ def _pretrain_setup(args: Namespace, device: torch.device) -> Tuple[nn.Module, C
 
 def _finetune_setup(args: Namespace, device: torch.device, task: str) -> Tuple[nn.Module, Callable, Any, Callable]:
     from multimae import LinearOutputAdapter
-    from utils.finetune.runner import EncoderInfo, build_dense_head, build_multivit, encoder_info
+    from utils.finetune.models import EncoderInfo, build_dense_head, build_multivit, encoder_info
     from utils.engine.optim import finetune_param_groups
 
     name, S, B = f"multivit_{args.size}", args.input_size, args.batch_size

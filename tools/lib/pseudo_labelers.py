@@ -113,12 +113,12 @@ class FinetunedMultiViTLabeller(Labeller):
                              f"'{args.in_domains}'")
         shift, scale, offset, unit = 0, 1.0, 0.0, ""
         if task == "semseg":
-            from utils.finetune.dense import build_semseg_model
+            from utils.finetune.semseg import build_semseg_model
 
             net, n_cls = build_semseg_model(args), args.num_classes
             shift = 1 if getattr(args, "seg_reduce_zero_label", False) else 0
         else:
-            from utils.finetune.dense import build_regression_model
+            from utils.finetune.depth import build_regression_model
 
             if "depth" not in split_list(args.out_domains):
                 raise ValueError(f"{checkpoint}: a depth labeller must predict 'depth', the model predicts "

@@ -1,1 +1,1 @@
-"""Fine-tuning: the shared runner, one module per downstream task, metrics and losses."""
+"""Fine-tuning: one registered job per downstream task (cls, semseg, depth), the pieces they share, metrics and losses."""

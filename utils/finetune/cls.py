@@ -1,10 +1,10 @@
-"""Image classification on a MultiViT: fine-tuning and linear probing (``run_finetuning_cls.py``).
+"""Image classification on a MultiViT: fine-tuning and linear probing, the ``('finetune', 'cls')`` job of
+``run_finetuning_cls.py``.
 
-The model is an ``rgb`` input adapter, the MultiViT encoder and a ``LinearOutputAdapter`` named ``cls``
-(spec 3.2 / 5.5). This module builds the data (ImageNet-style folders, CIFAR-100 from local files), the
-model and its pre-trained weights, the train step (Mixup/CutMix with a soft-target loss, else label
-smoothing), the split-level top-1/top-5 evaluation of the model and of its EMA, and the shared
-:class:`~utils.engine.trainer.Trainer` that runs the loop.
+The model is an ``rgb`` input adapter, the MultiViT encoder and a ``LinearOutputAdapter`` named ``cls``.
+This module builds the model and its pre-trained weights, the train step (Mixup/CutMix with a soft-target
+loss, else label smoothing), the split-level top-1/top-5 evaluation of the model and of its EMA, and the
+job that hands them to :func:`utils.runner.run` (data: :mod:`utils.finetune.cls_data`).
 
 Linear probe (``--linear_probe``, the MAE protocol): every parameter except the head is frozen and the
 frozen modules stay in eval mode (no drop path, no dropout); the head is ``BatchNorm1d(affine=False,
@@ -18,37 +18,34 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 from functools import partial
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from utils.config import ConfigError, args_to_dict, load_yaml_config
-from utils.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
-                                  IMAGENET_INCEPTION_STD, IMG_EXTENSIONS)
-from utils.dist import get_world_size
-from utils.engine.trainer import Trainer, autocast, unwrap_model
-from utils.finetune.runner import build_schedules, count_params, wrap_model
-from utils.finetune.metrics import ClassificationMetrics
+from utils.config import ConfigError, load_yaml_config
 from utils.data.modalities import build_input_adapters
-from utils.engine.optim import create_optimizer, finetune_param_groups
+from utils.dist import DistContext
+from utils.engine.factory import TrainingPlan, peak_lr
+from utils.engine.optim import finetune_param_groups
+from utils.engine.trainer import Trainer, autocast, unwrap_model
+from utils.finetune.cls_data import (CLS, RGB, build_cls_dataset, build_cls_pictures, build_cls_transform_from_args,
+                                     check_same_classes)
+from utils.finetune.common import build_eval_loader, build_train_loader
+from utils.finetune.config import ClsConfig
+from utils.finetune.metrics import ClassificationMetrics
+from utils.jobs import Job, Parts, register_job
 
 __all__ = [
-    "LINPROBE_DEFAULTS", "apply_linprobe_defaults", "mixup_active", "validate_cls_args",
-    "build_cls_transform_from_args", "build_cls_dataset", "check_same_classes",
-    "build_cls_model", "load_cls_pretrained", "freeze_for_linear_probe", "build_model_ema", "build_mixup",
-    "build_train_criterion", "ClsStep", "evaluate_cls", "ClsEvalCallback", "evaluate_checkpoint",
-    "render_cls_predictions", "build_cls_pictures", "build_cls_trainer",
+    "LINPROBE_DEFAULTS", "apply_linprobe_defaults", "mixup_active", "validate_cls_args", "build_cls_dataset",
+    "build_cls_transform_from_args", "build_cls_model", "load_cls_pretrained", "freeze_for_linear_probe",
+    "build_model_ema", "build_mixup", "build_train_criterion", "ClsStep", "evaluate_cls", "ClsEvalCallback",
+    "evaluate_checkpoint", "ClsJob",
 ]
-
-CLS = "cls"
-RGB = "rgb"
 
 # MAE linear probing (main_linprobe.py): LARS, blr 0.1, no weight decay, 90 epochs with 10 warm-up,
 # 512 images per process, no mixup / cutmix / label smoothing / random erasing / drop path.
@@ -84,144 +81,61 @@ def apply_linprobe_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]
     return bool(probe)
 
 
-def mixup_active(args: argparse.Namespace) -> bool:
-    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+def mixup_active(cfg: ClsConfig) -> bool:
+    return cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
 
 
-def validate_cls_args(args: argparse.Namespace) -> list[str]:
+def validate_cls_args(cfg: ClsConfig) -> list[str]:
     """Cross-argument checks of ``run_finetuning_cls.py`` (one line per problem)."""
     errors = []
-    if args.input_size % args.patch_size:
-        errors.append(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
+    if cfg.input_size % cfg.patch_size:
+        errors.append(f"--input_size {cfg.input_size} is not a multiple of --patch_size {cfg.patch_size}")
     for name in ("batch_size", "epochs", "update_freq"):
-        if getattr(args, name) < 1:
-            errors.append(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if mixup_active(args) and args.batch_size % 2:
-        errors.append(f"Mixup/CutMix pairs samples within a batch: --batch_size {args.batch_size} must be even "
+        if getattr(cfg, name) < 1:
+            errors.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if mixup_active(cfg) and cfg.batch_size % 2:
+        errors.append(f"Mixup/CutMix pairs samples within a batch: --batch_size {cfg.batch_size} must be even "
                       "(or pass --mixup 0 --cutmix 0)")
-    if args.cutmix_minmax is not None and len(args.cutmix_minmax) != 2:
-        errors.append(f"--cutmix_minmax takes two values (min max), got {args.cutmix_minmax}")
-    if not 0.0 <= args.smoothing < 1.0:
-        errors.append(f"--smoothing must be in [0, 1), got {args.smoothing}")
-    if args.nb_classes < 1:
-        errors.append(f"--nb_classes must be >= 1, got {args.nb_classes}")
-    if args.max_steps_per_epoch is not None and args.max_steps_per_epoch < 1:
-        errors.append(f"--max_steps_per_epoch must be >= 1, got {args.max_steps_per_epoch}")
+    if cfg.cutmix_minmax is not None and len(cfg.cutmix_minmax) != 2:
+        errors.append(f"--cutmix_minmax takes two values (min max), got {cfg.cutmix_minmax}")
+    if not 0.0 <= cfg.smoothing < 1.0:
+        errors.append(f"--smoothing must be in [0, 1), got {cfg.smoothing}")
+    if cfg.nb_classes < 1:
+        errors.append(f"--nb_classes must be >= 1, got {cfg.nb_classes}")
+    if cfg.max_steps_per_epoch is not None and cfg.max_steps_per_epoch < 1:
+        errors.append(f"--max_steps_per_epoch must be >= 1, got {cfg.max_steps_per_epoch}")
     return errors
-
-
-# ----------------------------------------------------------------------------------------------
-# data
-
-def _image_folder_root(path: str) -> str:
-    """``path`` itself, or ``path/rgb`` when ``path`` is a multi-modal split: its ``rgb/`` holds class folders
-    (not images), whatever lies beside it (e.g. a ``normal/`` not registered in this process)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"image folder '{path}' does not exist (expected <root>/<class>/<image> or a "
-                                "split folder holding rgb/<class>/<image>)")
-    rgb = os.path.join(path, RGB)
-    entries = list(os.scandir(rgb)) if os.path.isdir(rgb) else []
-    if any(e.is_dir() for e in entries) and not any(os.path.splitext(e.name)[1].lower() in IMG_EXTENSIONS
-                                                    for e in entries if e.is_file()):
-        return rgb
-    return path
-
-
-def _mean_std(args: argparse.Namespace) -> tuple[tuple, tuple]:
-    if args.imagenet_default_mean_and_std:
-        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
-    return tuple(IMAGENET_INCEPTION_MEAN), tuple(IMAGENET_INCEPTION_STD)
-
-
-def build_cls_transform_from_args(args: argparse.Namespace, is_train: bool) -> Callable:
-    """Fine-tuning: timm ``create_transform`` (RandAugment, random erasing; spec 6.7). Linear probe
-    (train): RandomResizedCrop + horizontal flip only, as MAE. Eval: resize + centre crop."""
-    from utils.data.finetune_transforms import build_cls_transform
-
-    mean, std = _mean_std(args)
-    if is_train and args.linear_probe:
-        from torchvision import transforms as T
-
-        interp = T.InterpolationMode.BICUBIC if args.train_interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-        return T.Compose([T.RandomResizedCrop(args.input_size, interpolation=interp), T.RandomHorizontalFlip(),
-                          T.ToTensor(), T.Normalize(mean, std)])
-    return build_cls_transform(is_train, args.input_size, color_jitter=args.color_jitter, aa=args.aa,
-                               reprob=args.reprob, remode=args.remode, recount=args.recount,
-                               train_interpolation=args.train_interpolation, crop_pct=args.crop_pct,
-                               mean=mean, std=std)
-
-
-def build_cls_dataset(args: argparse.Namespace, is_train: bool) -> Dataset:
-    """The train (``data_path``) or eval (``eval_data_path``) split with its transform.
-
-    ``IMNET`` / ``image_folder``: a torchvision ``ImageFolder`` (a multi-modal split folder is read from its
-    ``rgb/``). ``image_folder`` needs exactly ``nb_classes`` classes; ``IMNET`` at most (fewer is allowed
-    with a warning, so ImageNet configs run on small folders). ``CIFAR``: CIFAR-100 files already under
-    ``data_path`` (``cifar-100-python/``); nothing is downloaded.
-    """
-    from torchvision import datasets
-
-    transform = build_cls_transform_from_args(args, is_train)
-    path = args.data_path if is_train else args.eval_data_path
-    if args.data_set == "CIFAR":
-        try:
-            ds = datasets.CIFAR100(args.data_path, train=is_train, transform=transform, download=False)
-        except RuntimeError as e:
-            raise FileNotFoundError(f"CIFAR-100 not found under --data_path '{args.data_path}' (expected "
-                                    f"cifar-100-python/ from the official archive; nothing is downloaded): {e}") from e
-        found = 100
-    else:
-        ds = datasets.ImageFolder(_image_folder_root(path), transform=transform)
-        found = len(ds.classes)
-    split = "train" if is_train else "eval"
-    where = f"{split} split {getattr(ds, 'root', path)!r} (--data_set {args.data_set})"
-    if found > args.nb_classes or (found != args.nb_classes and args.data_set != "IMNET"):
-        raise ValueError(f"{where} has {found} classes but --nb_classes is {args.nb_classes}")
-    if found != args.nb_classes:
-        # printed, not warnings.warn: the scripts hide UserWarnings unless --show_user_warnings
-        print(f"warning: {where} has {found} classes; the head has --nb_classes {args.nb_classes} outputs",
-              file=sys.stderr)
-    return ds
-
-
-def check_same_classes(train: Dataset, val: Dataset | None) -> None:
-    """Train and eval splits must number their classes the same way."""
-    a, b = getattr(train, "classes", None), getattr(val, "classes", None)
-    if val is not None and a is not None and b is not None and list(a) != list(b):
-        diff = sorted(set(a) ^ set(b))[:5]
-        raise ValueError(f"train split '{train.root}' and eval split '{val.root}' have different classes "
-                         f"({len(a)} vs {len(b)}; e.g. {diff}): class indices would not match")
 
 
 # ----------------------------------------------------------------------------------------------
 # model
 
-def build_cls_model(args: argparse.Namespace) -> nn.Module:
-    """``args.model`` (a MultiViT, size preset overridden by ``encoder_depth/_dim/_num_heads`` when set) with
+def build_cls_model(cfg: ClsConfig) -> nn.Module:
+    """``cfg.model`` (a MultiViT, size preset overridden by ``encoder_depth/_dim/_num_heads`` when set) with
     an ``rgb`` input adapter and the ``cls`` head.
 
     Fine-tuning head: LayerNorm + linear, weights trunc-normal(0.02) x ``init_scale`` (the published
-    model's global Xavier init silently overwrote ``init_scale``, spec 9.1; here it takes effect).
+    model's global Xavier init silently overwrote ``init_scale``; here it takes effect).
     Linear probe: BatchNorm1d(affine=False, eps=1e-6) + linear, trunc-normal(0.01) as MAE.
     """
     from multimae import LinearOutputAdapter, create_model
     from timm.layers import trunc_normal_
 
-    norm = partial(nn.BatchNorm1d, affine=False, eps=1e-6) if args.linear_probe else partial(nn.LayerNorm, eps=1e-6)
-    head = LinearOutputAdapter(args.nb_classes, use_mean_pooling=args.use_mean_pooling, norm_layer=norm,
-                               init_scale=args.init_scale)
-    size = {k: v for k, v in (("depth", args.encoder_depth), ("dim_tokens", args.encoder_dim),
-                              ("num_heads", args.encoder_num_heads)) if v is not None}
-    model = create_model(args.model, input_adapters=build_input_adapters([RGB], args.patch_size, args.input_size),
-                         output_adapters={CLS: head}, num_global_tokens=args.num_global_tokens,
-                         drop_rate=args.drop, attn_drop_rate=args.attn_drop_rate, drop_path_rate=args.drop_path,
+    norm = partial(nn.BatchNorm1d, affine=False, eps=1e-6) if cfg.linear_probe else partial(nn.LayerNorm, eps=1e-6)
+    head = LinearOutputAdapter(cfg.nb_classes, use_mean_pooling=cfg.use_mean_pooling, norm_layer=norm,
+                               init_scale=cfg.init_scale)
+    size = {k: v for k, v in (("depth", cfg.encoder_depth), ("dim_tokens", cfg.encoder_dim),
+                              ("num_heads", cfg.encoder_num_heads)) if v is not None}
+    model = create_model(cfg.model, input_adapters=build_input_adapters([RGB], cfg.patch_size, cfg.input_size),
+                         output_adapters={CLS: head}, num_global_tokens=cfg.num_global_tokens,
+                         drop_rate=cfg.drop, attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path,
                          **size)
     linear = model.output_adapters[CLS].head
     with torch.no_grad():
-        trunc_normal_(linear.weight, std=0.01 if args.linear_probe else 0.02)
+        trunc_normal_(linear.weight, std=0.01 if cfg.linear_probe else 0.02)
         nn.init.zeros_(linear.bias)
-        if not args.linear_probe:
-            linear.weight.mul_(args.init_scale)
+        if not cfg.linear_probe:
+            linear.weight.mul_(cfg.init_scale)
     return model
 
 
@@ -260,37 +174,37 @@ def keep_frozen_modules_in_eval(trainer: Trainer, epoch: int) -> None:
             module.eval()
 
 
-def build_model_ema(args: argparse.Namespace, model: nn.Module) -> nn.Module | None:
+def build_model_ema(cfg: ClsConfig, model: nn.Module) -> nn.Module | None:
     """timm ``ModelEmaV3`` of ``model`` when ``--model_ema`` (on the CPU with ``--model_ema_force_cpu``)."""
-    if not args.model_ema:
+    if not cfg.model_ema:
         return None
     from timm.utils import ModelEmaV3
 
-    return ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
+    return ModelEmaV3(model, decay=cfg.model_ema_decay, device="cpu" if cfg.model_ema_force_cpu else None)
 
 
 # ----------------------------------------------------------------------------------------------
 # training step
 
-def build_mixup(args: argparse.Namespace) -> Callable | None:
+def build_mixup(cfg: ClsConfig) -> Callable | None:
     """timm ``Mixup`` (label smoothing folded into the soft targets) when mixup/cutmix is on."""
-    if not mixup_active(args):
+    if not mixup_active(cfg):
         return None
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                 label_smoothing=args.smoothing, num_classes=args.nb_classes)
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                 prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                 label_smoothing=cfg.smoothing, num_classes=cfg.nb_classes)
 
 
-def build_train_criterion(args: argparse.Namespace) -> nn.Module:
-    """Soft-target CE with mixup, else label-smoothing CE when ``smoothing > 0``, else CE (spec 4.3)."""
+def build_train_criterion(cfg: ClsConfig) -> nn.Module:
+    """Soft-target CE with mixup, else label-smoothing CE when ``smoothing > 0``, else CE."""
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    if mixup_active(args):
+    if mixup_active(cfg):
         return SoftTargetCrossEntropy()
-    if args.smoothing > 0:
-        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    if cfg.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
     return nn.CrossEntropyLoss()
 
 
@@ -369,8 +283,8 @@ class ClsEvalCallback:
         return out
 
 
-def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, loader: DataLoader,
-                        checkpoint: str | None) -> dict[str, float]:
+def evaluate_checkpoint(model: nn.Module, loader: DataLoader, checkpoint: str | None, finetune: str = "",
+                        amp: str = "none") -> dict[str, float]:
     """``--eval``: load ``checkpoint`` (model, and its EMA when saved) into ``model`` -- or keep the
     ``--finetune`` weights already loaded -- and evaluate both on the whole split. Prints the results as
     one JSON line too."""
@@ -384,75 +298,16 @@ def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, loader: Data
             ema_model = copy.deepcopy(model)
             load_model_state(ema_model, ckpt["model_ema"], strict=True, source=f"{checkpoint} (model_ema)")
         print(f"Evaluating {checkpoint} (epoch {ckpt.get('epoch', '?')})")
-    elif args.finetune:
-        print(f"Evaluating the --finetune weights {args.finetune}")
+    elif finetune:
+        print(f"Evaluating the --finetune weights {finetune}")
     else:
         raise ValueError("--eval needs weights: --resume <checkpoint>, a checkpoint in --output_dir (with "
                          "--auto_resume) or --finetune <weights>")
-    results = _evaluate_and_print(model, loader, args.amp)
+    results = _evaluate_and_print(model, loader, amp)
     if ema_model is not None:
-        results.update(_evaluate_and_print(ema_model, loader, args.amp, "_ema"))
+        results.update(_evaluate_and_print(ema_model, loader, amp, "_ema"))
     print(json.dumps(results))
     return results
-
-
-# ----------------------------------------------------------------------------------------------
-# prediction pictures
-
-class _PictureView(Dataset):
-    """``(image, label) -> ({'rgb': image, 'label': label}, label)``: the sample layout
-    :class:`utils.finetune.runner.PredictionPictures` expects (a dict of inputs), with the label kept for the
-    picture."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> tuple[dict[str, Any], int]:
-        x, y = self.dataset[i]
-        return {RGB: x, "label": torch.tensor(y)}, y
-
-
-def render_cls_predictions(inputs: dict[str, Tensor], preds: dict[str, Tensor], class_names: Sequence[str],
-                           mean: Sequence[float], std: Sequence[float], tile: int = 128) -> np.ndarray:
-    """One tile per image: the input (``inputs['rgb']`` (N, 3, H, W), normalised) with the true class
-    (``inputs['label']`` (N,)) and the top prediction (``preds['cls']`` logits (N, K)) and its probability
-    written below, green when right, red when wrong. Returns an (H, W, 3) uint8 picture."""
-    from PIL import Image, ImageDraw
-
-    from utils.vis import denormalize_rgb
-
-    images, labels, logits = inputs[RGB], inputs["label"], preds[CLS]
-    prob, pred = logits.float().softmax(-1).max(-1)
-    name = lambda i: class_names[i] if i < len(class_names) else str(i)  # noqa: E731
-    text_h = 28
-    canvas = Image.new("RGB", (tile * len(images), tile + text_h), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for j, (img, y, p, q) in enumerate(zip(images, labels.tolist(), pred.tolist(), prob.tolist())):
-        picture = Image.fromarray(denormalize_rgb(img, mean, std)).resize((tile, tile), Image.BICUBIC)
-        canvas.paste(picture, (j * tile, 0))
-        colour = (0, 140, 0) if p == y else (200, 0, 0)
-        draw.rectangle([j * tile, 0, (j + 1) * tile - 1, tile - 1], outline=colour, width=3)
-        draw.text((j * tile + 3, tile + 2), f"gt: {name(y)}"[:22], fill=(0, 0, 0))
-        draw.text((j * tile + 3, tile + 14), f"pred: {name(p)} {100 * q:.0f}%"[:22], fill=colour)
-    return np.asarray(canvas)
-
-
-def build_cls_pictures(args: argparse.Namespace, dataset: Dataset, device: torch.device, wandb: Any = None):
-    """:class:`utils.finetune.runner.PredictionPictures` of ``num_vis`` eval images (``output_dir/vis/``, every
-    ``log_images_freq`` epochs; to W&B with ``log_images_wandb``); None when ``num_vis`` is 0."""
-    from utils.finetune.runner import PredictionPictures
-
-    if not args.num_vis or not args.output_dir:
-        return None
-    mean, std = _mean_std(args)
-    classes = list(getattr(dataset, "classes", []))
-    return PredictionPictures(
-        _PictureView(dataset), lambda net, batch: {CLS: net({RGB: batch[0][RGB]})[CLS]},
-        partial(render_cls_predictions, class_names=classes, mean=mean, std=std), args.output_dir,
-        args.num_vis, args.log_images_freq, args.epochs, device, args.amp, wandb, args.log_images_wandb)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,38 +327,69 @@ def _lars_param_groups(groups: list[dict]) -> list[dict]:
     return out
 
 
-def build_cls_trainer(args: argparse.Namespace, model: nn.Module, loader: DataLoader, device: torch.device,
-                      wandb: Any = None, model_ema: nn.Module | None = None) -> Trainer:
-    """Optimizer with layer-wise lr decay over the trainable parameters, schedules (``lr = blr x batch x
-    update_freq x processes / 256`` unless ``--lr``), DDP and the :class:`Trainer`. Sets ``args.lr``."""
-    world = get_world_size()
-    lr_from = "--lr"
-    if args.lr is None:
-        args.lr = args.blr * args.batch_size * args.update_freq * world / 256
-        lr_from = f"blr {args.blr} x batch {args.batch_size} x update_freq {args.update_freq} x {world} processes / 256"
-    groups = finetune_param_groups(model, args.weight_decay, args.layer_decay)
-    if str(args.opt).lower().endswith("lars"):
-        groups = _lars_param_groups(groups)
-    optimizer = create_optimizer(args, groups)
-    steps = len(loader) // args.update_freq
-    if args.max_steps_per_epoch:
-        steps = min(steps, args.max_steps_per_epoch)
-    if steps < 1:
-        raise ValueError(f"the train split ({len(loader.dataset)} images) gives no full step of batch_size "
-                         f"{args.batch_size} x update_freq {args.update_freq} x {world} processes")
-    lr_schedule, wd_schedule = build_schedules(args, steps)
-    if args.grad_ckpt:
-        model.set_grad_checkpointing(True)
-    n_parameters = count_params(model)
-    step_fn = ClsStep(build_train_criterion(args), build_mixup(args))
-    mode = "linear probe" if args.linear_probe else "fine-tuning"
-    print(f"{mode}: lr {args.lr:.3e} ({lr_from}), {steps} steps per epoch, {n_parameters / 1e6:.3f}M trainable "
-          f"parameters, {len(optimizer.param_groups)} parameter groups")
-    return Trainer(wrap_model(model, args, device), optimizer, step_fn, lr_schedule=lr_schedule,
-                   wd_schedule=wd_schedule, steps_per_epoch=steps, epochs=args.epochs, device=device, amp=args.amp,
-                   clip_grad=args.clip_grad, skip_grad=args.skip_grad, update_freq=args.update_freq,
-                   model_ema=model_ema, output_dir=args.output_dir, save_ckpt=args.save_ckpt,
-                   save_ckpt_freq=args.save_ckpt_freq, keep_last=args.keep_last, print_freq=args.print_freq,
-                   config=args_to_dict(args), wandb=wandb, batch_size=args.batch_size, log_prefix="train_",
-                   best_metric="test_acc1", extra_log={"n_parameters": n_parameters},
-                   epoch_start_hooks=[keep_frozen_modules_in_eval] if args.linear_probe else [])
+
+@register_job('finetune', 'cls')
+class ClsJob(Job):
+    """Classification fine-tuning, or the linear probe with ``--linear_probe``: validation (model and EMA)
+    every ``eval_freq`` epochs unless ``--disable_eval_during_finetuning``, best checkpoint on ``test_acc1``;
+    ``--eval`` evaluates a checkpoint (or the ``--finetune`` weights) and writes no config."""
+    config_class = ClsConfig
+
+    def saves_config(self, cfg: ClsConfig) -> bool:
+        return not cfg.eval
+
+    def build(self, cfg: ClsConfig, ctx: DistContext) -> Parts:
+        val_ds = build_cls_dataset(cfg, is_train=False) if cfg.eval or not cfg.disable_eval_during_finetuning else None
+        model = build_cls_model(cfg)
+        if cfg.finetune:
+            load_cls_pretrained(model, cfg.finetune, keep_head=not cfg.linear_probe)
+        if cfg.linear_probe:
+            print(f"Linear probe: training only {freeze_for_linear_probe(model)}")
+        model.to(ctx.device)
+        eval_loader = build_eval_loader(val_ds, int(1.5 * cfg.batch_size), cfg.runtime) if val_ds is not None else None
+        extra = {'val_set': val_ds, 'eval_loader': eval_loader}
+        if cfg.eval:
+            return Parts(model, None, extra)
+        train_ds = build_cls_dataset(cfg, is_train=True)
+        check_same_classes(train_ds, val_ds)
+        loader = build_train_loader(train_ds, cfg.batch_size, cfg.runtime, ctx)
+        print(f"Data: {len(train_ds)} train images from {train_ds.root}"
+              + (f", {len(val_ds)} eval images from {val_ds.root}" if val_ds is not None else ""))
+        return Parts(model, loader, extra)
+
+    def evaluate_only(self, cfg: ClsConfig, ctx: DistContext, parts: Parts, wandb: Any) -> dict | None:
+        if not cfg.eval:
+            return None
+        from utils.checkpoint import resolve_resume
+
+        return evaluate_checkpoint(parts.model, parts.extra['eval_loader'], resolve_resume(cfg.checkpoint),
+                                   cfg.finetune, ctx.amp)
+
+    def plan(self, cfg: ClsConfig, ctx: DistContext, parts: Parts) -> TrainingPlan:
+        """Layer-wise lr decay over the trainable parameters (LARS groups for ``--opt lars``), ``lr = blr x
+        batch x update_freq x processes / 256`` unless ``--lr``, the EMA, the probe's eval-mode hook."""
+        model = parts.model
+        model_ema = build_model_ema(cfg, model)
+        lr, lr_from = peak_lr(cfg.optim, cfg.batch_size, cfg.update_freq, ctx.world_size)
+        groups = finetune_param_groups(model, cfg.weight_decay, cfg.layer_decay)
+        if str(cfg.opt).lower().endswith("lars"):
+            groups = _lars_param_groups(groups)
+        step_fn = ClsStep(build_train_criterion(cfg), build_mixup(cfg))
+        mode = "linear probe" if cfg.linear_probe else "fine-tuning"
+
+        def describe(steps: int, optimizer: torch.optim.Optimizer, n_parameters: int) -> str:
+            return (f"{mode}: lr {lr:.3e} ({lr_from}), {steps} steps per epoch, {n_parameters / 1e6:.3f}M "
+                    f"trainable parameters, {len(optimizer.param_groups)} parameter groups")
+
+        return TrainingPlan(step_fn, groups, lr, model_ema=model_ema, log_prefix="train_", best_metric="test_acc1",
+                            epoch_start_hooks=[keep_frozen_modules_in_eval] if cfg.linear_probe else [],
+                            fit_warmup=True, describe=describe)
+
+    def callbacks(self, cfg: ClsConfig, ctx: DistContext, parts: Parts, trainer: Trainer, wandb: Any
+                  ) -> list[Callable]:
+        val_ds = parts.extra['val_set']
+        if val_ds is None:
+            return []
+        evaluator = ClsEvalCallback(parts.extra['eval_loader'], ctx.amp, cfg.eval_freq, cfg.epochs)
+        pictures = build_cls_pictures(cfg, val_ds, ctx, wandb)
+        return [evaluator] + ([pictures] if pictures is not None else [])
