@@ -22,6 +22,13 @@ micro-batches are accumulated (DDP gradient sync only on the last one), gradient
 (``clip_grad``) or the step is skipped when their norm reaches ``skip_grad``, the optimizer steps and the
 EMA (timm ``ModelEmaV3``) is updated.
 
+This module is the loop only; what surrounds it are small policy objects it calls:
+:class:`utils.engine.checkpointing.CheckpointPolicy` (what/when to save, resume),
+:class:`utils.engine.faults.FaultPolicy` (non-finite steps, bad samples), :class:`utils.engine.steplog.StepLog`
+(per-step values, epoch records), plus :mod:`utils.engine.amp`, :mod:`utils.engine.rng`,
+:mod:`utils.engine.ema` and :mod:`utils.engine.batch`. Their public names used to live here and are
+re-exported.
+
 Nothing in the hot path waits for the device: logged values stay tensors and are converted in one batch
 every ``print_freq`` steps. That is also where non-finite losses are detected (the run stops with
 :class:`NonFiniteLossError` naming the step, its logged losses and the files of the batch, before any
