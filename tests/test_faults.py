@@ -409,7 +409,7 @@ def test_second_signal_during_save_does_not_interrupt_it(tmp_path):
     """The stop handler only counts: a SIGTERM arriving inside the checkpoint write leaves a complete file."""
     from test_engine import _trainer
 
-    import utils.engine.trainer as engine
+    import utils.engine.checkpointing as engine  # where the trainer's checkpoint writes happen
     from utils.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     trainer, loader = _trainer(tmp_path, epochs=2)
