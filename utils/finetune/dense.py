@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 from utils.config import add_arg_group, check_list_arg, split_list
 from utils.data.constants import COCO_SEMSEG_NUM_CLASSES, SEG_IGNORE_INDEX, SEMSEG_STRIDE
 from utils.data.depth import robust_standardize
+from utils.data.shards import bad_sample_policy, is_shard_source, train_split_stream
 from utils.engine.trainer import autocast, move_to_device
 from utils.finetune.runner import HEADS, FinetuneTask, build_dense_head, build_multivit, encoder_info
 from utils.finetune.metrics import DepthMetrics, MeanAccumulator, SegmentationMetrics
@@ -162,6 +163,9 @@ def build_semseg_dataset(args: argparse.Namespace, split: str):
     max_images = args.max_train_images if split == 'train' else args.max_val_images
     # ground-truth ids beyond the classes would crash the loss or vanish from the metrics: name the file instead
     ranges = {'semseg': (args.num_classes + int(args.seg_reduce_zero_label), (SEG_IGNORE_INDEX,))}
+    if is_shard_source(root):  # tar shards, streamed (utils/data/shards.py)
+        return train_split_stream(root, split, domains, transform, args.batch_size, args.seed, ranges, max_images,
+                                  bad_sample_policy(args))
     return MultiModalImageFolder(root, domains, transform=transform, max_images=max_images, prefixes=prefixes,
                                  label_ranges=ranges)
 
@@ -280,6 +284,9 @@ def build_regression_dataset(args: argparse.Namespace, split: str):
     else:
         transform = DenseRegressionTransform(image_size=args.input_size)
     max_images = {'train': args.max_train_images, 'val': args.max_val_images, 'test': args.max_test_images}[split]
+    if is_shard_source(root):  # tar shards, streamed (utils/data/shards.py)
+        return train_split_stream(root, split, domains, transform, args.batch_size, args.seed, None, max_images,
+                                  bad_sample_policy(args))
     return MultiModalImageFolder(root, domains, transform=transform, max_images=max_images)
 
 

@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from utils.config import add_arg_group, args_to_dict, split_list
+from utils.data.shards import ShardLoader, ShardStream
 from utils.dist import ddp_find_unused_parameters, get_rank, get_world_size, is_main_process
 from utils.engine.trainer import Trainer, autocast, move_to_device, unwrap_model
 from utils.logger import append_log_txt
@@ -221,6 +222,8 @@ def _loader_kwargs(args: argparse.Namespace) -> dict:
 def build_train_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
     """Shuffled, drop-last loader over a ``DistributedSampler`` (one replica without a process group; the
     Trainer calls ``set_epoch`` every epoch, so single-process runs reshuffle too)."""
+    if isinstance(dataset, ShardStream):  # tar shards: the stream splits and shuffles itself
+        return ShardLoader(dataset, **_loader_kwargs(args))
     sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
                                  drop_last=True, seed=args.seed)
     return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True, **_loader_kwargs(args))
