@@ -71,7 +71,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--variants", default="", help="explicit comma list, e.g. 'baseline,sdpa,sdpa+compile,"
                    "sdpa+bf16,sdpa+ckpt' (the first one is the reference of the ratios)")
     g = p.add_argument_group("data mode")
-    g.add_argument("--pipeline", default="both", choices=["ours", "pil", "both"])
+    g.add_argument("--pipeline", default="both",
+                   help="comma list of pil, ours, shard-orig, shard-fast, shard-zlib; 'both' = pil,ours; "
+                   "'all' = pil, ours and every shard-* pipeline")
     g.add_argument("--workers", default="0,1,2", help="comma list of DataLoader worker counts")
     g.add_argument("--num_images", type=int, default=128, help="images per timed epoch")
     g.add_argument("--source_size", type=int, default=320, help="pixel size of the generated files")

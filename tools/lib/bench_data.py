@@ -4,6 +4,7 @@ project's loader is compared against), the synthetic JPEG/PNG folder both read, 
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import tempfile
@@ -185,13 +186,22 @@ def run_data_mode(args: Namespace) -> Dict[str, Any]:
     t0 = time.perf_counter()
     write_benchmark_images(root, args.num_images, args.source_size, unique=min(32, args.num_images), seed=args.seed)
     gen_s = time.perf_counter() - t0
-    for dirpath, _, files in os.walk(root):  # page cache: time decoding, not the disk
-        for f in files:
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                fh.read()
-    pipelines = ["pil", "ours"] if args.pipeline == "both" else [args.pipeline]
+    from tools.lib.shard_bench import SHARD_PIPELINES, shard_loader, write_benchmark_shards
+
+    pipelines = {"both": ["pil", "ours"], "all": ["pil", "ours", *SHARD_PIPELINES]}.get(
+        args.pipeline, [p.strip() for p in args.pipeline.split(",") if p.strip()])
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
-    makers = {"pil": _pil_loader, "ours": _ours_loader}
+    makers = {"pil": _pil_loader, "ours": _ours_loader,
+              **{p: functools.partial(shard_loader, p) for p in SHARD_PIPELINES}}
+    unknown = [p for p in pipelines if p not in makers]
+    if unknown:
+        raise SystemExit(f"--pipeline: unknown pipeline(s) {unknown}; expected {', '.join(makers)}, 'both' or 'all'")
+    for p in pipelines:  # write the shards (once) before anything is timed, then warm the page cache
+        if p in SHARD_PIPELINES:
+            write_benchmark_shards(root, p.split("-", 1)[1])
+    for folder in [root] + [f"{os.path.normpath(root)}_shards_{p.split('-', 1)[1]}" for p in pipelines
+                            if p in SHARD_PIPELINES]:
+        _read_all(folder)
     configs = [(p, w) for w in workers for p in pipelines]
     samples: Dict[Tuple[str, int], List[float]] = {c: [] for c in configs}
     cpu: Dict[Tuple[str, int], List[float]] = {c: [] for c in configs}
@@ -230,8 +240,17 @@ def run_data_mode(args: Namespace) -> Dict[str, Any]:
             "main_process_threads": args.threads or 1, "rows": rows}
 
 
+def _read_all(folder: str) -> None:
+    """Read every file under ``folder`` (page cache: time decoding, not the disk)."""
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                fh.read()
+
+
 def _shutdown(loader) -> None:
     """Stop the persistent workers of ``loader`` now (not whenever the garbage collector gets to it)."""
+    loader = getattr(loader, "_persistent", loader)  # a ShardLoader's DataLoader
     it = getattr(loader, "_iterator", None)
     if it is not None and hasattr(it, "_shutdown_workers"):
         it._shutdown_workers()
@@ -242,11 +261,11 @@ def format_data_table(res: Dict[str, Any]) -> str:
     lines = [f"data: rgb(JPEG)+depth(16-bit PNG)+semseg(PNG) {res['source_size']}px -> {res['input_size']}px, "
              f"batch {res['batch_size']}, {res['num_images']} images per epoch, "
              f"{res['main_process_threads']} torch thread(s) in the main process",
-             f"{'pipeline':<10}{'workers':>8}{'img/s':>9}{'vs pil':>8}{'cpu ms/img':>12}{'vs pil':>8}"]
+             f"{'pipeline':<12}{'workers':>8}{'img/s':>9}{'vs pil':>8}{'cpu ms/img':>12}{'vs pil':>8}"]
     for r in res["rows"]:
         ratio = f"{r['speedup_vs_pil']:.2f}" if r["speedup_vs_pil"] is not None else "-"
         cpu_ratio = f"{r['cpu_ratio_vs_pil']:.2f}" if r["cpu_ratio_vs_pil"] is not None else "-"
-        lines.append(f"{r['pipeline']:<10}{r['workers']:>8}{r['images_per_s']:>9.1f}{ratio:>8}"
+        lines.append(f"{r['pipeline']:<12}{r['workers']:>8}{r['images_per_s']:>9.1f}{ratio:>8}"
                      f"{r['cpu_ms_per_image']:>12.2f}{cpu_ratio:>8}")
     lines.append("(steady state, persistent workers; median over repeats; img/s of the whole loader incl. the "
                  "device-side finishing of compact batches; cpu ms/img = CPU time of the main process and its workers "

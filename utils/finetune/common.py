@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from utils.config.job import RuntimeConfig
+from utils.data.shards import ShardLoader, ShardStream
 from utils.dist import DistContext, get_rank, get_world_size, is_main_process
 from utils.engine.trainer import Trainer, autocast, move_to_device, unwrap_model
 from utils.logger import append_log_txt
@@ -68,6 +69,8 @@ def build_train_loader(dataset: Dataset, batch_size: int, runtime: RuntimeConfig
                        ) -> DataLoader:
     """Shuffled, drop-last loader over a ``DistributedSampler`` (one replica without a process group; the
     Trainer calls ``set_epoch`` every epoch, so single-process runs reshuffle too), seeded by ``runtime.seed``."""
+    if isinstance(dataset, ShardStream):  # tar shards: the stream splits and shuffles itself
+        return ShardLoader(dataset, **_loader_kwargs(runtime))
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (get_rank(), get_world_size())
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, drop_last=True,
                                  seed=runtime.seed)

@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 from utils.config import check_list_arg, split_list
 from utils.data.depth import robust_standardize
 from utils.data.modalities import MODALITIES, get_modality, ordered_domains
+from utils.data.shards import bad_sample_policy, is_shard_source, train_split_stream
 from utils.dist import DistContext
 from utils.engine.trainer import autocast, move_to_device
 from utils.finetune.config import DepthConfig
@@ -64,6 +65,9 @@ def build_regression_dataset(cfg: DepthConfig, split: str):
     else:
         transform = DenseRegressionTransform(image_size=cfg.input_size)
     max_images = {'train': cfg.max_train_images, 'val': cfg.max_val_images, 'test': cfg.max_test_images}[split]
+    if is_shard_source(root):  # tar shards, streamed (utils/data/shards.py)
+        return train_split_stream(root, split, domains, transform, cfg.batch_size, cfg.seed, None, max_images,
+                                  bad_sample_policy(cfg))
     return MultiModalImageFolder(root, domains, transform=transform, max_images=max_images)
 
 

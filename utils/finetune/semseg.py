@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from utils.config import check_list_arg, split_list
 from utils.data.constants import COCO_SEMSEG_NUM_CLASSES, SEG_IGNORE_INDEX
 from utils.data.modalities import MODALITIES, ordered_domains
+from utils.data.shards import bad_sample_policy, is_shard_source, train_split_stream
 from utils.dist import DistContext
 from utils.engine.trainer import autocast, move_to_device
 from utils.finetune.config import SemSegConfig
@@ -65,6 +66,9 @@ def build_semseg_dataset(cfg: SemSegConfig, split: str):
     max_images = cfg.max_train_images if split == 'train' else cfg.max_val_images
     # ground-truth ids beyond the classes would crash the loss or vanish from the metrics: name the file instead
     ranges = {'semseg': (cfg.num_classes + int(cfg.seg_reduce_zero_label), (SEG_IGNORE_INDEX,))}
+    if is_shard_source(root):  # tar shards, streamed (utils/data/shards.py)
+        return train_split_stream(root, split, domains, transform, cfg.batch_size, cfg.seed, ranges, max_images,
+                                  bad_sample_policy(cfg))
     return MultiModalImageFolder(root, domains, transform=transform, max_images=max_images, prefixes=prefixes,
                                  label_ranges=ranges)
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from utils.config import split_list
 from utils.data.datasets import MultiModalImageFolder
 from utils.data.depth import robust_standardize
+from utils.data.shards import bad_sample_policy, build_shard_loader, is_shard_source, shard_samples
 from utils.dist import DistContext, get_rank, get_world_size, is_main_process
 from utils.engine.factory import TrainingPlan, ddp_wrap, peak_lr
 from utils.engine.trainer import Trainer, unwrap_model
@@ -201,6 +202,11 @@ def build_pretrain_loader(cfg: PretrainConfig) -> tuple[PerSampleSeed, DataLoade
     (uint8 rgb, label maps in their file dtype): the trainer finishes them on the device."""
     in_domains = parse_domains(cfg.in_domains)
     domains = ordered_domains(in_domains, parse_domains(cfg.out_domains))
+    if is_shard_source(cfg.data_path):  # tar shards, streamed (utils/data/shards.py)
+        loader = build_shard_loader(cfg.data_path, domains, _transform(cfg), cfg.batch_size, cfg.seed, get_rank(),
+                                    get_world_size(), cfg.num_workers, cfg.pin_mem and torch.cuda.is_available(),
+                                    _label_ranges(domains, in_domains), bad_sample_policy(cfg))
+        return loader.dataset, loader
     folder = MultiModalImageFolder(cfg.data_path, domains, transform=_transform(cfg),
                                    label_ranges=_label_ranges(domains, in_domains))
     dataset = PerSampleSeed(folder, cfg.seed)
@@ -287,11 +293,14 @@ class ReconstructionVis:
         if cfg.num_vis > 0 and self.freq > 0 and self.out_dir and is_main_process():
             domains = ordered_domains(parse_domains(cfg.in_domains), parse_domains(cfg.out_domains))
             root = vis_dataset_root(cfg.data_path)
-            ds = MultiModalImageFolder(root, domains, transform=_transform(cfg, train=False))
-            n = min(cfg.num_vis, len(ds))
-            idx = [round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)]  # spread over the classes
-            with torch.random.fork_rng(devices=[]):  # leave the training RNG stream alone
-                samples = [ds[i][0] for i in idx]
+            if is_shard_source(root):  # the first samples of the first shard (shards are in random order)
+                samples = shard_samples(root, domains, _transform(cfg, train=False), cfg.num_vis)
+            else:
+                ds = MultiModalImageFolder(root, domains, transform=_transform(cfg, train=False))
+                n = min(cfg.num_vis, len(ds))
+                idx = [round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)]  # spread over the classes
+                with torch.random.fork_rng(devices=[]):  # leave the training RNG stream alone
+                    samples = [ds[i][0] for i in idx]
             self.batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
             self.root = root
 
