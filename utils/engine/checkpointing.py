@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from torch import Tensor
 
@@ -26,8 +26,9 @@ from utils.engine.preemption import Preempted, StopRequest
 from utils.engine.rng import get_rng_state, set_rng_state
 from utils.logger import MetricLogger
 
-if TYPE_CHECKING:
-    from utils.engine.trainer import Trainer
+# The policy reads and restores the loop's state; it is handed the Trainer (utils.engine.trainer), which
+# imports this module, so the type is named in annotations only.
+Trainer = Any
 
 __all__ = ["CheckpointPolicy"]
 
