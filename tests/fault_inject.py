@@ -44,9 +44,9 @@ def _inject_enospc(nth: int) -> None:
     calls = {'n': 0}
 
     @contextlib.contextmanager
-    def failing(path, mode='wb'):
+    def failing(path, mode='wb', **kw):
         name = os.path.basename(os.fspath(path))
-        with real(path, mode) as f:
+        with real(path, mode, **kw) as f:
             if name.startswith('checkpoint-') and name.endswith('.pth'):
                 calls['n'] += 1
                 if calls['n'] == nth:

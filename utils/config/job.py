@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, fields
 from functools import cached_property
-from typing import Any, Mapping, TypeVar
+from typing import Any, ClassVar, Mapping, TypeVar
 
 __all__ = ["OptimConfig", "CheckpointConfig", "RuntimeConfig", "DistConfig", "WandbConfig", "JobConfig"]
 
@@ -119,16 +119,19 @@ def _thaw(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class JobConfig:
-    """Base of every job's config: the YAML files it was read from, plus the shared sections."""
+class JobConfig(WandbConfig, DistConfig, RuntimeConfig, CheckpointConfig, OptimConfig):
+    """Base of every job's config: the fields of every shared section, plus the YAML files it was read
+    from. A job's class adds its own arguments; ``omitted`` names the shared fields its script does not
+    declare (they keep their section defaults and are left out of :meth:`to_dict`)."""
+    omitted: ClassVar[frozenset[str]] = frozenset()
     config: tuple[str, ...] = ()
 
     @classmethod
     def from_namespace(cls: type[T], ns: argparse.Namespace | Mapping[str, Any]) -> T:
-        """Freeze parsed arguments; every field must be present and nothing else (a mismatch between
-        the parser and this class is a programming error, reported with the names)."""
+        """Freeze parsed arguments; every declared field must be present and nothing else (a mismatch
+        between the parser and this class is a programming error, reported with the names)."""
         values = dict(vars(ns) if isinstance(ns, argparse.Namespace) else ns)
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - cls.omitted
         missing, extra = sorted(names - set(values)), sorted(set(values) - names)
         if missing or extra:
             raise TypeError(f"{cls.__name__} does not match the parser: fields without an argument {missing}, "
@@ -146,7 +149,7 @@ class JobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Flat plain dict with the command-line keys (lists, not tuples): checkpoints, config.yaml, W&B."""
-        return {f.name: _thaw(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: _thaw(getattr(self, f.name)) for f in fields(self) if f.name not in self.omitted}
 
     def get(self, key: str, default: Any = None) -> Any:
         """A field that only some jobs declare (``cfg.get('fp16')``)."""

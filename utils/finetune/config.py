@@ -1,36 +1,76 @@
 """The typed configurations of the fine-tuning scripts (classification, semantic segmentation, depth).
 
-Generated from the entry script's parser and kept equal to it by ``tests/test_config_typed.py`` (every
-argument is a field with the same default); edit both together.
+The fields equal the entry script's arguments and defaults (``tests/test_config_typed.py`` checks it): the
+shared sections' fields come from :class:`utils.config.job.JobConfig`, so a class lists only its own
+arguments and the defaults its script changes; ``omitted`` names inherited fields the script does not declare.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from utils.config.job import JobConfig
 
-__all__ = ["ClsConfig", "SemSegConfig", "DepthConfig"]
+__all__ = ["FinetuneConfig", "DenseConfig", "ClsConfig", "SemSegConfig", "DepthConfig"]
 
 
 @dataclass(frozen=True)
-class ClsConfig(JobConfig):
+class FinetuneConfig(JobConfig):
+    """Arguments every fine-tuning script declares (data, model, evaluation)."""
+    model: str = 'multivit_base'
+    num_global_tokens: int = 1
+    patch_size: int = 16
+    input_size: int = 512
+    finetune: str = ''
+    data_path: str = ''
+    eval_data_path: str = ''
+    test_data_path: str | None = None
+    max_val_images: int | None = None
+    eval_freq: int = 1
+    eval: bool = False
+    test: bool = False
+    dist_eval: bool = False
+    max_steps_per_epoch: int | None = None
+    num_vis: int = 8
+    batch_size: int = 4
+    epochs: int = 64
+
+
+@dataclass(frozen=True)
+class DenseConfig(FinetuneConfig):
+    """Arguments of the dense fine-tuning scripts (semantic segmentation, depth / dense regression)."""
+    in_domains: str = 'rgb'
+    out_domains: str = 'depth'
+    decoder_main_tasks: str = 'rgb'
+    standardize_depth: bool = True
+    use_mask_valid: bool = False
+    load_pseudo_depth: bool = False
+    drop_path_encoder: float = 0.1
+    learnable_pos_emb: bool = False
+    output_adapter: str = 'convnext'
+    decoder_dim: int = 6144
+    decoder_depth: int = 4
+    drop_path_decoder: float = 0.0
+    decoder_preds_per_patch: int = 16
+    decoder_interpolate_mode: str = 'bilinear'
+    dataset_name: str = 'ade20k'
+    fp16: bool = True
+    channels_last: str = 'auto'
+    max_train_images: int | None = None
+
+
+@dataclass(frozen=True)
+class ClsConfig(FinetuneConfig):
     """Every argument of run_finetuning_cls.py (fine-tuning and linear probing)."""
+    omitted: ClassVar[frozenset[str]] = frozenset({
+        'max_val_images', 'no_lr_scale_list', 'save_every_steps', 'scale_input_lr', 'test', 'test_data_path'})
     batch_size: int = 128
     epochs: int = 100
     update_freq: int = 1
     linear_probe: bool = False
-    model: str = 'multivit_base'
-    num_global_tokens: int = 1
-    patch_size: int = 16
     input_size: int = 224
-    finetune: str = ''
     data_path: str = 'data/synthetic/train'
     eval_data_path: str = 'data/synthetic/val'
-    eval_freq: int = 1
-    eval: bool = False
-    dist_eval: bool = False
-    max_steps_per_epoch: int | None = None
-    num_vis: int = 8
     encoder_depth: int | None = None
     encoder_dim: int | None = None
     encoder_num_heads: int | None = None
@@ -43,22 +83,9 @@ class ClsConfig(JobConfig):
     model_ema: bool = False
     model_ema_decay: float = 0.9999
     model_ema_force_cpu: bool = False
-    opt: str = 'adamw'
-    opt_eps: float = 1e-08
-    opt_betas: tuple[float, ...] | None = None
-    clip_grad: float | None = None
-    skip_grad: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.05
-    weight_decay_end: float | None = None
-    decoder_decay: float | None = None
-    lr: float | None = None
     blr: float = 0.0005
-    warmup_lr: float = 1e-06
     min_lr: float = 1e-06
     layer_decay: float = 0.65
-    warmup_epochs: int = 5
-    warmup_steps: int = -1
     color_jitter: float = 0.4
     aa: str = 'rand-m9-mstd0.5-inc1'
     smoothing: float = 0.1
@@ -79,221 +106,60 @@ class ClsConfig(JobConfig):
     nb_classes: int = 1000
     imagenet_default_mean_and_std: bool = True
     data_set: str = 'IMNET'
-    output_dir: str = ''
-    resume: str = ''
-    auto_resume: bool = True
-    start_epoch: int = 0
-    save_ckpt_freq: int = 20
-    save_ckpt: bool = True
-    keep_last: int | None = None
-    device: str = 'cuda'
-    seed: int = 0
-    num_workers: int = 10
-    pin_mem: bool = True
-    compile: bool = False
-    grad_ckpt: bool = False
-    tf32: bool = True
-    print_freq: int = 10
-    deterministic: bool = False
-    show_user_warnings: bool = False
-    on_bad_sample: str = 'error'
-    skip_nonfinite: int = 0
     amp: str = 'auto'
-    world_size: int = 1
-    local_rank: int = -1
-    dist_on_itp: bool = False
-    dist_url: str = 'env://'
-    dist_backend: str | None = None
-    find_unused_params: bool = False
-    log_wandb: bool = False
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-    wandb_run_name: str | None = None
-    wandb_group: str | None = None
-    log_images_wandb: bool = False
-    log_images_freq: int = 10
 
 
 @dataclass(frozen=True)
-class SemSegConfig(JobConfig):
+class SemSegConfig(DenseConfig):
     """Every argument of run_finetuning_semseg.py."""
-    batch_size: int = 4
-    epochs: int = 64
-    in_domains: str = 'rgb'
-    decoder_main_tasks: str = 'rgb'
-    standardize_depth: bool = True
-    use_mask_valid: bool = False
-    load_pseudo_depth: bool = False
-    drop_path_encoder: float = 0.1
-    learnable_pos_emb: bool = False
-    output_adapter: str = 'convnext'
-    decoder_dim: int = 6144
-    decoder_depth: int = 4
-    drop_path_decoder: float = 0.0
-    decoder_preds_per_patch: int = 16
-    decoder_interpolate_mode: str = 'bilinear'
-    dataset_name: str = 'ade20k'
+    omitted: ClassVar[frozenset[str]] = frozenset({'blr', 'out_domains', 'save_every_steps', 'scale_input_lr'})
     amp: str = 'auto'
-    fp16: bool = True
-    channels_last: str = 'auto'
     num_classes: int = 150
     aug_name: str = 'simple'
     seg_reduce_zero_label: bool = False
     seg_use_void_label: bool = False
-    max_train_images: int | None = None
-    model: str = 'multivit_base'
-    num_global_tokens: int = 1
-    patch_size: int = 16
-    input_size: int = 512
-    finetune: str = ''
-    data_path: str = ''
-    eval_data_path: str = ''
-    test_data_path: str | None = None
-    max_val_images: int | None = None
-    eval_freq: int = 1
-    eval: bool = False
-    test: bool = False
-    dist_eval: bool = False
-    max_steps_per_epoch: int | None = None
-    num_vis: int = 8
-    opt: str = 'adamw'
-    opt_eps: float = 1e-08
     opt_betas: tuple[float, ...] = (0.9, 0.999)
-    clip_grad: float | None = None
-    skip_grad: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.05
-    weight_decay_end: float | None = None
-    decoder_decay: float | None = None
     lr: float = 0.0001
-    warmup_lr: float = 1e-06
-    min_lr: float = 0.0
     layer_decay: float = 0.75
     no_lr_scale_list: str = ''
     warmup_epochs: int = 1
-    warmup_steps: int = -1
-    output_dir: str = ''
-    resume: str = ''
-    auto_resume: bool = True
-    start_epoch: int = 0
-    save_ckpt_freq: int = 20
-    save_ckpt: bool = True
-    keep_last: int | None = None
-    device: str = 'cuda'
-    seed: int = 0
     num_workers: int = 16
-    pin_mem: bool = True
-    compile: bool = False
-    grad_ckpt: bool = False
-    tf32: bool = True
-    print_freq: int = 10
-    deterministic: bool = False
-    show_user_warnings: bool = False
-    on_bad_sample: str = 'error'
-    skip_nonfinite: int = 0
-    world_size: int = 1
-    local_rank: int = -1
-    dist_on_itp: bool = False
-    dist_url: str = 'env://'
-    dist_backend: str | None = None
-    find_unused_params: bool = False
-    log_wandb: bool = False
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-    wandb_run_name: str | None = None
-    wandb_group: str | None = None
-    log_images_wandb: bool = False
     log_images_freq: int = 5
 
 
 @dataclass(frozen=True)
-class DepthConfig(JobConfig):
+class DepthConfig(DenseConfig):
     """Every argument of run_finetuning_depth.py (NYUv2 depth and Taskonomy targets)."""
+    omitted: ClassVar[frozenset[str]] = frozenset({
+        'blr', 'decoder_interpolate_mode', 'fp16', 'learnable_pos_emb', 'load_pseudo_depth', 'no_lr_scale_list',
+        'save_every_steps'})
     batch_size: int = 64
     epochs: int = 2000
     tmp: bool = False
-    in_domains: str = 'rgb'
-    out_domains: str = 'depth'
-    decoder_main_tasks: str = 'rgb'
     standardize_depth: bool = False
     use_mask_valid: bool = True
     drop_path_encoder: float = 0.0
     output_adapter: str = 'dpt'
-    decoder_dim: int = 6144
     decoder_depth: int = 2
-    drop_path_decoder: float = 0.0
     decoder_preds_per_patch: int = 64
     dataset_name: str = 'nyu'
     amp: str = 'none'
-    channels_last: str = 'auto'
     loss: str = 'berhu'
     aug_name: str = 'nyu-augs'
     color_augs: bool = False
     freeze_transformer: bool = False
     depth_mean: float = 2070.7764
     depth_std: float = 777.5723
-    max_train_images: int | None = None
     max_test_images: int | None = None
-    model: str = 'multivit_base'
-    num_global_tokens: int = 1
-    patch_size: int = 16
     input_size: int = 256
-    finetune: str = ''
-    data_path: str = ''
-    eval_data_path: str = ''
-    test_data_path: str | None = None
     max_val_images: int = 100
-    eval_freq: int = 1
-    eval: bool = False
-    test: bool = False
-    dist_eval: bool = False
-    max_steps_per_epoch: int | None = None
-    num_vis: int = 8
-    opt: str = 'adamw'
-    opt_eps: float = 1e-08
     opt_betas: tuple[float, ...] = (0.9, 0.999)
-    clip_grad: float | None = None
-    skip_grad: float | None = None
-    momentum: float = 0.9
     weight_decay: float = 0.0001
-    weight_decay_end: float | None = None
-    decoder_decay: float | None = None
     lr: float = 0.0001
-    warmup_lr: float = 1e-06
-    min_lr: float = 0.0
     layer_decay: float = 0.75
     scale_input_lr: bool = True
     warmup_epochs: int = 100
-    warmup_steps: int = -1
-    output_dir: str = ''
-    resume: str = ''
-    auto_resume: bool = True
-    start_epoch: int = 0
     save_ckpt_freq: int = 200
-    save_ckpt: bool = True
-    keep_last: int | None = None
-    device: str = 'cuda'
-    seed: int = 0
     num_workers: int = 16
-    pin_mem: bool = True
-    compile: bool = False
-    grad_ckpt: bool = False
-    tf32: bool = True
-    print_freq: int = 10
-    deterministic: bool = False
-    show_user_warnings: bool = False
-    on_bad_sample: str = 'error'
-    skip_nonfinite: int = 0
-    world_size: int = 1
-    local_rank: int = -1
-    dist_on_itp: bool = False
-    dist_url: str = 'env://'
-    dist_backend: str | None = None
-    find_unused_params: bool = False
-    log_wandb: bool = False
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-    wandb_run_name: str | None = None
     wandb_group: str = ''
-    log_images_wandb: bool = False
     log_images_freq: int = 5

@@ -1,11 +1,13 @@
 """The typed configuration of pre-training (every method of run_pretraining_multimae.py).
 
-Generated from the entry script's parser and kept equal to it by ``tests/test_config_typed.py`` (every
-argument is a field with the same default); edit both together.
+The fields equal the entry script's arguments and defaults (``tests/test_config_typed.py`` checks it): the
+shared sections' fields come from :class:`utils.config.job.JobConfig`, so a class lists only its own
+arguments and the defaults its script changes; ``omitted`` names inherited fields the script does not declare.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from utils.config.job import JobConfig
 
@@ -15,6 +17,9 @@ __all__ = ["PretrainConfig"]
 @dataclass(frozen=True)
 class PretrainConfig(JobConfig):
     """Every argument of run_pretraining_multimae.py (MultiMAE and the two-stage RGB-D method)."""
+    omitted: ClassVar[frozenset[str]] = frozenset({
+        'layer_decay', 'log_images_freq', 'log_images_wandb', 'lr', 'no_lr_scale_list', 'save_ckpt',
+        'scale_input_lr'})
     batch_size: int = 256
     epochs: int = 1600
     update_freq: int = 1
@@ -42,20 +47,9 @@ class PretrainConfig(JobConfig):
     encoder_dim: int | None = None
     encoder_num_heads: int | None = None
     loss_on_unmasked: bool = False
-    opt: str = 'adamw'
-    opt_eps: float = 1e-08
     opt_betas: tuple[float, ...] = (0.9, 0.95)
-    clip_grad: float | None = None
-    skip_grad: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.05
-    weight_decay_end: float | None = None
-    decoder_decay: float | None = None
     blr: float = 0.0001
-    warmup_lr: float = 1e-06
-    min_lr: float = 0.0
     warmup_epochs: int = 40
-    warmup_steps: int = -1
     decay_filter: bool = False
     task_balancer: str = 'none'
     balancer_lr_scale: float = 1.0
@@ -64,37 +58,7 @@ class PretrainConfig(JobConfig):
     train_interpolation: str = 'bicubic'
     data_path: str = 'data/synthetic/train'
     imagenet_default_mean_and_std: bool = True
-    output_dir: str = ''
-    resume: str = ''
-    auto_resume: bool = True
-    start_epoch: int = 0
-    save_ckpt_freq: int = 20
-    keep_last: int | None = None
-    save_every_steps: int = 0
-    device: str = 'cuda'
-    seed: int = 0
-    num_workers: int = 10
-    pin_mem: bool = True
-    compile: bool = False
-    grad_ckpt: bool = False
-    tf32: bool = True
-    print_freq: int = 10
-    deterministic: bool = False
-    show_user_warnings: bool = False
-    on_bad_sample: str = 'error'
-    skip_nonfinite: int = 0
     amp: str = 'auto'
-    world_size: int = 1
-    local_rank: int = -1
-    dist_on_itp: bool = False
-    dist_url: str = 'env://'
-    dist_backend: str | None = None
-    find_unused_params: bool = False
-    log_wandb: bool = False
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-    wandb_run_name: str | None = None
-    wandb_group: str | None = None
     method: str = 'multimae'
     separate_encoders: bool = False
     use_mask_valid: bool = False
