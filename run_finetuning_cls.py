@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Image classification with a MultiViT: fine-tuning (spec 5.5) or linear probing (``--linear_probe``).
+"""Image classification with a MultiViT: fine-tuning or linear probing (``--linear_probe``).
 
     python run_finetuning_cls.py -c cfgs/finetune/cls/synthetic.yaml            # from output/demo (make demo)
     python run_finetuning_cls.py -c cfgs/finetune/cls/synthetic_linprobe.yaml   # linear probe

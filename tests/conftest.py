@@ -34,6 +34,23 @@ def _seed_everything():
     yield
 
 
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _restore_launch_environment():
+    """A test that runs the launcher detection in-process (a simulated SLURM or torchrun environment) makes
+    utils.dist export RANK/WORLD_SIZE/MASTER_*; a later in-process run would then wait for peers that never
+    come. Every test starts and ends with the launch variables it found."""
+    saved = {k: os.environ.get(k) for k in _LAUNCH_VARS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(autouse=True)
 def _restore_modality_registry():
     """Tests (and the Taskonomy set-up) may register modalities such as 'normal'; every test starts from

@@ -11,7 +11,7 @@ from utils.config import (OMIT, ConfigError, add_bool_arg, add_checkpoint_args, 
 
 
 def make_parser() -> argparse.ArgumentParser:
-    """A cut-down pre-training parser (published names and defaults, spec 5.1)."""
+    """A cut-down pre-training parser (published names and defaults)."""
     p = create_parser('test')
     p.add_argument('--batch_size', type=int, default=256)
     p.add_argument('--epochs', type=int, default=1600)

@@ -1,4 +1,4 @@
-"""Schedules, parameter groups, optimizer factory and task balancing (spec 4.2, 5.0, 10.6, 10.7)."""
+"""Schedules, parameter groups, optimizer factory and task balancing."""
 import math
 import types
 
@@ -141,7 +141,7 @@ def _multivit(depth=12, dim=32):
 
 
 def test_layer_decay_scales_vit_b_depth():
-    # spec 10.6: 12 blocks, layer_decay 0.75 -> input adapters / global tokens 0.75^13, block i 0.75^(12-i),
+    # 12 blocks, layer_decay 0.75 -> input adapters / global tokens 0.75^13, block i 0.75^(12-i),
     # output adapter 1; global_tokens not decayed.
     model = _multivit()
     groups = finetune_param_groups(model, weight_decay=0.05, layer_decay=0.75)

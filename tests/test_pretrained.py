@@ -143,7 +143,7 @@ def test_finetune_loading_interpolates_pads_drops_and_reports(tmp_path):
     for k in src_sd:
         if k.startswith("encoder.") or k == "global_tokens" or k.startswith("input_adapters.rgb.proj"):
             assert torch.equal(sd[k], src_sd[k]), k
-    # pos-emb 2x2 -> 4x4 bicubic, align_corners=False (spec 2.3)
+    # pos-emb 2x2 -> 4x4 bicubic, align_corners=False
     for t in ("rgb", "semseg"):
         ref = F.interpolate(src_sd[f"input_adapters.{t}.pos_emb"], size=(4, 4), mode="bicubic", align_corners=False)
         assert torch.allclose(sd[f"input_adapters.{t}.pos_emb"], ref)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert MultiMAE/MultiViT weights into a timm ViT state dict (spec 7.2).
+"""Convert MultiMAE/MultiViT weights into a timm ViT state dict.
 
     python tools/multimae2vit_converter.py --multimae_ckpt_path multimae-b_98_rgb+-depth-semseg_1600e.pth \
         --vit_ckpt_path multimae-b_timm.safetensors      # .pth/.pt/.bin or .safetensors, either way

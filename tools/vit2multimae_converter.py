@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert timm ViT weights into a MultiMAE/MultiViT state dict with an RGB input adapter (spec 7.1).
+"""Convert timm ViT weights into a MultiMAE/MultiViT state dict with an RGB input adapter.
 
     python tools/vit2multimae_converter.py --vit_ckpt_path mae_pretrain_vit_base.pth \
         --multimae_ckpt_path mae-b_multimae.pth          # .pth/.pt/.bin or .safetensors, either way

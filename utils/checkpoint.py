@@ -196,7 +196,8 @@ def _load_error(p: Path, exc: Exception) -> CheckpointError:
     if found:
         return CheckpointError(
             f'refusing to load checkpoint {p}: it contains a pickled Python object ({found.group(1)}) that could '
-            f'run code when loaded. Only tensors and plain containers are read; re-save the file as a plain '
+            f'run code when loaded. Only tensors and plain containers are read (torch.load with weights_only=True); '
+            f're-save the file as a plain '
             f'state dict (torch.save(model.state_dict(), ...)) or as .safetensors')
     size = p.stat().st_size if p.exists() else 0
     return CheckpointError(f'cannot read checkpoint {p} ({size} bytes): not a PyTorch checkpoint, or truncated or '

@@ -116,7 +116,7 @@ def is_multimae_state_dict(sd: Mapping[str, Tensor]) -> bool:
 
 
 def vit_to_multimae(sd: Mapping[str, Tensor], grid_size: tuple[int, int] | None = None) -> StateDict:
-    """timm ViT -> MultiMAE keys (spec 7.1); returns a new dict, the input is not modified.
+    """timm ViT -> MultiMAE keys; returns a new dict, the input is not modified.
 
     global_tokens = cls_token + pos_embed[:, 0]; pos_embed[:, 1:] (1, h*w, D) -> input_adapters.rgb.pos_emb
     (1, D, h, w) (row-major; square unless `grid_size` is given); patch_embed.proj.* ->
@@ -156,7 +156,7 @@ def vit_to_multimae(sd: Mapping[str, Tensor], grid_size: tuple[int, int] | None 
 
 
 def multimae_to_vit(sd: Mapping[str, Tensor]) -> StateDict:
-    """MultiMAE / MultiViT -> timm ViT keys (spec 7.2); returns a new dict, the input is not modified.
+    """MultiMAE / MultiViT -> timm ViT keys; returns a new dict, the input is not modified.
 
     global_tokens (1, 1, D) -> cls_token; input_adapters.rgb.pos_emb (1, D, h, w) -> pos_embed (1, 1+h*w, D)
     with a zero class-token row prepended; input_adapters.rgb.proj.* -> patch_embed.proj.*; encoder.* ->
@@ -183,7 +183,7 @@ def multimae_to_vit(sd: Mapping[str, Tensor]) -> StateDict:
 
 
 def interpolate_pos_emb(pos_emb: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resize a (1, D, h, w) position embedding to `size`, bicubic with align_corners=False (spec 2.3)."""
+    """Resize a (1, D, h, w) position embedding to `size`, bicubic with align_corners=False."""
     if tuple(pos_emb.shape[-2:]) == tuple(size):
         return pos_emb
     out = F.interpolate(pos_emb.float(), size=tuple(size), mode="bicubic", align_corners=False)

@@ -20,7 +20,7 @@ __all__ = ["PilPretrainPipeline", "write_benchmark_images", "run_data_mode", "fo
 
 
 class PilPretrainPipeline(Dataset):
-    """The published pre-training pipeline (spec 6.2-6.3) over the samples of a multi-modal folder.
+    """The published pre-training pipeline over the samples of a multi-modal folder.
 
     Per sample: every modality is decoded at full size with PIL (rgb converted to RGB, semseg to
     palette mode), one ``RandomResizedCrop`` box and one flip decision are shared; each modality is

@@ -1,7 +1,7 @@
 """Pseudo-labelling networks and the labelling loop behind tools/pseudo_label.py.
 
 MultiMAE needs only RGB images: depth and semantic segmentation come from networks run over the RGB
-folder (spec 7.5: a DPT depth model and a Mask2Former COCO-panoptic semseg model made the released
+folder (a DPT depth model and a Mask2Former COCO-panoptic semseg model made the released
 labels). A labeller is an ``nn.Module`` that maps normalised RGB ``(B, 3, S, S)`` to raw outputs
 ``(B, C, h, w)`` (logits or depth) and turns outputs resized to the original image into labels::
 

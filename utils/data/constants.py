@@ -1,6 +1,6 @@
 """Data constants shared by the data pipeline, the training scripts and the tools.
 
-Names and values follow the published code (spec 6.8) so configs and checkpoints stay interchangeable.
+Names and values follow the published code so configs and checkpoints stay interchangeable.
 """
 from timm.data import (
     IMAGENET_DEFAULT_MEAN,
@@ -22,7 +22,7 @@ DEFAULT_CROP_PCT = 0.875
 SEG_IGNORE_INDEX = 255
 # Value written into label maps (and, in the published code, depth) for padded pixels.
 PAD_MASK_VALUE = 254
-# Pseudo labels come from a Mask2Former COCO-panoptic model: 80 things + 53 stuff (spec 7.5).
+# Pseudo labels come from a Mask2Former COCO-panoptic model: 80 things + 53 stuff.
 COCO_SEMSEG_NUM_CLASSES = 133
 
 # NYUv2 depth statistics (raw depth in millimetres) used by depth fine-tuning.
@@ -31,7 +31,7 @@ NYU_STD = 777.5723
 
 # 16-bit depth PNGs are divided by this to give floats in [0, 1) (published: float(x) / 2**16).
 DEPTH_PNG_SCALE = 2 ** 16
-# Truncated per-image depth standardisation: drop the lowest/highest 10 % before mean/var (spec 5.1).
+# Truncated per-image depth standardisation: drop the lowest/highest 10 % before mean/var.
 DEPTH_TRIM = 0.1
 DEPTH_STD_EPS = 1e-6
 # Semantic maps are fed to the model at 1/4 of the image resolution.

@@ -1,6 +1,6 @@
 """Multi-modal image folders: ``root/<prefix><modality>/<class>/<name>.<ext>``, paired by file name.
 
-Unlike the published ``MultiTaskImageFolder`` (spec 6.2, 9.17), files of different modalities are paired
+Unlike the published ``MultiTaskImageFolder``, files of different modalities are paired
 by their path relative to the modality folder without extension, never by sorted position, and every
 mismatch is reported with the offending path and modality.
 """
@@ -169,7 +169,7 @@ def _describe_missing(missing, modality: str, folder: str, found: Dict[str, Dict
 class MultiModalImageFolder(Dataset):
     """Multi-modal folder dataset; ``__getitem__(i) -> (dict modality -> Tensor, class_index)``.
 
-    Layout ``root/<prefix><modality>/<class>/<name>.<ext>`` (spec 6.1); classes are the sorted
+    Layout ``root/<prefix><modality>/<class>/<name>.<ext>``; classes are the sorted
     sub-folders of the first modality. Without ``transform`` the tensors are the decoded files
     ((C, H, W), uint8 or int32 for 16-bit).
 

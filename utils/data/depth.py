@@ -16,9 +16,9 @@ def robust_standardize(depth: torch.Tensor, mask_valid: Optional[torch.Tensor] =
     """Standardise each image by the mean/std of its depth values with both tails trimmed.
 
     Per image, the values are sorted and the slice ``[int(trim * n), int((1 - trim) * n))`` gives the
-    mean and unbiased variance; the output is ``(depth - mean) / sqrt(var + eps)`` (spec 5.1 step 3).
+    mean and unbiased variance; the output is ``(depth - mean) / sqrt(var + eps)``.
     With ``mask_valid``, ``n`` counts valid pixels only, statistics ignore invalid pixels and invalid
-    pixels are set to 0 in the output (spec 5.3). No host synchronisation, so it can run in the
+    pixels are set to 0 in the output. No host synchronisation, so it can run in the
     training step.
 
     Args:

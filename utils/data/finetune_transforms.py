@@ -73,7 +73,7 @@ def _resize_all(sample: dict[str, Tensor], size: Sequence[int]) -> dict[str, Ten
 
 # ------------------------------------------------------------------------------------------------ semseg
 class SemSegAugment:
-    """The published `simple` semseg augmentation (spec 6.4) on a dict of modalities.
+    """The published `simple` semseg augmentation on a dict of modalities.
 
     train: horizontal flip (p=hflip) -> longest side to `input_size` -> colour jitter on rgb (p=0.5) ->
     random scale by a factor in `scale_range` -> pad bottom/right to input_size^2 -> random crop
@@ -196,7 +196,7 @@ def build_semseg_transform(train: bool, input_size: int, num_classes: int, aug_n
 
 # ------------------------------------------------------------------------------------------------ NYU depth
 class NYUDepthAugment:
-    """The published NYUv2 depth augmentation (spec 6.5) on a dict of modalities.
+    """The published NYUv2 depth augmentation on a dict of modalities.
 
     train: smaller side to `input_size` -> horizontal flip -> [colour_aug: colour jitter (p=0.5) and grayscale
     (p=0.3) on rgb] -> random crop input_size^2 -> rgb normalised. val: smaller side -> centre crop -> normalise.
@@ -284,7 +284,7 @@ def _eroded_valid_mask(x: Tensor, cell: int = 4) -> Tensor:
 
 
 _U16 = 65535.0
-# Per-task scaling of decoded Taskonomy-style images to training targets (spec 6.6).
+# Per-task scaling of decoded Taskonomy-style images to training targets.
 TASKONOMY_SCALING: dict[str, Callable[[Tensor], Tensor]] = {
     "normal": _div(255.0, 3),
     "principal_curvature": _div(255.0, 2),
@@ -371,7 +371,7 @@ def build_cls_transform(is_train: bool, input_size: int = 224, color_jitter: flo
                         recount: int = 1, train_interpolation: str = "bicubic", crop_pct: float | None = None,
                         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                         std: Sequence[float] = IMAGENET_DEFAULT_STD) -> ClsTransform:
-    """Classification transform via `timm.data.create_transform` (spec 6.7).
+    """Classification transform via `timm.data.create_transform`.
 
     train: random-resized crop, flip, RandAugment `aa` (colour jitter when aa is None), normalise, random
     erasing. eval: resize to int(input_size / crop_pct) bicubic, centre crop; crop_pct defaults to

@@ -158,7 +158,7 @@ def parse_domains(domains: Union[str, Iterable[str], None]) -> List[str]:
 
 
 def ordered_domains(in_domains: Sequence[str], out_domains: Sequence[str]) -> List[str]:
-    """All domains in a deterministic order: the input domains, then output-only domains (spec 9.6)."""
+    """All domains in a deterministic order: the input domains, then output-only domains."""
     return list(dict.fromkeys([*in_domains, *out_domains]))
 
 

@@ -1,4 +1,4 @@
-"""Pre-training augmentation: one random resized crop and one flip shared by all modalities (spec 6.3)."""
+"""Pre-training augmentation: one random resized crop and one flip shared by all modalities."""
 from __future__ import annotations
 
 from functools import lru_cache
