@@ -21,15 +21,25 @@ TINY = ["--model", "pretrain_multimae_tiny", "--encoder_depth", "2", "--input_si
         "--keep_last", "2"]
 
 
-def test_parse_time_and_options():
+def test_parse_time_and_options(synthetic_root, capsys):
     assert [parse_time(t) for t in ("90", "30:30", "72:00:00", "2-12", "1-01:30")] == [90, 31, 4320, 3600, 1530]
     with pytest.raises(Exception, match="expected M, M:S"):
         parse_time("3h")
     args = get_parser().parse_args(["run_pretraining_multimae.py", "--nodes", "2", "--partition", "p", "--qos", "q",
                                     "--time", "1:00:00", "--cluster", "local"])
     assert (args.nodes, args.partition, args.qos, args.time, args.gpus_per_node) == (2, "p", "q", 60, 8)
+    data = ["--data_path", str(synthetic_root / "train")]
     with pytest.raises(SystemExit, match="needs an --output_dir"):
-        main(["run_pretraining_multimae.py", "--cluster", "local", "--", "--output_dir", ""])
+        main(["run_pretraining_multimae.py", "--cluster", "local", "--", *data, "--output_dir", ""])
+    with pytest.raises(SystemExit, match="--no_auto_resume"):
+        main(["run_pretraining_multimae.py", "--cluster", "local", "--", *data, "--output_dir", "o", "--no_auto_resume"])
+    # the script's own checks run at submission, before anything is queued
+    with pytest.raises(SystemExit) as exc:
+        main(["run_pretraining_multimae.py", "--cluster", "local", "--", "--data_path", str(synthetic_root / "none"),
+              "--output_dir", "o"])
+    assert exc.value.code == 2 and "--data_path: folder not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="defines no parse_config"):
+        main(["tools/export_checkpoint.py", "--cluster", "local", "--", "--output_dir", "o"])
 
 
 def test_local_job_preempted_requeued_and_resumed(synthetic_root, tmp_path, monkeypatch):
