@@ -73,35 +73,3 @@ def create_model(model_name: str, **kwargs: Any) -> nn.Module:
         kwargs["drop_path_rate"] = drop_connect_rate
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return model_entrypoint(model_name)(**kwargs)
-
-
-# ---------------------------------------------------------------------- ViT-H presets
-# ViT-H (1280 wide, 32 blocks, 16 heads, MLP 5120). The patch size lives in the input adapters, so the
-# 16-pixel default of the scripts stays; timm's ViT-H/14 corresponds to ``--patch_size 14``. The classes
-# are imported when called because multimae.multimae imports this module.
-_HUGE = dict(dim_tokens=1280, depth=32, num_heads=16, mlp_ratio=4.0, qkv_bias=True)
-
-
-def _build_huge(class_name: str, model_name: str, input_adapters: Dict[str, nn.Module],
-                output_adapters: Dict[str, nn.Module] | None, kwargs: Dict[str, Any]) -> nn.Module:
-    from functools import partial
-
-    from . import multimae as models
-
-    args = dict(_HUGE, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-    args.update(strip_timm_kwargs(dict(kwargs), model_name))
-    return getattr(models, class_name)(input_adapters=input_adapters, output_adapters=output_adapters, **args)
-
-
-@register_model
-def pretrain_multimae_huge(input_adapters: Dict[str, nn.Module], output_adapters: Dict[str, nn.Module] | None = None,
-                           **kwargs: Any) -> nn.Module:
-    """MultiMAE with a ViT-H encoder (1280 wide, 32 blocks, 16 heads)."""
-    return _build_huge("MultiMAE", "pretrain_multimae_huge", input_adapters, output_adapters, kwargs)
-
-
-@register_model
-def multivit_huge(input_adapters: Dict[str, nn.Module], output_adapters: Dict[str, nn.Module] | None = None,
-                  **kwargs: Any) -> nn.Module:
-    """MultiViT with a ViT-H encoder (1280 wide, 32 blocks, 16 heads)."""
-    return _build_huge("MultiViT", "multivit_huge", input_adapters, output_adapters, kwargs)

@@ -6,7 +6,7 @@ optimizer built before sharding is pointed at the new sharded parameters, so the
 (parameter groups, layer decay) stays what it is for DDP. With activation checkpointing the recomputation
 of a block all-gathers its parameters again; ``torch.compile`` goes around the sharded module.
 
-    model = apply_fsdp(model, device=device, amp=args.amp, optimizer=optimizer)
+    model = apply_fsdp(model, device=ctx.device, amp=ctx.amp, optimizer=optimizer)
 
 On CUDA a ``MixedPrecisionPolicy`` follows ``amp``: parameters are gathered in fp16/bf16 and gradients
 reduced in fp32; on the CPU (gloo tests) everything stays fp32. Checkpoints of sharded runs go through
