@@ -27,10 +27,12 @@ __all__ = [
     "pretrain_multimae_small",
     "pretrain_multimae_base",
     "pretrain_multimae_large",
+    "pretrain_multimae_huge",
     "multivit_tiny",
     "multivit_small",
     "multivit_base",
     "multivit_large",
+    "multivit_huge",
 ]
 
 Tensor = torch.Tensor
@@ -289,6 +291,8 @@ _SIZES = {
     "small": ("S", dict(dim_tokens=384, depth=12, num_heads=6)),
     "base": ("B", dict(dim_tokens=768, depth=12, num_heads=12)),
     "large": ("L", dict(dim_tokens=1024, depth=24, num_heads=16)),
+    # The patch size belongs to the input adapters: timm's ViT-H/14 is this preset with 14-pixel patches.
+    "huge": ("H", dict(dim_tokens=1280, depth=32, num_heads=16)),
 }
 
 
@@ -313,7 +317,9 @@ pretrain_multimae_tiny = _constructor(MultiMAE, "pretrain_multimae_tiny", "tiny"
 pretrain_multimae_small = _constructor(MultiMAE, "pretrain_multimae_small", "small")
 pretrain_multimae_base = _constructor(MultiMAE, "pretrain_multimae_base", "base")
 pretrain_multimae_large = _constructor(MultiMAE, "pretrain_multimae_large", "large")
+pretrain_multimae_huge = _constructor(MultiMAE, "pretrain_multimae_huge", "huge")
 multivit_tiny = _constructor(MultiViT, "multivit_tiny", "tiny")
 multivit_small = _constructor(MultiViT, "multivit_small", "small")
 multivit_base = _constructor(MultiViT, "multivit_base", "base")
 multivit_large = _constructor(MultiViT, "multivit_large", "large")
+multivit_huge = _constructor(MultiViT, "multivit_huge", "huge")

@@ -23,7 +23,8 @@ from multimae import (
     list_models,
 )
 
-SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
+         "huge": (1280, 32, 16)}
 TASKS = ["rgb", "depth", "semseg"]
 
 

@@ -79,7 +79,9 @@ def check_shared_args(args: argparse.Namespace) -> list[str]:
     layer_decay = _get(args, 'layer_decay')
     if layer_decay is not None and not 0 < layer_decay <= 1:
         errors.append(f'--layer_decay must be in (0, 1], got {layer_decay}')
-    err = check_path_exists('resume', _get(args, 'resume'), 'file')
+    resume = _get(args, 'resume')
+    sharded = bool(resume) and os.path.isfile(os.path.join(str(resume), '.metadata'))  # an --fsdp (DCP) checkpoint
+    err = None if sharded else check_path_exists('resume', resume, 'file')
     if err:
         errors.append(err)
     out = _get(args, 'output_dir')

@@ -96,6 +96,7 @@ class DistConfig:
     dist_url: str = "env://"
     dist_backend: str | None = None
     find_unused_params: bool = False
+    fsdp: bool = False  # FSDP2 sharding instead of DDP (utils.engine.fsdp); DCP checkpoints (utils.engine.dcp)
 
 
 @dataclass(frozen=True)

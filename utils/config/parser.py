@@ -205,7 +205,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
 
 def add_dist_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
     """Distributed arguments: world_size, local_rank (also --local-rank), dist_on_itp (bool),
-    dist_url, dist_backend (None = nccl on CUDA, gloo otherwise), find_unused_params (bool)."""
+    dist_url, dist_backend (None = nccl on CUDA, gloo otherwise), find_unused_params (bool), fsdp (bool)."""
     specs = {
         'world_size': (1, dict(type=int, help='number of processes (read from the launcher environment)')),
         'local_rank': (-1, dict(type=int, aliases=['--local-rank'], help='set by torch.distributed.launch')),
@@ -214,6 +214,8 @@ def add_dist_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
         'dist_backend': (None, dict(type=str, choices=['nccl', 'gloo'], help='default: nccl on CUDA, else gloo')),
         'find_unused_params': (False, dict(bool=True, help='DDP find_unused_parameters (forced on for heads '
                                                            'that need it: DPT)')),
+        'fsdp': (False, dict(bool=True, help='shard parameters, gradients and optimizer state (FSDP2) instead '
+                                             'of DDP; checkpoints become DCP directories')),
     }
     add_arg_group(parser, 'distributed', specs, overrides)
 

@@ -29,6 +29,13 @@ def autocast(device: torch.device | str, amp: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-def make_grad_scaler(device: torch.device | str, amp: str) -> torch.amp.GradScaler | None:
-    """A ``torch.amp.GradScaler`` for fp16, None otherwise (bf16 and fp32 need no loss scaling)."""
-    return torch.amp.GradScaler(torch.device(device).type) if amp == "fp16" else None
+def make_grad_scaler(device: torch.device | str, amp: str, sharded: bool = False) -> torch.amp.GradScaler | None:
+    """A ``torch.amp.GradScaler`` for fp16, None otherwise (bf16 and fp32 need no loss scaling). ``sharded``
+    (an ``--fsdp`` model): the scaler whose overflow check is reduced over the ranks holding the shards."""
+    if amp != "fp16":
+        return None
+    if sharded:
+        from utils.engine.fsdp import sharded_grad_scaler
+
+        return sharded_grad_scaler(device)
+    return torch.amp.GradScaler(torch.device(device).type)

@@ -9,6 +9,10 @@ from that very optimizer step.
 When: ``checkpoint-<epoch>.pth`` every ``save_ckpt_freq`` epochs and at the last epoch, ``checkpoint-last.pth``
 otherwise (and every ``save_every_steps`` optimizer steps, or when a stop is agreed, with the position),
 ``checkpoint-best.pth`` when ``best_metric`` of the epoch record improves.
+
+How: one file written by rank 0 (:func:`utils.checkpoint.save_checkpoint`), or, for a model sharded with
+``--fsdp``, a ``torch.distributed.checkpoint`` directory of the same name written by every rank
+(:mod:`utils.engine.dcp`); :meth:`CheckpointPolicy.read` loads either.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from utils.checkpoint import CheckpointError, load_model_state, save_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from utils.engine import dcp
 from utils.dist import all_gather_object, barrier, get_rank, get_world_size
 from utils.engine.batch import unwrap_model
 from utils.engine.ema import ema_state_dict, load_ema_state_dict
@@ -115,9 +120,17 @@ class CheckpointPolicy:
                 self.best_value = value
         state = self.state(trainer, epoch)
         numbered = (epoch + 1) % self.save_ckpt_freq == 0 or epoch + 1 == trainer.epochs
-        save_checkpoint(self.output_dir, epoch if numbered else "last", state, keep_last=self.keep_last)
+        self.write(trainer, epoch if numbered else "last", state, keep_last=self.keep_last)
         if better:
-            save_checkpoint(self.output_dir, "best", state)
+            self.write(trainer, "best", state)
+
+    def write(self, trainer: "Trainer", tag: int | str, state: dict, keep_last: int | None = None) -> Any:
+        """``checkpoint-<tag>.pth``: the single file on rank 0, or the sharded directory written by every
+        rank (``trainer.sharded``). Returns its path on rank 0, None elsewhere. Collective when sharded."""
+        if getattr(trainer, "sharded", False):
+            return dcp.save_sharded(self.output_dir, tag, state, trainer.model, trainer.optimizer,
+                                    trainer.modules, keep_last=keep_last)
+        return save_checkpoint(self.output_dir, tag, state, keep_last=keep_last)
 
     def save_position(self, trainer: "Trainer", epoch: int, steps_done: int, ml: MetricLogger,
                       reason: str) -> Any:
@@ -128,7 +141,7 @@ class CheckpointPolicy:
         if trainer.stop is not None and reason == "stop":
             trainer.stop.saving = True
         state = self.state(trainer, epoch - 1, position=(epoch, steps_done), meters=ml)
-        path = save_checkpoint(self.output_dir, "last", state)
+        path = self.write(trainer, "last", state)
         if path is not None and reason == "periodic":
             print(f"Saved {path} (epoch {epoch}, step {steps_done}/{trainer.steps_per_epoch})")
         return path
@@ -148,6 +161,15 @@ class CheckpointPolicy:
         raise Preempted(msg)
 
     # ------------------------------------------------------------------------------------------ resuming
+
+    @staticmethod
+    def read(trainer: "Trainer", path: str | os.PathLike) -> dict:
+        """The checkpoint dict at ``path`` for :meth:`load_state`: a file (read on the CPU), or a sharded
+        directory, loaded straight into the trainer's model, optimizer and modules (collective when they
+        are sharded; any number of ranks)."""
+        if dcp.is_sharded_checkpoint(path):
+            return dcp.load_sharded(path, trainer.model, trainer.optimizer, trainer.modules)
+        return load_checkpoint(path, map_location="cpu")
 
     def load_state(self, trainer: "Trainer", ckpt: Mapping[str, Any], source: str = "checkpoint") -> None:
         """Restore a checkpoint dict into ``trainer``: model (strict); and when it holds ``optimizer`` and

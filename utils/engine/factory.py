@@ -3,8 +3,8 @@
 A pre-training method or fine-tuning task describes its training in a :class:`TrainingPlan` (step function,
 parameter groups, peak learning rate, extra modules, ...); :func:`build_trainer` turns a plan plus the
 typed config into a :class:`utils.engine.trainer.Trainer`: steps per epoch (with the debugging cap), the
-optimizer, the per-step schedules, activation checkpointing, DDP / ``torch.compile`` wrapping and the
-loop's policies (checkpointing, fault handling, logging).
+optimizer, the per-step schedules, activation checkpointing, DDP or FSDP2 (``--fsdp``) / ``torch.compile``
+wrapping and the loop's policies (checkpointing, fault handling, logging).
 """
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader
 
 from utils.config.job import JobConfig, OptimConfig
 from utils.dist import DistContext, ddp_find_unused_parameters
+from utils.engine.fsdp import apply_fsdp
 from utils.engine.optim import cosine_scheduler, create_optimizer, weight_decay_scheduler
 from utils.engine.trainer import StepFn, Trainer
 
-__all__ = ["TrainingPlan", "peak_lr", "steps_per_epoch", "build_schedules", "wrap_model", "ddp_wrap", "count_params", "run_record",
-           "build_trainer"]
+__all__ = ["TrainingPlan", "peak_lr", "steps_per_epoch", "build_schedules", "wrap_model", "shard_model", "ddp_wrap",
+           "count_params", "run_record", "build_trainer"]
 
 
 @dataclass
@@ -94,15 +95,31 @@ def wrap_model(model: nn.Module, ctx: DistContext, compile: bool = False, find_u
     return wrapped
 
 
+def shard_model(model: nn.Module, ctx: DistContext, optimizer: torch.optim.Optimizer, plan: TrainingPlan,
+                compile: bool = False) -> nn.Module:
+    """``--fsdp`` on several processes: FSDP2 over ``model`` (one unit per transformer block) and over each
+    extra module of ``plan`` with parameters, ``optimizer`` re-pointed at the shards; then ``torch.compile``."""
+    if plan.model_ema is not None:
+        raise ValueError("--fsdp does not support --model_ema (the EMA would need a full copy of the weights on "
+                         "every rank); run without --model_ema or without --fsdp")
+    wrapped = [k for k, m in plan.modules.items() if isinstance(m, DistributedDataParallel)]
+    if wrapped:
+        raise ValueError(f"--fsdp: the extra module(s) {wrapped} are already in DDP; build them with "
+                         f"ddp_wrap(..., fsdp=True), which leaves them to the sharding")
+    apply_fsdp(model, device=ctx.device, amp=ctx.amp, optimizer=optimizer, extra_modules=list(plan.modules.values()))
+    return torch.compile(model) if compile else model
+
+
 def count_params(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def ddp_wrap(module: nn.Module, ctx: DistContext) -> nn.Module:
+def ddp_wrap(module: nn.Module, ctx: DistContext, fsdp: bool = False) -> nn.Module:
     """``module`` in DDP when several processes train and it has parameters (e.g. a learned loss
-    balancer, whose gradients must be averaged like the model's); unchanged otherwise."""
-    if ctx.world_size > 1 and any(True for _ in module.parameters()):
+    balancer, whose gradients must be averaged like the model's); unchanged otherwise, and under ``fsdp``
+    (:func:`build_trainer` then shards it with the model)."""
+    if not fsdp and ctx.world_size > 1 and any(True for _ in module.parameters()):
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids)
     return module
@@ -132,7 +149,10 @@ def build_trainer(cfg: JobConfig, ctx: DistContext, model: nn.Module, loader: Da
     n_parameters = count_params(model)
     requested = cfg.dist.find_unused_params if plan.find_unused_parameters is None else plan.find_unused_parameters
     find_unused = ddp_find_unused_parameters(model, requested)  # forced on for heads that need it (DPT)
-    wrapped = wrap_model(model, ctx, rt.compile, find_unused)
+    if cfg.dist.fsdp and ctx.world_size > 1:
+        wrapped = shard_model(model, ctx, optimizer, plan, rt.compile)
+    else:
+        wrapped = wrap_model(model, ctx, rt.compile, find_unused)
     if plan.describe is not None:
         print(plan.describe(steps, optimizer, n_parameters))
     return Trainer(wrapped, optimizer, plan.step_fn, lr_schedule=lr_s, wd_schedule=wd_s, steps_per_epoch=steps,

@@ -65,10 +65,10 @@ from utils.engine.batch import infer_batch_size, move_to_device, no_sync, unwrap
 from utils.engine.checkpointing import CheckpointPolicy
 from utils.engine.ema import update_ema
 from utils.engine.faults import FaultPolicy, NonFiniteLossError
+from utils.engine.fsdp import is_fsdp, local_tensor
 from utils.engine.preemption import StopRequest
 from utils.engine.rng import _set_cuda_rng_state, get_rng_state, set_rng_state  # noqa: F401 (re-exported)
 from utils.engine.steplog import StepLog
-from utils.checkpoint import load_checkpoint
 from utils.logger import MetricLogger
 
 __all__ = [
@@ -142,7 +142,8 @@ class Trainer:
         self.steps_per_epoch, self.epochs = int(steps_per_epoch), int(epochs)
         self.device = torch.device(device)
         self.amp = resolve_amp(amp, self.device)
-        self.scaler = make_grad_scaler(self.device, self.amp)
+        self.sharded = is_fsdp(model)  # --fsdp: sharded gradients, DCP checkpoints (utils.engine.dcp)
+        self.scaler = make_grad_scaler(self.device, self.amp, sharded=self.sharded)
         self.clip_grad, self.skip_grad = clip_grad, skip_grad
         self.update_freq = max(1, int(update_freq))
         self.modules = dict(modules or {})
@@ -223,6 +224,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad)
         else:
             norm = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros((), device=self.device)
+        norm = local_tensor(norm)  # a DTensor for sharded gradients
         if self.skip_nonfinite and self.faults.step_is_nonfinite(loss, norm, scaled=self.scaler is not None):
             self.last_step_nonfinite = True
             if self.scaler is not None:
@@ -402,8 +404,9 @@ class Trainer:
         self.checkpointing.load_state(self, ckpt, source)
 
     def resume(self, path: str | None) -> bool:
-        """Load ``path`` (from :func:`utils.checkpoint.resolve_resume`) if given; returns whether it did."""
+        """Load ``path`` (from :func:`utils.checkpoint.resolve_resume`) if given: a checkpoint file, or the
+        sharded directory of an ``--fsdp`` run (on any number of ranks); returns whether it did."""
         if not path:
             return False
-        self.load_state(load_checkpoint(path, map_location="cpu"), source=str(path))
+        self.load_state(self.checkpointing.read(self, path), source=str(path))
         return True

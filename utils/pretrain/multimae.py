@@ -249,7 +249,7 @@ class MultiMAEPretraining(Job):
         lr, _ = peak_lr(cfg.optim, cfg.batch_size, cfg.update_freq, ctx.world_size)
         groups = pretrain_param_groups(parts.model, balancer, cfg.weight_decay, cfg.balancer_lr_scale,
                                        cfg.decay_filter)
-        balancer = ddp_wrap(balancer, ctx)
+        balancer = ddp_wrap(balancer, ctx, fsdp=cfg.dist.fsdp)
 
         def describe(steps: int, optimizer: Any, n_parameters: int) -> str:
             return (f"lr: {lr:.3e} (blr {cfg.blr} x batch {cfg.batch_size} x update_freq {cfg.update_freq} x "
@@ -261,6 +261,9 @@ class MultiMAEPretraining(Job):
                             epoch_start_hooks=[_set_data_epoch(parts.train_loader)], describe=describe)
 
     def callbacks(self, cfg: PretrainConfig, ctx: DistContext, parts: Parts, trainer: Any, wandb: Any) -> list:
+        if trainer.sharded and cfg.save_vis_freq:  # rank 0 alone would run the sharded model: a collective hang
+            print("--fsdp: reconstruction pictures are off (save_vis_freq 0)")
+            return []
         return [ReconstructionVis(cfg, trainer.step_fn, ctx.device, wandb, seed=cfg.seed)]
 
     def finish(self, cfg: PretrainConfig, ctx: DistContext, parts: Parts, trainer: Any, record: dict,
