@@ -11,21 +11,12 @@ from typing import Dict, List
 import pytest
 import torch
 
-from multimae import (
-    ConvNeXtAdapter,
-    DPTOutputAdapter,
-    LinearOutputAdapter,
-    MaskedCrossEntropyLoss,
-    MaskedL1Loss,
-    MaskedMSELoss,
-    MultiMAE,
-    MultiViT,
-    PatchedInputAdapter,
-    SegmenterMaskTransformerAdapter,
-    SemSegInputAdapter,
-    SpatialOutputAdapter,
-    create_model,
-)
+from multimae.criterion import MaskedCrossEntropyLoss, MaskedL1Loss, MaskedMSELoss
+from multimae.input_adapters import PatchedInputAdapter, SemSegInputAdapter
+from multimae.multimae import MultiMAE, MultiViT
+from multimae.output_adapters import (ConvNeXtAdapter, DPTOutputAdapter, LinearOutputAdapter,
+                                      SegmenterMaskTransformerAdapter, SpatialOutputAdapter)
+from multimae.registry import create_model
 
 ATOL = 1e-5
 

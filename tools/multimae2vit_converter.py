@@ -15,14 +15,10 @@ final norm, so load the result with
 The result is checked by a strict load into a matching timm VisionTransformer on the meta device.
 """
 import argparse
-import os
-import sys
-
 
 import torch
 
-from utils.io import save_weights_file
-from utils.weights import load_weights_with_metadata
+from tools.lib.convert import convert_weights_file
 from utils.weights import is_timm_vit_state_dict, multimae_to_vit
 
 
@@ -51,24 +47,14 @@ def main(argv=None) -> None:
     p.add_argument("--no_verify", action="store_true", help="skip the strict load into a matching timm ViT")
     args = p.parse_args(argv)
 
-    sd, meta, dropped = load_weights_with_metadata(args.multimae_ckpt_path)
-    if is_timm_vit_state_dict(sd):
-        sys.exit(f"{args.multimae_ckpt_path} already holds timm ViT weights (blocks.*, patch_embed.*); "
-                 "nothing to convert")
-    try:
-        out = multimae_to_vit(sd)
-    except ValueError as e:
-        sys.exit(f"{args.multimae_ckpt_path}: {e}")
-    ignored = sorted({".".join(k.split(".")[:2]) for k in sd if k.startswith(("output_adapters.", "input_adapters."))
-                      and not k.startswith("input_adapters.rgb.")})
-    if not args.no_verify:
-        build_matching_timm_vit(out).load_state_dict(out, strict=True, assign=True)
-    save_weights_file(out, args.vit_ckpt_path, extra=meta)
-    print(f"{args.multimae_ckpt_path}: {len(sd)} MultiMAE tensors -> {len(out)} timm tensors in {args.vit_ckpt_path}"
-          + (f"\n  not converted (no timm ViT counterpart): {', '.join(ignored)}" if ignored else "")
-          + (f"\n  checkpoint entries dropped: {', '.join(dropped)}" if dropped else "")
-          + ("" if args.no_verify else "\n  verified: loads with strict=True into timm VisionTransformer("
-                                       "num_classes=0, final_norm=False)"))
+    convert_weights_file(
+        args.multimae_ckpt_path, args.vit_ckpt_path, convert=multimae_to_vit, is_converted=is_timm_vit_state_dict,
+        converted_hint="blocks.*, patch_embed.*",
+        not_converted=lambda sd: sorted({".".join(k.split(".")[:2]) for k in sd
+                                         if k.startswith(("output_adapters.", "input_adapters."))
+                                         and not k.startswith("input_adapters.rgb.")}),
+        build_matching=None if args.no_verify else build_matching_timm_vit, src_kind="MultiMAE",
+        dst_kind="timm ViT", verified_into="timm VisionTransformer(num_classes=0, final_norm=False)")
 
 
 if __name__ == "__main__":

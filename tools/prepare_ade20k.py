@@ -23,10 +23,9 @@ the release instead of copies.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
-from tools.lib.prepare import PrepareError, place_file, require_dirs, run_jobs
+from tools.lib.prepare import PrepareError, place_file, prepare_parser, require_dirs, run_jobs
 
 SPLITS = {"training": "train", "validation": "val"}
 
@@ -88,11 +87,8 @@ def prepare(source: str, save_path: str, link: bool = False, num_threads: int = 
 
 
 def main(argv=None) -> dict[str, int]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, help="the unpacked ADEChallengeData2016 folder")
-    p.add_argument("--save_path", required=True, help="output root; train/ and val/ are created inside")
-    p.add_argument("--link", action="store_true", help="symbolic links to the release instead of copies")
-    p.add_argument("--num_threads", type=int, default=8, help="parallel file checks and copies")
+    p = prepare_parser(__doc__, {"--source": "the unpacked ADEChallengeData2016 folder"},
+                       "output root; train/ and val/ are created inside", "parallel file checks and copies", link=True)
     args = p.parse_args(argv)
     return prepare(args.source, args.save_path, args.link, args.num_threads)
 

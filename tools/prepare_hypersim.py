@@ -48,7 +48,7 @@ import os
 
 import numpy as np
 
-from tools.lib.prepare import PrepareError, read_csv, require, require_dirs, require_files, run_jobs
+from tools.lib.prepare import PrepareError, prepare_parser, read_csv, require, require_dirs, require_files, run_jobs
 from utils.io import save_png
 
 CSV_COLUMNS = ("scene_name", "camera_name", "frame_id", "included_in_public_release", "split_partition_name")
@@ -165,17 +165,15 @@ def prepare(args: argparse.Namespace) -> dict[str, int]:
 
 
 def main(argv=None) -> dict[str, int]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, help="folder holding the unpacked scene folders ai_VVV_NNN/")
-    p.add_argument("--split_csv", required=True, help="metadata_images_split_scene_v1.csv of ml-hypersim")
-    p.add_argument("--save_path", required=True, help="output root; one folder per split is created inside")
+    p = prepare_parser(__doc__, {"--source": "folder holding the unpacked scene folders ai_VVV_NNN/",
+                                 "--split_csv": "metadata_images_split_scene_v1.csv of ml-hypersim"},
+                       "output root; one folder per split is created inside", "parallel frame conversions")
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"], help="split_partition_name values")
     p.add_argument("--depth_type", default="planar", choices=["planar", "distance"],
                    help="planar depth z (converted from the ray distance) or the ray distance as released")
     p.add_argument("--fov_deg", type=float, default=60.0, help="horizontal field of view for --depth_type planar")
     p.add_argument("--depth_scale", type=float, default=1000.0, help="PNG value per metre (1000 = millimetres)")
     p.add_argument("--skip_missing_scenes", action="store_true", help="prepare only the scenes present")
-    p.add_argument("--num_threads", type=int, default=8, help="parallel frame conversions")
     return prepare(p.parse_args(argv))
 
 

@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from tools.lib.prepare import prepare_parser
 from utils.io import atomic_write, save_png
 from utils.vis import semseg_palette
 
@@ -148,17 +149,15 @@ def prepare(args: argparse.Namespace) -> dict[str, int]:
 
 
 def main(argv=None) -> dict[str, int]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset_path", required=True, help="nyu_depth_v2_labeled.mat (MATLAB v7.3 / HDF5)")
-    p.add_argument("--splits_path", required=True, help="splits.mat with 1-based trainNdxs / testNdxs")
-    p.add_argument("--class_mapping_path", required=True, help="classMapping40.mat with mapClass (894 -> 40)")
+    p = prepare_parser(__doc__, {"--dataset_path": "nyu_depth_v2_labeled.mat (MATLAB v7.3 / HDF5)",
+                                 "--splits_path": "splits.mat with 1-based trainNdxs / testNdxs",
+                                 "--class_mapping_path": "classMapping40.mat with mapClass (894 -> 40)"},
+                       "output root; train/ and test/ are created inside", "parallel PNG encoders", num_threads_default=4)
     p.add_argument("--normals_path", default=None, help="optional folder with normals/NNNN.png and masks/NNNN.png")
-    p.add_argument("--save_path", required=True, help="output root; train/ and test/ are created inside")
     p.add_argument("--depth_key", default="depths", choices=["depths", "rawDepths"],
                    help="in-painted depth (published) or raw sensor depth with holes")
     p.add_argument("--depth_scale", type=float, default=6553.6,
                    help="PNG value per metre: 6553.6 = the published files (2^16 / 10 m), 1000 = millimetres")
-    p.add_argument("--num_threads", type=int, default=4, help="parallel PNG encoders")
     return prepare(p.parse_args(argv))
 
 

@@ -34,7 +34,7 @@ import argparse
 import os
 import re
 
-from tools.lib.prepare import PrepareError, place_file, read_csv, require_dirs, run_jobs
+from tools.lib.prepare import PrepareError, place_file, prepare_parser, read_csv, require_dirs, run_jobs
 
 DEFAULT_TASKS = ("rgb", "mask_valid", "normal", "principal_curvature", "depth_zbuffer", "edge_texture",
                  "edge_occlusion", "keypoints2d", "keypoints3d", "reshading")
@@ -127,17 +127,14 @@ def prepare(args: argparse.Namespace) -> dict[str, int]:
 
 
 def main(argv=None) -> dict[str, int]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, help="folder holding one folder per domain (rgb/, normal/, ...)")
-    p.add_argument("--split_csv", required=True, help="Taskonomy split file: columns id, train, val, test (1/0)")
-    p.add_argument("--save_path", required=True, help="output root; one folder per split is created inside")
+    p = prepare_parser(__doc__, {"--source": "folder holding one folder per domain (rgb/, normal/, ...)",
+                                 "--split_csv": "Taskonomy split file: columns id, train, val, test (1/0)"},
+                       "output root; one folder per split is created inside", "parallel copies", link=True)
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="domains to prepare (rgb always)")
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     p.add_argument("--subfolder", default="taskonomy", help="folder between domain and building ('' = none)")
-    p.add_argument("--link", action="store_true", help="symbolic links to the release instead of copies")
     p.add_argument("--skip_missing_buildings", action="store_true", help="leave out buildings not downloaded")
     p.add_argument("--skip_incomplete", action="store_true", help="leave out samples missing in some task")
-    p.add_argument("--num_threads", type=int, default=8, help="parallel copies")
     return prepare(p.parse_args(argv))
 
 

@@ -11,14 +11,10 @@ Checkpoint entries without tensors ('args', 'epoch', ...) are kept, optimizer st
 is checked by loading it with strict=True into a MultiViT of the inferred size (on the meta device).
 """
 import argparse
-import os
-import sys
-
 
 import torch
 
-from utils.io import save_weights_file
-from utils.weights import load_weights_with_metadata
+from tools.lib.convert import convert_weights_file
 from utils.weights import is_multimae_state_dict, vit_to_multimae
 
 
@@ -47,22 +43,14 @@ def main(argv=None) -> None:
     p.add_argument("--no_verify", action="store_true", help="skip the strict load into a matching MultiViT")
     args = p.parse_args(argv)
 
-    sd, meta, dropped = load_weights_with_metadata(args.vit_ckpt_path)
-    if is_multimae_state_dict(sd):
-        sys.exit(f"{args.vit_ckpt_path} already holds MultiMAE weights (encoder.*, input_adapters.*); "
-                 "nothing to convert")
-    try:
-        out = vit_to_multimae(sd, grid_size=tuple(args.grid_size) if args.grid_size else None)
-    except ValueError as e:
-        sys.exit(f"{args.vit_ckpt_path}: {e}")
-    ignored = sorted(k for k in sd if not k.startswith(("blocks.", "patch_embed.proj.", "pos_embed", "cls_token")))
-    if not args.no_verify:
-        build_matching_multivit(out).load_state_dict(out, strict=True, assign=True)
-    save_weights_file(out, args.multimae_ckpt_path, extra=meta)
-    print(f"{args.vit_ckpt_path}: {len(sd)} timm tensors -> {len(out)} MultiMAE tensors in {args.multimae_ckpt_path}"
-          + (f"\n  not converted (no MultiMAE counterpart): {', '.join(ignored)}" if ignored else "")
-          + (f"\n  checkpoint entries dropped: {', '.join(dropped)}" if dropped else "")
-          + ("" if args.no_verify else "\n  verified: loads with strict=True into a matching MultiViT"))
+    grid_size = tuple(args.grid_size) if args.grid_size else None
+    convert_weights_file(
+        args.vit_ckpt_path, args.multimae_ckpt_path, convert=lambda sd: vit_to_multimae(sd, grid_size=grid_size),
+        is_converted=is_multimae_state_dict, converted_hint="encoder.*, input_adapters.*",
+        not_converted=lambda sd: sorted(k for k in sd
+                                        if not k.startswith(("blocks.", "patch_embed.proj.", "pos_embed", "cls_token"))),
+        build_matching=None if args.no_verify else build_matching_multivit, src_kind="timm",
+        dst_kind="MultiMAE", verified_into="a matching MultiViT")
 
 
 if __name__ == "__main__":

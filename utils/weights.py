@@ -146,13 +146,17 @@ def vit_to_multimae(sd: Mapping[str, Tensor], grid_size: tuple[int, int] | None 
         cls = sd["cls_token"]
         out["global_tokens"] = cls + pos[:, :1] if n_prefix else cls.clone()
     out["input_adapters.rgb.pos_emb"] = pos[:, n_prefix:].reshape(1, h, w, dim).permute(0, 3, 1, 2).contiguous()
-    for name in ("weight", "bias"):
-        if f"patch_embed.proj.{name}" in sd:
-            out[f"input_adapters.rgb.proj.{name}"] = sd[f"patch_embed.proj.{name}"]
-    for k, v in sd.items():
-        if k.startswith("blocks."):
-            out["encoder." + k[len("blocks."):]] = v
+    _copy_renamed(sd, out, {"patch_embed.proj.": "input_adapters.rgb.proj.", "blocks.": "encoder."})
     return out
+
+
+def _copy_renamed(sd: Mapping[str, Tensor], out: StateDict, prefixes: Mapping[str, str]) -> None:
+    """Copy into `out` every tensor of `sd` whose key starts with a key of `prefixes`, that prefix replaced by
+    its value (the patch projection and the transformer blocks, which the two layouts share unchanged)."""
+    for k, v in sd.items():
+        for old, new in prefixes.items():
+            if k.startswith(old):
+                out[new + k[len(old):]] = v
 
 
 def multimae_to_vit(sd: Mapping[str, Tensor]) -> StateDict:
@@ -173,12 +177,7 @@ def multimae_to_vit(sd: Mapping[str, Tensor]) -> StateDict:
     pos = sd["input_adapters.rgb.pos_emb"]
     pos = pos.flatten(2).transpose(1, 2)
     out: StateDict = {"cls_token": g.clone(), "pos_embed": torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], 1)}
-    for name in ("weight", "bias"):
-        if f"input_adapters.rgb.proj.{name}" in sd:
-            out[f"patch_embed.proj.{name}"] = sd[f"input_adapters.rgb.proj.{name}"]
-    for k, v in sd.items():
-        if k.startswith("encoder."):
-            out["blocks." + k[len("encoder."):]] = v
+    _copy_renamed(sd, out, {"input_adapters.rgb.proj.": "patch_embed.proj.", "encoder.": "blocks."})
     return out
 
 

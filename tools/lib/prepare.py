@@ -6,6 +6,7 @@ folder's name and leaves no half-built output (and, with ``--link``, no dangling
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import shutil
@@ -15,7 +16,8 @@ from typing import Callable, Iterable, Sequence
 
 from utils.io import atomic_open
 
-__all__ = ["PrepareError", "require", "require_dirs", "require_files", "read_csv", "place_file", "run_jobs"]
+__all__ = ["PrepareError", "require", "require_dirs", "require_files", "read_csv", "place_file", "run_jobs",
+           "prepare_parser"]
 
 
 class PrepareError(SystemExit):
@@ -100,3 +102,18 @@ def run_jobs(fn: Callable, jobs: Iterable[tuple], num_threads: int, window: int 
             future: Future = pending.popleft()
             future.result()
     return done
+
+
+def prepare_parser(doc: str, inputs: dict[str, str], save_path_help: str, num_threads_help: str,
+                   num_threads_default: int = 8, link: bool = False) -> argparse.ArgumentParser:
+    """The command line every preparation tool starts from: the required input paths (``{flag: help}``,
+    in order), ``--save_path``, ``--num_threads`` and, when ``link``, ``--link`` (symbolic links instead
+    of copies). The tool adds its own options and parses."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, help_text in inputs.items():
+        p.add_argument(flag, required=True, help=help_text)
+    p.add_argument("--save_path", required=True, help=save_path_help)
+    if link:
+        p.add_argument("--link", action="store_true", help="symbolic links to the release instead of copies")
+    p.add_argument("--num_threads", type=int, default=num_threads_default, help=num_threads_help)
+    return p

@@ -12,7 +12,7 @@ evaluation loader must shard without padding (uneven shards are fine, the reduct
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -59,6 +59,9 @@ def _scalar(value: Tensor | float, like: Tensor) -> Tensor:
     if isinstance(value, Tensor):
         return value.detach().to(device=like.device, dtype=like.dtype).reshape(())
     return torch.full((), float(value), dtype=like.dtype, device=like.device)
+
+
+_M = TypeVar("_M", bound="_SummedMetric")
 
 
 def _pct(x: float) -> float:
@@ -138,10 +141,38 @@ class SegmentationMetrics:
         }
 
 
+class _SummedMetric:
+    """A metric kept as one vector of running sums (`sums`, float64 where the device has it), which
+    `reduce_across_processes` adds up over all processes before `compute` reads it."""
+
+    def __init__(self, size: int, device: torch.device | str | None = None):
+        device = torch.device(device or "cpu")
+        self.sums = torch.zeros(size, dtype=_acc_dtype(device), device=device)
+        self._reduced = False
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self._reduced = False
+
+    def _add(self, sums: Tensor) -> None:
+        """Add one batch's sums (same layout as `sums`), following their device and dtype."""
+        if self.sums.device != sums.device or self.sums.dtype != sums.dtype:
+            self.sums = self.sums.to(device=sums.device, dtype=sums.dtype)
+        self.sums += sums
+        self._reduced = False
+
+    def reduce_across_processes(self: _M) -> _M:
+        """Sum the running sums of all processes in place (once; no-op without a process group)."""
+        if not self._reduced:
+            self.sums = all_reduce_sum(self.sums)
+            self._reduced = True
+        return self
+
+
 _DEPTH_SUMS = ("n", "abs_rel", "sq_rel", "sq_err", "sq_log_err", "delta1", "delta2", "delta3")
 
 
-class DepthMetrics:
+class DepthMetrics(_SummedMetric):
     """Standard monocular-depth metrics accumulated per valid pixel over a split.
 
     delta{1,2,3}: fraction of pixels with max(p/t, t/p) < 1.25^k; abs_rel = mean|p-t|/t;
@@ -153,14 +184,8 @@ class DepthMetrics:
 
     def __init__(self, mean: float | None = None, std: float | None = None, eps: float = 1e-6,
                  device: torch.device | str | None = None):
+        super().__init__(len(_DEPTH_SUMS), device)
         self.mean, self.std, self.eps = mean, std, eps
-        device = torch.device(device or "cpu")
-        self.sums = torch.zeros(len(_DEPTH_SUMS), dtype=_acc_dtype(device), device=device)
-        self._reduced = False
-
-    def reset(self) -> None:
-        self.sums.zero_()
-        self._reduced = False
 
     def _destandardise(self, x: Tensor) -> Tensor:
         x = x.float()
@@ -195,18 +220,7 @@ class DepthMetrics:
 
     def update(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
         """Add a batch (shapes as `batch_sums`)."""
-        sums = self.batch_sums(pred, target, mask)
-        if self.sums.device != sums.device or self.sums.dtype != sums.dtype:
-            self.sums = self.sums.to(device=sums.device, dtype=sums.dtype)
-        self.sums += sums
-        self._reduced = False
-
-    def reduce_across_processes(self) -> "DepthMetrics":
-        """Sum the per-pixel sums of all processes in place (once; no-op without a process group)."""
-        if not self._reduced:
-            self.sums = all_reduce_sum(self.sums)
-            self._reduced = True
-        return self
+        self._add(self.batch_sums(pred, target, mask))
 
     @staticmethod
     def _finish(sums: Tensor) -> dict[str, float]:
@@ -231,19 +245,13 @@ def depth_metrics(pred: Tensor, target: Tensor, mask: Tensor | None = None, mean
     return DepthMetrics._finish(DepthMetrics(mean, std).batch_sums(pred, target, mask))
 
 
-class ClassificationMetrics:
+class ClassificationMetrics(_SummedMetric):
     """Top-k accuracy (percent) and mean loss over a split, every sample weighted equally."""
 
     def __init__(self, topk: Sequence[int] = (1, 5), device: torch.device | str | None = None):
         self.topk = tuple(topk)
-        device = torch.device(device or "cpu")
         # [n, loss_sum, correct@k...]; float64 holds integer counts exactly up to 2**53
-        self.sums = torch.zeros(2 + len(self.topk), dtype=_acc_dtype(device), device=device)
-        self._reduced = False
-
-    def reset(self) -> None:
-        self.sums.zero_()
-        self._reduced = False
+        super().__init__(2 + len(self.topk), device)
 
     @torch.no_grad()
     def update(self, logits: Tensor, target: Tensor, loss: Tensor | float | None = None) -> None:
@@ -257,17 +265,7 @@ class ClassificationMetrics:
         correct = [hit[:, :min(k, maxk)].any(dim=1).sum(dtype=acc) for k in self.topk]
         like = logits.new_zeros((), dtype=acc)
         loss_sum = _scalar(0.0 if loss is None else loss, like) * b
-        sums = torch.stack([_scalar(b, like), loss_sum, *correct])
-        if self.sums.device != sums.device or self.sums.dtype != sums.dtype:
-            self.sums = self.sums.to(device=sums.device, dtype=sums.dtype)
-        self.sums += sums
-        self._reduced = False
-
-    def reduce_across_processes(self) -> "ClassificationMetrics":
-        if not self._reduced:
-            self.sums = all_reduce_sum(self.sums)
-            self._reduced = True
-        return self
+        self._add(torch.stack([_scalar(b, like), loss_sum, *correct]))
 
     def compute(self) -> dict[str, float]:
         """{'loss', 'acc1', 'acc5', ...} (accuracies in percent; NaN without samples)."""
