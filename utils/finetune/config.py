@@ -118,6 +118,7 @@ class SemSegConfig(DenseConfig):
     aug_name: str = 'simple'
     seg_reduce_zero_label: bool = False
     seg_use_void_label: bool = False
+    depth_stats_valid_only: bool = False
     opt_betas: tuple[float, ...] = (0.9, 0.999)
     lr: float = 0.0001
     layer_decay: float = 0.75
