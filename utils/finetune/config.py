@@ -79,6 +79,7 @@ class ClsConfig(FinetuneConfig):
     drop_path: float = 0.1
     use_mean_pooling: bool = True
     init_scale: float = 0.001
+    head_init: str = 'published'
     disable_eval_during_finetuning: bool = False
     model_ema: bool = False
     model_ema_decay: float = 0.9999
