@@ -38,6 +38,9 @@ def get_args_parser():
     add_bool_arg(g, "freeze_transformer", False, "train only the input adapters and the head")
     g.add_argument("--depth_mean", type=float, default=NYU_MEAN, help="nyu-augs: depth mean (file units)")
     g.add_argument("--depth_std", type=float, default=NYU_STD, help="nyu-augs: depth std (file units)")
+    g.add_argument("--depth_metrics", type=str, default="batch", choices=["batch", "pooled"],
+                   help="NYU depth metrics: 'batch' = mean of per-batch values (published, the paper's tables); "
+                        "'pooled' = per valid pixel over the whole split")
     g.add_argument("--max_train_images", type=int, default=None, help="train on a fixed random subset")
     g.add_argument("--max_test_images", type=int, default=None, help="test on a fixed random subset")
     add_finetune_args(p, input_size=256, max_val_images=100)

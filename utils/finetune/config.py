@@ -152,6 +152,7 @@ class DepthConfig(DenseConfig):
     freeze_transformer: bool = False
     depth_mean: float = 2070.7764
     depth_std: float = 777.5723
+    depth_metrics: str = 'batch'
     max_test_images: int | None = None
     input_size: int = 256
     max_val_images: int = 100
