@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Dense-regression fine-tuning of a (Multi)MAE encoder: NYUv2 depth (DPT or ConvNeXt head, BerHu/L1 with
-mask_valid, NYU augmentations, per-pixel depth metrics) and the Taskonomy targets (``--out_domains normal``,
+mask_valid, NYU augmentations, depth metrics) and the Taskonomy targets (``--out_domains normal``,
 ``principal_curvature``, ``depth_zbuffer``, ... with ``--aug_name taskonomy --loss l1``; configs in
-cfgs/finetune/taskonomy/). This replaces both published run_finetuning_depth.py and
-run_finetuning_taskonomy.py.
+cfgs/finetune/taskonomy/) on the multi-modal folder layout; run_finetuning_taskonomy.py reads the published
+Taskonomy layout.
 
     python run_finetuning_depth.py -c cfgs/finetune/depth/synthetic.yaml
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 run_finetuning_depth.py \\
