@@ -143,7 +143,7 @@ def test_taskonomy_layout_reads_back_with_the_published_scaling(tmp_path):
     from utils.data.finetune_transforms import DenseRegressionTransform
     from utils.data.taskonomy import TaskonomyDataset
 
-    runpy.run_path("tools/make_synthetic_dataset.py", run_name="not_main")["main"](
+    runpy.run_path(os.path.join(ROOT, "tools", "make_synthetic_dataset.py"), run_name="not_main")["main"](
         ["--layout", "taskonomy", "--output_dir", str(tmp_path), "--num_train", "3", "--num_val", "2",
          "--num_test", "1", "--image_size", "32"])
     with open(tmp_path / "tiny_train.csv", newline="") as f:
