@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Dense-regression fine-tuning of a (Multi)MAE encoder: NYUv2 depth (DPT or ConvNeXt head, BerHu/L1 with
-mask_valid, NYU augmentations, per-pixel depth metrics) and the Taskonomy targets (``--out_domains normal``,
+mask_valid, NYU augmentations, depth metrics) and the Taskonomy targets (``--out_domains normal``,
 ``principal_curvature``, ``depth_zbuffer``, ... with ``--aug_name taskonomy --loss l1``; configs in
-cfgs/finetune/taskonomy/). This replaces both published run_finetuning_depth.py and
-run_finetuning_taskonomy.py.
+cfgs/finetune/taskonomy/) on the multi-modal folder layout; run_finetuning_taskonomy.py reads the published
+Taskonomy layout.
 
     python run_finetuning_depth.py -c cfgs/finetune/depth/synthetic.yaml
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 run_finetuning_depth.py \\
@@ -38,6 +38,9 @@ def get_args_parser():
     add_bool_arg(g, "freeze_transformer", False, "train only the input adapters and the head")
     g.add_argument("--depth_mean", type=float, default=NYU_MEAN, help="nyu-augs: depth mean (file units)")
     g.add_argument("--depth_std", type=float, default=NYU_STD, help="nyu-augs: depth std (file units)")
+    g.add_argument("--depth_metrics", type=str, default="batch", choices=["batch", "pooled"],
+                   help="NYU depth metrics: 'batch' = mean of per-batch values (published, the paper's tables); "
+                        "'pooled' = per valid pixel over the whole split")
     g.add_argument("--max_train_images", type=int, default=None, help="train on a fixed random subset")
     g.add_argument("--max_test_images", type=int, default=None, help="test on a fixed random subset")
     add_finetune_args(p, input_size=256, max_val_images=100)

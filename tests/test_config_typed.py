@@ -8,14 +8,16 @@ import pytest
 import run_finetuning_cls
 import run_finetuning_depth
 import run_finetuning_semseg
+import run_finetuning_taskonomy
 import run_pretraining_multimae
 from utils.config import parse_args, save_config
 from utils.config.job import OptimConfig, RuntimeConfig
-from utils.finetune.config import ClsConfig, DepthConfig, SemSegConfig
+from utils.finetune.config import ClsConfig, DepthConfig, SemSegConfig, TaskonomyConfig
 from utils.pretrain.config import PretrainConfig
 
 SCRIPTS = [(run_pretraining_multimae, PretrainConfig), (run_finetuning_cls, ClsConfig),
-           (run_finetuning_semseg, SemSegConfig), (run_finetuning_depth, DepthConfig)]
+           (run_finetuning_semseg, SemSegConfig), (run_finetuning_depth, DepthConfig),
+           (run_finetuning_taskonomy, TaskonomyConfig)]
 
 
 def _declared(parser):

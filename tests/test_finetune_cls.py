@@ -292,3 +292,21 @@ def test_randaugment_posterize_to_zero_bits_does_not_crash(data):
         assert out.size == img.size and out.getextrema() == ((0, 0),) * 3
     two_bits = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5, hparams={})(img)
     assert two_bits.getpixel((0, 0)) == (192, 64, 0)
+
+
+def test_head_init_published_xavier_and_scaled_option():
+    """Published: the model's global init re-draws the head Xavier-uniform (U(-b, b), b = sqrt(6 / (in + out)),
+    zero bias), so init_scale has no effect; --head_init scaled gives trunc-normal(0.02) x init_scale."""
+    from utils.finetune.cls import build_cls_model
+
+    base = ["--model", "multivit_tiny", "--nb_classes", "100", "--input_size", "32", "--device", "cpu"]
+    torch.manual_seed(0)
+    head = build_cls_model(parse_args(get_args_parser(), base)).output_adapters["cls"].head
+    fan_in, fan_out = head.in_features, head.out_features
+    bound = (6.0 / (fan_in + fan_out)) ** 0.5
+    w = head.weight.detach()
+    assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+    assert (head.bias == 0).all()
+    scaled = parse_args(get_args_parser(), base + ["--head_init", "scaled", "--init_scale", "0.001"])
+    w = build_cls_model(scaled).output_adapters["cls"].head.weight.detach()
+    assert w.std().item() == pytest.approx(0.02 * 0.001, rel=0.1)

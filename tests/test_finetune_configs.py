@@ -1,6 +1,8 @@
 """Every published dense fine-tuning config (10 semseg, 2 NYU depth, 16 Taskonomy) starts unchanged apart from
 paths, epochs and batch size (plus a tiny model, a small input size and step caps), runs on the synthetic
-scenes on CPU and logs finite validation numbers."""
+scenes on CPU and logs finite validation numbers. The Taskonomy configs run through run_finetuning_taskonomy.py
+on the synthetic data in the published Taskonomy layout, and through run_finetuning_depth.py on the folder
+layout."""
 import glob
 import json
 import math
@@ -11,7 +13,9 @@ import pytest
 
 import run_finetuning_depth
 import run_finetuning_semseg
+import run_finetuning_taskonomy
 from utils.data.synthetic import make_synthetic_dataset
+from utils.data.synthetic_taskonomy import make_taskonomy_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SEMSEG = sorted(glob.glob(str(REPO / "cfgs/finetune/semseg/*/*.yaml")))
@@ -79,3 +83,27 @@ def test_regression_config_runs(cfg, data, tmp_path):
         assert "final weights" in records[-1]["test/weights"]  # --no_save_ckpt: said, not hidden
     else:
         assert 0.0 <= records[0]["val/delta1"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def taskonomy_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("taskonomy")
+    make_taskonomy_dataset(str(root), num_train=4, num_val=3, num_test=2, image_size=32)
+    return root
+
+
+@pytest.mark.parametrize("cfg", TASKONOMY, ids=lambda p: Path(p).stem)
+def test_taskonomy_config_runs_on_published_layout(cfg, taskonomy_data, tmp_path):
+    out = tmp_path / "out"
+    argv = ["-c", cfg, "--data_path", str(taskonomy_data), "--output_dir", str(out), "--finetune", "",
+            "--epochs", "1", "--batch_size", "2", "--model", "multivit_tiny", "--input_size", "32",
+            "--max_steps_per_epoch", "1", "--num_workers", "0", "--device", "cpu", "--no_save_ckpt", "--num_vis", "0",
+            "--print_freq", "100"]
+    args = run_finetuning_taskonomy.parse_config(argv, exit_on_error=False)
+    assert (args.max_train_images, args.max_val_images, args.loss, args.weight_decay) == (800, 200, "l1", 0.05)
+    run_finetuning_taskonomy.main(args)
+    records = _val_record(out)
+    task = args.out_domains
+    assert math.isfinite(records[0]["val/loss"]) and records[0]["train/loss"] > 0
+    assert records[0]["val/loss"] == pytest.approx(records[0][f"val/{task}_loss"])
+    assert math.isfinite(records[-1]["test/loss"])  # the published final test on the test split

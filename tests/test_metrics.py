@@ -5,6 +5,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,6 +114,35 @@ def test_depth_per_pixel_not_per_batch():
     assert m.compute()["abs_rel"] == pytest.approx(0.25)  # per-batch averaging would give 0.5
     m.reset()
     assert math.isnan(m.compute()["rmse"])
+
+
+def _published_batch_metrics(p, t, m, mean, std):
+    """The published per-batch NYU metrics (numpy): de-standardise, clamp at 1e-6, valid pixels only."""
+    p = np.maximum(p * std + mean, 1e-6)[m]
+    t = np.maximum(t * std + mean, 1e-6)[m]
+    d = p - t
+    ratio = np.maximum(p / t, t / p)
+    return {"rmse": np.sqrt(np.mean(d ** 2)), "abs_rel": np.mean(np.abs(d) / t), "sq_rel": np.mean(d ** 2 / t),
+            "rmse_log": np.sqrt(np.mean((np.log(p) - np.log(t)) ** 2)),
+            **{f"delta{k}": np.mean(ratio < 1.25 ** k) for k in (1, 2, 3)}}
+
+
+def test_depth_batch_mode_is_the_published_mean_of_batch_metrics():
+    g = torch.Generator().manual_seed(3)
+    mean, std = 2070.7764, 777.5723
+    m = DepthMetrics(mean=mean, std=std, mode="batch")
+    per_batch = []
+    for b in range(3):  # batches of unequal valid-pixel counts: per-batch and pooled means differ
+        p, t = torch.randn(b + 1, 1, 5, 6, generator=g), torch.randn(b + 1, 1, 5, 6, generator=g)
+        mask = torch.rand(b + 1, 1, 5, 6, generator=g) > 0.2 * (b + 1)
+        m.update(p, t, mask)
+        per_batch.append(_published_batch_metrics(p.double().numpy(), t.double().numpy(), mask.numpy(), mean, std))
+    expected = {k: float(np.mean([r[k] for r in per_batch])) for k in per_batch[0]}
+    assert m.compute() == pytest.approx(expected, rel=1e-4)
+    m.update(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2, dtype=torch.bool))
+    assert m.compute() == pytest.approx(expected, rel=1e-4)  # a batch without valid pixels is left out
+    with pytest.raises(ValueError, match="'pooled' or 'batch'"):
+        DepthMetrics(mode="pixel")
 
 
 # ---------------------------------------------------------------- classification / means

@@ -134,6 +134,20 @@ def test_published_configs_values(name):
     assert args.opt == "adamw" and args.min_lr == 0.0 and args.hflip == 0.5 and args.alphas == 1.0
 
 
+@pytest.mark.parametrize("name", ["multimae-b_98_rgb+-depth-semseg_1600e", "multimae-b_98_rgb+-depth-semseg_400e"])
+def test_published_configs_run_with_tiny_sizes(name, synthetic_root, tmp_path):
+    """Each released recipe runs unchanged but for paths, sizes (model, image, visible tokens, decoder),
+    batch and epochs: one optimizer step on the synthetic scenes."""
+    out = tmp_path / "run"
+    args = parse(["-c", f"cfgs/pretrain/{name}.yaml", "--data_path", str(synthetic_root / "train"),
+                  "--output_dir", str(out), "--model", "pretrain_multimae_tiny", "--input_size", "32",
+                  "--patch_size", "8", "--num_encoded_tokens", "12", "--decoder_dim", "64", "--decoder_num_heads", "2",
+                  "--batch_size", "2", "--epochs", "1", "--max_steps_per_epoch", "1", "--num_workers", "0",
+                  "--device", "cpu", "--save_vis_freq", "0"])
+    trainer = script.main(args)
+    assert trainer.global_step == 1 and math.isfinite(epoch_log(out)[0]["[Epoch] loss"])
+
+
 # ------------------------------------------------------------------------------------------ runs
 def test_short_run_matches_golden_loss_curve(synthetic_root, tmp_path):
     out = tmp_path / "run"

@@ -130,3 +130,41 @@ def test_regenerating_a_smaller_set_leaves_no_stale_files(tmp_path):
             assert files == sorted(f"{split}_{i:06d}.png" for i in range(count)), (split, mod)
         assert not (tmp_path / split / "normal").exists()  # the new set has no normals
     assert json.loads((tmp_path / "info.json").read_text())["num_train"] == 4
+
+
+def test_taskonomy_layout_reads_back_with_the_published_scaling(tmp_path):
+    """--layout taskonomy: split CSVs with the published columns, files named as published, and the data set
+    gives the published targets: depth clamp(x / 65535, 0, 8000 / 65535) / (8000 / 65535), normal / 255, and a
+    valid mask eroded to whole 4x4 cells."""
+    import csv
+
+    import torch
+
+    from utils.data.finetune_transforms import DenseRegressionTransform
+    from utils.data.taskonomy import TaskonomyDataset
+
+    runpy.run_path(os.path.join(ROOT, "tools", "make_synthetic_dataset.py"), run_name="not_main")["main"](
+        ["--layout", "taskonomy", "--output_dir", str(tmp_path), "--num_train", "3", "--num_val", "2",
+         "--num_test", "1", "--image_size", "32"])
+    with open(tmp_path / "tiny_train.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["building", "point", "view"]] + [["synthetic_train_0", str(i), "0"] for i in range(3)]
+    zb = np.asarray(Image.open(tmp_path / "depth_zbuffer/synthetic_train_0/point_1_view_0_domain_depth_zbuffer.png"))
+    mv = np.asarray(Image.open(tmp_path / "mask_valid/synthetic_train_0/point_1_view_0_domain_depth_zbuffer.png"))
+    nm = np.asarray(Image.open(tmp_path / "normal/synthetic_train_0/point_1_view_0_domain_normal.png"))
+    tasks = ["rgb", "depth_zbuffer", "normal", "mask_valid"]
+    ds = TaskonomyDataset(str(tmp_path), tasks, "train", transform=DenseRegressionTransform(image_size=32),
+                          max_images=2)
+    assert len(ds) == 2 and len(TaskonomyDataset(str(tmp_path), tasks, "val")) == 2
+    x, label = ds[1]
+    hi = 8000 / 65535
+    assert label == 0 and torch.allclose(x["depth_zbuffer"][0].double(),
+                                         torch.from_numpy(np.clip(zb / 65535, 0, hi) / hi), atol=1e-6)
+    assert torch.allclose(x["normal"].double(), torch.from_numpy(nm.transpose(2, 0, 1) / 255.0), atol=1e-6)
+    cells = (mv != 255).reshape(8, 4, 8, 4).any(axis=(1, 3))  # a cell with any invalid pixel is invalid
+    assert cells.any() and not cells.all() and (mv != 255).sum() < 16 * cells.sum()  # erosion widens holes
+    assert torch.equal(x["mask_valid"][0], torch.from_numpy(~np.kron(cells, np.ones((4, 4), bool))))
+    with pytest.raises(FileNotFoundError, match="tiny_train.csv"):
+        TaskonomyDataset(str(tmp_path / "nowhere"), tasks, "train")
+    with pytest.raises(FileNotFoundError, match="task 'edges'.*edges/synthetic_train_0"):
+        TaskonomyDataset(str(tmp_path), ["rgb", "edges"], "train")

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -88,6 +89,7 @@ def test_semseg_pad_is_bottom_right_and_random_scale_range():
 def test_semseg_val_transform_and_targets():
     sample = coord_sample()
     sample["depth"][:, 10:20, 10:20] = 254  # a real depth of 254 is not padding (published bug 9.24)
+    sample["mask_valid"][:, :, 40:] = 0  # a wide invalid band: the two statistics differ clearly
     t = build_semseg_transform(False, 32, num_classes=7)
     out = t(sample)
     assert PADDING_KEY not in out
@@ -97,12 +99,21 @@ def test_semseg_val_transform_and_targets():
     assert (out["depth"][0, 24:] == 0).all()
     # column 0 had mask_valid = 0 -> invalid and depth zeroed
     assert not out["mask_valid"][0, :24, 0].any() and (out["depth"][0, :24, 0] == 0).all()
-    # depth statistics come from the valid, unpadded pixels only
+    # published: the statistics leave out padding only (invalid pixels count), invalid pixels zeroed after
     aug = SemSegAugment(False, 32)(sample)
+    pad = aug[PADDING_KEY][0]
+    raw = aug["depth"][0].double().numpy()
+    vals = np.sort(raw[~pad.numpy()])
+    kept = vals[int(0.1 * vals.size):int(0.9 * vals.size)]
+    published = (raw - kept.mean()) / np.sqrt(kept.var(ddof=1) + 1e-6)
+    published[pad.numpy() | (aug["mask_valid"][0].numpy() != 255)] = 0
+    assert np.allclose(out["depth"][0].numpy(), published, atol=1e-5) and out["depth"][0, :24, 1:].abs().sum() > 0
+    assert (out["depth"][0, 5:10, 5:10] != 0).all()  # the 254 pixels are standardised like any other
+    # --depth_stats_valid_only: the statistics come from the valid, unpadded pixels only
+    out = build_semseg_transform(False, 32, num_classes=7, depth_stats_valid_only=True)(sample)
     valid = (aug["mask_valid"] == 255) & ~aug[PADDING_KEY]
     ref = robust_standardize(aug["depth"][None].float(), valid[None])[0]
-    assert torch.allclose(out["depth"], ref) and out["depth"][0, :24, 1:].abs().sum() > 0
-    assert (out["depth"][0, 5:10, 5:10] != 0).all()  # the 254 pixels are standardised like any other
+    assert torch.allclose(out["depth"], ref) and not np.allclose(out["depth"][0].numpy(), published, atol=1e-3)
 
 
 def test_semseg_target_label_mapping_reduce_zero_and_void():

@@ -139,7 +139,8 @@ class SemSegTarget:
       padding -> void label `num_classes` if `use_void_label` else `ignore_index`.
     - `mask_valid` -> bool (1, S, S) = (raw == 255) and not padding.
     - `depth` -> float (1, S, S): with `standardize_depth`, robust per-image standardisation whose statistics
-      exclude padding (and invalid pixels when mask_valid is present); 0 at padding and invalid pixels.
+      exclude padding; invalid pixels (mask_valid present) count in the statistics, as published, unless
+      `depth_stats_valid_only`; the output is 0 at padding and invalid pixels.
     - `pseudo_semseg` (an input) -> int64 (S/stride, S/stride), nearest; padding and any value >=
       `pseudo_num_classes` become the padding class `pseudo_num_classes` (same rule in train and eval).
     Other modalities pass through.
@@ -147,8 +148,10 @@ class SemSegTarget:
 
     def __init__(self, num_classes: int, ignore_index: int = SEG_IGNORE_INDEX, standardize_depth: bool = True,
                  reduce_zero_label: bool = False, use_void_label: bool = False,
-                 pseudo_num_classes: int = COCO_SEMSEG_NUM_CLASSES, semseg_stride: int = SEMSEG_STRIDE):
+                 pseudo_num_classes: int = COCO_SEMSEG_NUM_CLASSES, semseg_stride: int = SEMSEG_STRIDE,
+                 depth_stats_valid_only: bool = False):
         self.num_classes, self.ignore_index = int(num_classes), ignore_index
+        self.depth_stats_valid_only = depth_stats_valid_only
         self.standardize_depth, self.reduce_zero_label = standardize_depth, reduce_zero_label
         self.use_void_label, self.pseudo_num_classes, self.stride = use_void_label, pseudo_num_classes, semseg_stride
 
@@ -174,7 +177,8 @@ class SemSegTarget:
             depth = out["depth"].float().reshape(pad.shape)
             keep = ~pad if valid is None else valid
             if self.standardize_depth:
-                depth = robust_standardize(depth[None], keep[None])[0]
+                stats = keep if self.depth_stats_valid_only else ~pad
+                depth = robust_standardize(depth[None], stats[None])[0]
             out["depth"] = torch.where(keep, depth, 0.0)
         if "semseg" in out:
             out["semseg"] = self._labels(out["semseg"].reshape(pad.shape)[0], pad[0])

@@ -27,6 +27,7 @@ from utils.engine import dcp
 from utils.dist import all_gather_object, barrier, get_rank, get_world_size
 from utils.engine.batch import unwrap_model
 from utils.engine.ema import ema_state_dict, load_ema_state_dict
+from utils.engine.optim_state import load_optimizer_state
 from utils.engine.preemption import Preempted, StopRequest
 from utils.engine.rng import get_rng_state, set_rng_state
 from utils.logger import MetricLogger
@@ -188,7 +189,7 @@ class CheckpointPolicy:
         if "optimizer" not in ckpt or not isinstance(ckpt.get("epoch"), int):
             print(f"Loaded model weights from {source} (no optimizer state: starting at epoch {t.start_epoch})")
             return
-        t.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(t.optimizer, ckpt["optimizer"], source)  # maps other group layouts (published)
         t.start_epoch, t.start_step = ckpt["epoch"] + 1, 0
         t.global_step = t.start_epoch * t.steps_per_epoch
         if t.scaler is not None and ckpt.get("scaler"):

@@ -114,8 +114,9 @@ def build_cls_model(cfg: ClsConfig) -> nn.Module:
     """``cfg.model`` (a MultiViT, size preset overridden by ``encoder_depth/_dim/_num_heads`` when set) with
     an ``rgb`` input adapter and the ``cls`` head.
 
-    Fine-tuning head: LayerNorm + linear, weights trunc-normal(0.02) x ``init_scale`` (the published
-    model's global Xavier init silently overwrote ``init_scale``; here it takes effect).
+    Fine-tuning head: LayerNorm + linear. ``head_init='published'``: the model's global init (Xavier-uniform
+    weight, std sqrt(2 / (dim + classes)) ~ 0.034 for ViT-B/1000 classes, zero bias), which overwrites the
+    adapter's ``init_scale`` as the published code does; ``'scaled'``: trunc-normal(0.02) x ``init_scale``.
     Linear probe: BatchNorm1d(affine=False, eps=1e-6) + linear, trunc-normal(0.01) as MAE.
     """
     from multimae import LinearOutputAdapter, create_model
@@ -131,6 +132,8 @@ def build_cls_model(cfg: ClsConfig) -> nn.Module:
                          drop_rate=cfg.drop, attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path,
                          **size)
     linear = model.output_adapters[CLS].head
+    if not cfg.linear_probe and cfg.head_init == "published":
+        return model
     with torch.no_grad():
         trunc_normal_(linear.weight, std=0.01 if cfg.linear_probe else 0.02)
         nn.init.zeros_(linear.bias)

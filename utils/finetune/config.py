@@ -1,4 +1,4 @@
-"""The typed configurations of the fine-tuning scripts (classification, semantic segmentation, depth).
+"""The typed configurations of the fine-tuning scripts (classification, semantic segmentation, depth, Taskonomy).
 
 The fields equal the entry script's arguments and defaults (``tests/test_config_typed.py`` checks it): the
 shared sections' fields come from :class:`utils.config.job.JobConfig`, so a class lists only its own
@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from utils.config.job import JobConfig
 
-__all__ = ["FinetuneConfig", "DenseConfig", "ClsConfig", "SemSegConfig", "DepthConfig"]
+__all__ = ["FinetuneConfig", "DenseConfig", "ClsConfig", "SemSegConfig", "DepthConfig", "TaskonomyConfig"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class ClsConfig(FinetuneConfig):
     drop_path: float = 0.1
     use_mean_pooling: bool = True
     init_scale: float = 0.001
+    head_init: str = 'published'
     disable_eval_during_finetuning: bool = False
     model_ema: bool = False
     model_ema_decay: float = 0.9999
@@ -118,6 +119,7 @@ class SemSegConfig(DenseConfig):
     aug_name: str = 'simple'
     seg_reduce_zero_label: bool = False
     seg_use_void_label: bool = False
+    depth_stats_valid_only: bool = False
     opt_betas: tuple[float, ...] = (0.9, 0.999)
     lr: float = 0.0001
     layer_decay: float = 0.75
@@ -150,6 +152,7 @@ class DepthConfig(DenseConfig):
     freeze_transformer: bool = False
     depth_mean: float = 2070.7764
     depth_std: float = 777.5723
+    depth_metrics: str = 'batch'
     max_test_images: int | None = None
     input_size: int = 256
     max_val_images: int = 100
@@ -163,3 +166,31 @@ class DepthConfig(DenseConfig):
     num_workers: int = 16
     wandb_group: str = ''
     log_images_freq: int = 5
+
+
+@dataclass(frozen=True)
+class TaskonomyConfig(DepthConfig):
+    """Every argument of run_finetuning_taskonomy.py (the published Taskonomy layout: one ``data_path``, split
+    CSVs in ``split_dir``); the dense-regression fields it does not declare keep the depth defaults."""
+    omitted: ClassVar[frozenset[str]] = DepthConfig.omitted | frozenset({
+        'tmp', 'depth_mean', 'depth_std', 'depth_metrics', 'color_augs', 'decoder_preds_per_patch',
+        'eval_data_path', 'test_data_path'})
+    batch_size: int = 32
+    epochs: int = 100
+    out_domains: str = 'normal'
+    standardize_depth: bool = True
+    drop_path_encoder: float = 0.1
+    decoder_dim: int = 768
+    dataset_name: str = 'taskonomy'
+    amp: str = 'auto'
+    loss: str = 'l1'
+    aug_name: str = 'taskonomy'
+    split_dir: str | None = None
+    max_train_images: int | None = 1000
+    max_test_images: int | None = 54514
+    input_size: int = 384
+    weight_decay: float = 0.05
+    lr: float = 0.0003
+    warmup_epochs: int = 1
+    save_ckpt_freq: int = 20
+    find_unused_params: bool = True

@@ -113,7 +113,7 @@ class DenseJob(Job):
             return Parts(model, None, {'task': task})
         train_set, val_set = self.dataset(cfg, 'train'), self.dataset(cfg, 'val')
         print(f"Data: {len(train_set)} training images from {cfg.data_path}, {len(val_set)} validation images "
-              f"from {cfg.eval_data_path}; amp: {ctx.amp}, device: {ctx.device}")
+              f"from {cfg.eval_data_path or cfg.data_path}; amp: {ctx.amp}, device: {ctx.device}")
         loader = build_train_loader(train_set, cfg.batch_size, cfg.runtime, ctx)
         return Parts(model, loader, {'task': task, 'val_set': val_set})
 

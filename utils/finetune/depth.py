@@ -119,17 +119,20 @@ class RegressionStep:
 
 class RegressionEvaluator:
     """``evaluate(model, loader)``: loss per target (weighted by batch size) and, for a NYU ``depth``
-    target, δ1/δ2/δ3, abs_rel, sq_rel, rmse, rmse_log per valid pixel over the split (in the units of
-    ``depth_mean``/``depth_std``), reduced across processes."""
+    target, δ1/δ2/δ3, abs_rel, sq_rel, rmse, rmse_log over the valid pixels (in the units of
+    ``depth_mean``/``depth_std``): averaged per batch (``'batch'``, published) or pooled per pixel over the
+    split (``'pooled'``), reduced across processes."""
 
     def __init__(self, step: RegressionStep, device: torch.device, amp: str = 'none',
-                 depth_mean: float | None = None, depth_std: float | None = None, with_depth_metrics: bool = False):
-        self.step, self.device, self.amp = step, device, amp
+                 depth_mean: float | None = None, depth_std: float | None = None, with_depth_metrics: bool = False,
+                 depth_metrics_mode: str = 'batch'):
+        self.step, self.device, self.amp, self.depth_metrics_mode = step, device, amp, depth_metrics_mode
         self.depth_mean, self.depth_std, self.with_depth_metrics = depth_mean, depth_std, with_depth_metrics
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, loader) -> dict[str, float]:
-        depth = DepthMetrics(self.depth_mean, self.depth_std, device=self.device) if self.with_depth_metrics else None
+        depth = DepthMetrics(self.depth_mean, self.depth_std, device=self.device,
+                             mode=self.depth_metrics_mode) if self.with_depth_metrics else None
         losses = MeanAccumulator()
         names = ['loss'] + [f'{t}_loss' for t in self.step.losses]
         losses.update(n=0, **{k: 0.0 for k in names})  # same names on every process, even an empty shard
@@ -181,7 +184,7 @@ class DepthJob(DenseJob):
                               cfg.standardize_depth, return_all_layers=cfg.output_adapter == 'dpt',
                               depth_metrics=metrics)
         evaluator = RegressionEvaluator(step, ctx.device, ctx.amp, cfg.depth_mean, cfg.depth_std,
-                                        with_depth_metrics=nyu)
+                                        with_depth_metrics=nyu, depth_metrics_mode=cfg.depth_metrics)
         return DenseTask(step_fn=step, evaluate=evaluator, best_metric='val/loss', best_mode='min',
                          eval_batch_size=max(1, int(1.5 * cfg.batch_size)), predict=step.predict,
                          render=_RegressionRender(outs))

@@ -179,13 +179,27 @@ class DepthMetrics(_SummedMetric):
     sq_rel = mean (p-t)^2/t; rmse = sqrt(mean (p-t)^2); rmse_log = sqrt(mean (ln p - ln t)^2) (natural
     log: the published code called it 'log10'). Values are de-standardised first (x * std + mean) when
     mean/std are given (e.g. NYU_MEAN/NYU_STD) and clamped to >= `eps` for ratios and logs.
-    Every pixel weighs the same, whatever batch it came from (the published code averaged per batch).
+    ``mode='pooled'``: every pixel weighs the same, whatever batch it came from. ``mode='batch'`` (the
+    published evaluation, used for the paper's tables): each batch's metrics over its valid pixels, then the
+    mean over batches with equal weight per batch (batches without a valid pixel are left out).
     """
 
     def __init__(self, mean: float | None = None, std: float | None = None, eps: float = 1e-6,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, mode: str = "pooled"):
+        if mode not in ("pooled", "batch"):
+            raise ValueError(f"depth metrics mode must be 'pooled' or 'batch', got {mode!r}")
         super().__init__(len(_DEPTH_SUMS), device)
-        self.mean, self.std, self.eps = mean, std, eps
+        self.mean, self.std, self.eps, self.mode = mean, std, eps, mode
+
+    @staticmethod
+    def _batch_values(sums: Tensor) -> Tensor:
+        """One batch's metrics laid out like ``sums``: slot 0 = 1 if the batch had valid pixels (a batch
+        count), then abs_rel, sq_rel, rmse, rmse_log, delta1..3 of that batch (0 without valid pixels)."""
+        n = sums[0]
+        has = (n > 0).to(sums.dtype)
+        mean = sums[1:] / n.clamp_min(1)
+        mean = torch.cat([mean[:2], mean[2:4].sqrt(), mean[4:]])
+        return torch.cat([has[None], mean * has])
 
     def _destandardise(self, x: Tensor) -> Tensor:
         x = x.float()
@@ -220,7 +234,8 @@ class DepthMetrics(_SummedMetric):
 
     def update(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
         """Add a batch (shapes as `batch_sums`)."""
-        self._add(self.batch_sums(pred, target, mask))
+        sums = self.batch_sums(pred, target, mask)
+        self._add(self._batch_values(sums) if self.mode == "batch" else sums)
 
     @staticmethod
     def _finish(sums: Tensor) -> dict[str, float]:
@@ -236,7 +251,12 @@ class DepthMetrics(_SummedMetric):
 
     def compute(self) -> dict[str, float]:
         """{'delta1', 'delta2', 'delta3', 'abs_rel', 'sq_rel', 'rmse', 'rmse_log'} (NaN without pixels)."""
-        return self._finish(self.sums)
+        if self.mode == "pooled":
+            return self._finish(self.sums)
+        s = dict(zip(_DEPTH_SUMS, self.sums.double().cpu().tolist()))
+        n = s.pop("n")
+        names = {"sq_err": "rmse", "sq_log_err": "rmse_log"}
+        return {names.get(k, k): (v / n if n else float("nan")) for k, v in s.items()}
 
 
 def depth_metrics(pred: Tensor, target: Tensor, mask: Tensor | None = None, mean: float | None = None,

@@ -61,7 +61,8 @@ def build_semseg_dataset(cfg: SemSegConfig, split: str):
     transform = build_semseg_transform(split == 'train', cfg.input_size, cfg.num_classes, cfg.aug_name,
                                        standardize_depth=cfg.standardize_depth,
                                        reduce_zero_label=cfg.seg_reduce_zero_label,
-                                       use_void_label=cfg.seg_use_void_label)
+                                       use_void_label=cfg.seg_use_void_label,
+                                       depth_stats_valid_only=cfg.depth_stats_valid_only)
     prefixes = {'depth': 'pseudo_'} if cfg.load_pseudo_depth else None
     max_images = cfg.max_train_images if split == 'train' else cfg.max_val_images
     # ground-truth ids beyond the classes would crash the loss or vanish from the metrics: name the file instead
