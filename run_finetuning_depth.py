@@ -13,13 +13,12 @@ Taskonomy layout.
 Every published argument keeps its name and default; see FINETUNING.md for the fixes and additions.
 """
 from utils.config import (OMIT, add_bool_arg, add_checkpoint_args, add_dist_args, add_optim_args, add_runtime_args,
-                          add_wandb_args, create_parser, parse_args)
+                          add_wandb_args, create_parser)
 from utils.data.constants import NYU_MEAN, NYU_STD
 from utils.finetune.args import add_dense_args, add_finetune_args
 from utils.finetune.config import DepthConfig
 from utils.finetune.depth import validate_regression_args
-from utils.jobs import get_job
-from utils.runner import run
+from utils.runner import entry_point
 
 
 def get_args_parser():
@@ -61,14 +60,7 @@ def apply_tmp(args):
     return args
 
 
-def parse_config(argv=None, exit_on_error=True) -> DepthConfig:
-    """Command line + YAML (``--tmp`` applied before freezing), frozen and validated."""
-    return parse_args(get_args_parser(), argv, validate=validate_regression_args, config_class=DepthConfig,
-                      prepare=apply_tmp, exit_on_error=exit_on_error)
-
-
-def main(cfg: DepthConfig):
-    return run(cfg, get_job("finetune", "depth"))
+parse_config, main = entry_point(get_args_parser, DepthConfig, "finetune", "depth", validate=validate_regression_args, prepare=apply_tmp)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ set; RGB, depth, RGB-D or pseudo-labelled semseg inputs; ConvNeXt (default), DPT
 Every published argument keeps its name and default; see FINETUNING.md for the fixes and additions.
 """
 from utils.config import (OMIT, add_bool_arg, add_checkpoint_args, add_dist_args, add_optim_args, add_runtime_args,
-                          add_wandb_args, create_parser, parse_args)
+                          add_wandb_args, create_parser)
 from utils.finetune.args import add_dense_args, add_finetune_args
 from utils.finetune.config import SemSegConfig
 from utils.finetune.semseg import validate_semseg_args
-from utils.jobs import get_job
-from utils.runner import run
+from utils.runner import entry_point
 
 
 def get_args_parser():
@@ -41,14 +40,7 @@ def get_args_parser():
     return p
 
 
-def parse_config(argv=None, exit_on_error=True) -> SemSegConfig:
-    """Command line + YAML, frozen and validated."""
-    return parse_args(get_args_parser(), argv, validate=validate_semseg_args, config_class=SemSegConfig,
-                      exit_on_error=exit_on_error)
-
-
-def main(cfg: SemSegConfig):
-    return run(cfg, get_job("finetune", "semseg"))
+parse_config, main = entry_point(get_args_parser, SemSegConfig, "finetune", "semseg", validate=validate_semseg_args)
 
 
 if __name__ == "__main__":

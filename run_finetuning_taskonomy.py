@@ -13,12 +13,11 @@ epochs, the best checkpoint tested on the test split). run_finetuning_depth.py t
 multi-modal folder layout (``--aug_name taskonomy``).
 """
 from utils.config import (OMIT, add_bool_arg, add_checkpoint_args, add_dist_args, add_optim_args, add_runtime_args,
-                          add_wandb_args, create_parser, parse_args)
+                          add_wandb_args, create_parser)
 from utils.finetune.args import add_dense_args, add_finetune_args
 from utils.finetune.config import TaskonomyConfig
 from utils.finetune.taskonomy import validate_taskonomy_args
-from utils.jobs import get_job
-from utils.runner import run
+from utils.runner import entry_point
 
 
 def get_args_parser():
@@ -49,14 +48,7 @@ def get_args_parser():
     return p
 
 
-def parse_config(argv=None, exit_on_error=True) -> TaskonomyConfig:
-    """Command line + YAML, frozen and validated."""
-    return parse_args(get_args_parser(), argv, validate=validate_taskonomy_args, config_class=TaskonomyConfig,
-                      exit_on_error=exit_on_error)
-
-
-def main(cfg: TaskonomyConfig):
-    return run(cfg, get_job("finetune", "taskonomy"))
+parse_config, main = entry_point(get_args_parser, TaskonomyConfig, "finetune", "taskonomy", validate=validate_taskonomy_args)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -88,24 +88,34 @@ def _numbered_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _point_last_at(output_dir: Path, target: Path) -> None:
-    """Make checkpoint-last.pth refer to ``target`` without a second full write when possible."""
+def point_last_at(output_dir: Path, target: Path, copy: Callable[[Path, Path], None] | None = None) -> None:
+    """Make checkpoint-last.pth refer to ``target`` (a file, or the folder of a sharded checkpoint) in one
+    rename, without a second full write when links work; else ``copy(target, last)`` (default: a hard
+    link, then an atomic copy of the file)."""
     last = output_dir / LAST_NAME
     tmp = output_dir / f'.{LAST_NAME}.{os.getpid()}.tmp'
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:
         # A relative symlink survives moving/copying the whole output folder.
-        os.symlink(target.name, tmp)
+        os.symlink(target.name, tmp, target_is_directory=target.is_dir())
     except OSError:
-        try:
-            os.link(target, tmp)
-        except OSError:
-            with open(target, 'rb') as src, atomic_open(last, 'wb') as dst:
-                shutil.copyfileobj(src, dst)
-            return
+        (copy or _link_or_copy)(target, last)
+        return
+    if last.is_dir() and not last.is_symlink():
+        shutil.rmtree(last)
     os.replace(tmp, last)
     fsync_dir(output_dir)
+
+
+def _link_or_copy(target: Path, last: Path) -> None:
+    tmp = last.with_name(f'.{last.name}.{os.getpid()}.hardlink')
+    try:
+        os.link(target, tmp)
+        os.replace(tmp, last)
+    except OSError:
+        with open(target, 'rb') as src, atomic_open(last, 'wb') as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def save_checkpoint(output_dir: str | os.PathLike, tag: int | str, state: Mapping[str, Any],
@@ -129,7 +139,7 @@ def save_checkpoint(output_dir: str | os.PathLike, tag: int | str, state: Mappin
     if update_last is None:
         update_last = str(tag) != 'best'
     if update_last and str(tag) != 'last':
-        _point_last_at(output_dir, path)
+        point_last_at(output_dir, path)
     if keep_last is not None and keep_last > 0:
         numbered = _numbered_checkpoints(output_dir)
         protected = {path.resolve(), (output_dir / LAST_NAME).resolve()}

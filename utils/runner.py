@@ -8,17 +8,17 @@ newest checkpoint of ``output_dir``) and fits with the job's callbacks.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from utils.checkpoint import resolve_resume
-from utils.config import save_config
+from utils.config import parse_args, save_config
 from utils.config.job import JobConfig
 from utils.dist import destroy_distributed, init_distributed, seed_everything, set_deterministic
 from utils.engine.factory import build_trainer
-from utils.jobs import Job
+from utils.jobs import Job, get_job
 from utils.logger import WandbLogger
 
-__all__ = ["run"]
+__all__ = ["run", "entry_point"]
 
 
 def run(cfg: JobConfig, job: Job) -> Any:
@@ -51,3 +51,18 @@ def run(cfg: JobConfig, job: Job) -> Any:
         if wandb is not None:
             wandb.finish()
         destroy_distributed()
+
+
+def entry_point(get_args_parser: Callable[[], Any], config_class: type[JobConfig], kind: str, name: str,
+                validate: Any = None, prepare: Callable | None = None) -> tuple[Callable, Callable]:
+    """``(parse_config, main)`` of an entry script: ``parse_config(argv=None, exit_on_error=True)`` parses
+    command line + YAML into ``config_class`` (``prepare`` rewrites the parsed values first, ``validate``
+    checks them); ``main(cfg)`` runs the registered job ``kind``/``name`` on it."""
+    def parse_config(argv: Sequence[str] | None = None, exit_on_error: bool = True) -> JobConfig:
+        return parse_args(get_args_parser(), argv, validate=validate, config_class=config_class,
+                          prepare=prepare, exit_on_error=exit_on_error)
+
+    def main(cfg: JobConfig) -> Any:
+        return run(cfg, get_job(kind, name))
+
+    return parse_config, main

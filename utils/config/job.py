@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, fields
-from functools import cached_property
 from typing import Any, ClassVar, Mapping, TypeVar
 
 __all__ = ["OptimConfig", "CheckpointConfig", "RuntimeConfig", "DistConfig", "WandbConfig", "JobConfig"]
@@ -111,6 +110,25 @@ class WandbConfig:
     log_images_freq: int = 10
 
 
+class _Section:
+    """``cfg.<name>``: the fields of one section (a frozen dataclass ``cls``) of the job config, built on
+    first access and kept in the instance (like ``functools.cached_property``, which frozen dataclasses allow)."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__.get(self.name)
+        if value is None:
+            value = obj.__dict__[self.name] = _section(self.cls, obj.__dict__)
+        return value
+
+
 def _freeze(value: Any) -> Any:
     return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
 
@@ -156,22 +174,9 @@ class JobConfig(WandbConfig, DistConfig, RuntimeConfig, CheckpointConfig, OptimC
         """A field that only some jobs declare (``cfg.get('fp16')``)."""
         return getattr(self, key, default)
 
-    @cached_property
-    def optim(self) -> OptimConfig:
-        return _section(OptimConfig, self.__dict__)
-
-    @cached_property
-    def checkpoint(self) -> CheckpointConfig:
-        return _section(CheckpointConfig, self.__dict__)
-
-    @cached_property
-    def runtime(self) -> RuntimeConfig:
-        return _section(RuntimeConfig, self.__dict__)
-
-    @cached_property
-    def dist(self) -> DistConfig:
-        return _section(DistConfig, self.__dict__)
-
-    @cached_property
-    def wandb(self) -> WandbConfig:
-        return _section(WandbConfig, self.__dict__)
+    # The shared sections as their own frozen objects, made once per config: cfg.optim, cfg.checkpoint, ...
+    optim = _Section(OptimConfig)
+    checkpoint = _Section(CheckpointConfig)
+    runtime = _Section(RuntimeConfig)
+    dist = _Section(DistConfig)
+    wandb = _Section(WandbConfig)

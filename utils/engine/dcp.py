@@ -20,7 +20,6 @@ Public API: TRAINER_STATE, is_sharded_checkpoint, save_sharded, load_sharded, ex
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from utils.checkpoint import LAST_NAME, CheckpointError, atomic_save, load_checkpoint
+from utils.checkpoint import LAST_NAME, CheckpointError, atomic_save, load_checkpoint, point_last_at
 from utils.dist import barrier, is_main_process
 from utils.io import fsync_dir
 
@@ -81,24 +80,12 @@ def _replace_dir(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
-def _point_last_at(output_dir: Path, target: Path) -> None:
-    """Swap the ``checkpoint-last.pth`` link to ``target`` in one rename (a copy where links fail)."""
-    last = output_dir / LAST_NAME
-    link = output_dir / f".{LAST_NAME}.{os.getpid()}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        link.unlink()
-    try:
-        os.symlink(target.name, link, target_is_directory=True)
-    except OSError:
-        copy = output_dir / f".{LAST_NAME}.copy"
-        shutil.rmtree(copy, ignore_errors=True)
-        shutil.copytree(target, copy)
-        _replace_dir(copy, last)
-        return
-    if last.is_dir() and not last.is_symlink():
-        shutil.rmtree(last)
-    os.replace(link, last)
-    fsync_dir(output_dir)
+def _copy_dir_as_last(target: Path, last: Path) -> None:
+    """Where links fail: a full copy of the checkpoint folder, swapped in as ``checkpoint-last.pth``."""
+    copy = last.with_name(f".{last.name}.copy")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(target, copy)
+    _replace_dir(copy, last)
 
 
 def _prune(output_dir: Path, keep: Path, keep_last: int | None) -> None:
@@ -150,7 +137,7 @@ def save_sharded(output_dir: str | os.PathLike, tag: int | str, state: Mapping[s
     atomic_save(rest, tmp / TRAINER_STATE)
     _replace_dir(tmp, final)
     if str(tag) != "best":
-        _point_last_at(out, final)
+        point_last_at(out, final, _copy_dir_as_last)
     _prune(out, final, keep_last)
     barrier()  # nobody goes on (or exits) before the checkpoint is in place
     return final
