@@ -97,8 +97,8 @@ def test_image_size_of_a_strided_input_is_multiplied_by_its_stride():
 def test_drop_path_grows_linearly_over_depth():
     ins = {"rgb": PatchedInputAdapter(3, 1, 4, image_size=16)}
     model = MultiMAE(ins, None, dim_tokens=D, depth=4, num_heads=2, drop_path_rate=0.3)
-    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in model.encoder]
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.encoder]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
     out = SpatialOutputAdapter(3, 1, 4, dim_tokens=D, depth=3, num_heads=2, image_size=16, drop_path_rate=0.2)
-    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in out.decoder_transformer]
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in out.decoder_transformer]
     assert rates == pytest.approx([0.0, 0.1, 0.2])

@@ -56,7 +56,7 @@ def test_a_new_modality_pretrains_and_finetunes(elevation, tmp_path):
             "--num_workers", "0", "--print_freq", "100", "--epochs", "1", "--lr", "1e-3", "--device", "cpu",
             "--drop_path_encoder", "0.0", "--num_vis", "0"]
     record = run_finetuning_semseg.main(run_finetuning_semseg.parse_config(argv, exit_on_error=False))
-    assert 0.0 <= record["val/mIoU"] <= 100.0
+    assert 0.0 <= record["val/mean_iou"] <= 100.0
     ft = torch.load(ft_out / "checkpoint-best.pth", weights_only=True)["model"]
     pre = ckpt["model"]
     # The fine-tuned model has the new modality's input adapter, initialised from pre-training (its

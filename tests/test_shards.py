@@ -244,10 +244,11 @@ def test_pretrain_loader_and_vis_samples(shards):
 
 
 def test_finetune_train_split(shards):
-    from utils.finetune.runner import build_train_loader
+    from utils.config.job import RuntimeConfig
     from utils.data.shards import train_split_stream
+    from utils.finetune.common import build_train_loader
     stream = train_split_stream(shards['orig'], 'train', ['rgb', 'depth'], None, batch_size=8, seed=0)
-    loader = build_train_loader(stream, argparse.Namespace(batch_size=8, seed=0, num_workers=1, pin_mem=False))
+    loader = build_train_loader(stream, 8, RuntimeConfig(seed=0, num_workers=1, pin_mem=False))
     assert isinstance(loader, ShardLoader) and len(loader) == 4
     assert sorted(i for b in loader for i in b.indices) == list(range(N))
     with pytest.raises(ValueError, match='training split only'):

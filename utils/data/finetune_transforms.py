@@ -143,14 +143,16 @@ class SemSegTarget:
       `depth_stats_valid_only`; the output is 0 at padding and invalid pixels.
     - `pseudo_semseg` (an input) -> int64 (S/stride, S/stride), nearest; padding and any value >=
       `pseudo_num_classes` become the padding class `pseudo_num_classes` (same rule in train and eval).
+    - other dense inputs named in `dense_scales` -> float, file value x scale, 0 at padding.
     Other modalities pass through.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = SEG_IGNORE_INDEX, standardize_depth: bool = True,
                  reduce_zero_label: bool = False, use_void_label: bool = False,
                  pseudo_num_classes: int = COCO_SEMSEG_NUM_CLASSES, semseg_stride: int = SEMSEG_STRIDE,
-                 depth_stats_valid_only: bool = False):
+                 depth_stats_valid_only: bool = False, dense_scales: Mapping[str, float] | None = None):
         self.num_classes, self.ignore_index = int(num_classes), ignore_index
+        self.dense_scales = dict(dense_scales or {})
         self.depth_stats_valid_only = depth_stats_valid_only
         self.standardize_depth, self.reduce_zero_label = standardize_depth, reduce_zero_label
         self.use_void_label, self.pseudo_num_classes, self.stride = use_void_label, pseudo_num_classes, semseg_stride
@@ -180,6 +182,9 @@ class SemSegTarget:
                 stats = keep if self.depth_stats_valid_only else ~pad
                 depth = robust_standardize(depth[None], stats[None])[0]
             out["depth"] = torch.where(keep, depth, 0.0)
+        for k, scale in self.dense_scales.items():
+            if k in out:
+                out[k] = torch.where(pad, 0.0, out[k].float() * scale)
         if "semseg" in out:
             out["semseg"] = self._labels(out["semseg"].reshape(pad.shape)[0], pad[0])
         if "pseudo_semseg" in out:
@@ -191,11 +196,17 @@ class SemSegTarget:
 
 
 def build_semseg_transform(train: bool, input_size: int, num_classes: int, aug_name: str = "simple",
+                           dense_scales: Mapping[str, float] | None = None,
                            **target_kwargs) -> Callable[[Mapping[str, Tensor]], dict[str, Tensor]]:
-    """`SemSegAugment` then `SemSegTarget(num_classes, **target_kwargs)`; aug_name 'simple' is the only one."""
+    """`SemSegAugment` then `SemSegTarget(num_classes, **target_kwargs)`; aug_name 'simple' is the only one.
+    ``dense_scales``: dense inputs other than depth (any registered dense modality) and the factor that
+    turns their file values into floats (the modality's ``value_scale``); they are resized, padded with 0
+    and scaled like depth, without its standardisation."""
     if aug_name != "simple":
         raise ValueError(f"unknown semseg augmentation {aug_name!r}; expected 'simple'")
-    return v2.Compose([SemSegAugment(train, input_size), SemSegTarget(num_classes, **target_kwargs)])
+    dense_scales = dict(dense_scales or {})
+    return v2.Compose([SemSegAugment(train, input_size, depth_keys=("depth", *dense_scales)),
+                       SemSegTarget(num_classes, dense_scales=dense_scales, **target_kwargs)])
 
 
 # ------------------------------------------------------------------------------------------------ NYU depth

@@ -62,7 +62,10 @@ def build_semseg_dataset(cfg: SemSegConfig, split: str):
                                        standardize_depth=cfg.standardize_depth,
                                        reduce_zero_label=cfg.seg_reduce_zero_label,
                                        use_void_label=cfg.seg_use_void_label,
-                                       depth_stats_valid_only=cfg.depth_stats_valid_only)
+                                       depth_stats_valid_only=cfg.depth_stats_valid_only,
+                                       dense_scales={d: MODALITIES[d].value_scale for d in domains
+                                                     if d != 'depth' and d in MODALITIES
+                                                     and MODALITIES[d].kind == 'dense'})
     prefixes = {'depth': 'pseudo_'} if cfg.load_pseudo_depth else None
     max_images = cfg.max_train_images if split == 'train' else cfg.max_val_images
     # ground-truth ids beyond the classes would crash the loss or vanish from the metrics: name the file instead
