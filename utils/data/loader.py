@@ -93,8 +93,15 @@ class ResumableBatchSampler:
         self._skip = max(0, int(n))
 
     def __iter__(self) -> Iterator[list]:
-        skip, self._skip = self._skip, 0
-        return itertools.islice(iter(self.batch_sampler), skip, None)
+        # A generator: the skip is taken when the first batch is drawn, not when iter() is called. A
+        # multi-process DataLoader calls iter() on its batch sampler twice (once in the base iterator, once
+        # when it starts its workers) and draws only from the second one.
+        skip_ref = self
+
+        def batches() -> Iterator[list]:
+            skip, skip_ref._skip = skip_ref._skip, 0
+            yield from itertools.islice(iter(skip_ref.batch_sampler), skip, None)
+        return batches()
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
