@@ -274,7 +274,7 @@ class Trainer:
             getattr(loader, "num_workers", 0) == 0 or getattr(inner, "seeded_per_sample", False))
         if skip and fast:
             sampler.skip_next(skip)  # indices drawn, nothing loaded
-        it = iter(loader)
+        it = self._data_iter = iter(loader)
         if skip and not fast:
             print(f"Replaying {skip} batches of epoch {epoch} to reach the resume position (the dataset is not "
                   f"seeded per sample, so its worker RNG streams must see them)")
@@ -383,9 +383,22 @@ class Trainer:
                     self.log.write_epoch(record, epoch, self.global_step)
                     if epoch + 1 < self.epochs and stop.agreed():
                         self.checkpointing.exit_preempted(f"the end of epoch {epoch}", None, stop)
+            except BaseException:
+                self._shutdown_workers()
+                raise
             finally:
                 self.stop = None
         return record
+
+    def _shutdown_workers(self) -> None:
+        """Stop the data-loader workers of the current epoch now. Workers ignore SIGTERM (see
+        :mod:`utils.data.loader`), so the SIGTERM-then-join of interpreter shutdown would wait for them
+        forever while the traceback keeps the iterator alive; the loader's own shutdown ends them."""
+        it, self._data_iter = getattr(self, "_data_iter", None), None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            with contextlib.suppress(Exception):
+                shutdown()
 
     def checkpoint_state(self, epoch: int, position: tuple[int, int] | None = None,
                          meters: MetricLogger | None = None) -> dict:
