@@ -23,7 +23,7 @@ def add_finetune_args(parser: argparse.ArgumentParser, **overrides: Any) -> None
     max_steps_per_epoch, num_vis.
     """
     specs = {
-        'model': ('multivit_base', dict(type=str, help='registered MultiViT (multivit_{tiny,small,base,large})')),
+        'model': ('multivit_base', dict(type=str, help='the MultiViT to fine-tune')),
         'num_global_tokens': (1, dict(type=int, help='global tokens appended to the patch tokens')),
         'patch_size': (16, dict(type=int, help='patch size of the input adapters')),
         'input_size': (224, dict(type=int, help='image size the network sees (square)')),
