@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from utils.config import ConfigError, load_yaml_config
+from utils.config.checks import require_data_path
 from utils.data.modalities import build_input_adapters
 from utils.dist import DistContext
 from utils.engine.factory import TrainingPlan, peak_lr
@@ -104,6 +105,9 @@ def validate_cls_args(cfg: ClsConfig) -> list[str]:
         errors.append(f"--nb_classes must be >= 1, got {cfg.nb_classes}")
     if cfg.max_steps_per_epoch is not None and cfg.max_steps_per_epoch < 1:
         errors.append(f"--max_steps_per_epoch must be >= 1, got {cfg.max_steps_per_epoch}")
+    errors += filter(None, [require_data_path("data_path", cfg.data_path)])
+    if cfg.data_set != "CIFAR":  # CIFAR-100 reads both splits from --data_path
+        errors += filter(None, [require_data_path("eval_data_path", cfg.eval_data_path, "data/synthetic/val")])
     return errors
 
 
