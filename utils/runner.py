@@ -15,6 +15,7 @@ from utils.config import parse_args, save_config
 from utils.config.job import JobConfig
 from utils.dist import destroy_distributed, init_distributed, seed_everything, set_deterministic
 from utils.engine.factory import build_trainer
+from utils.engine.progress import RunProgress, console_copy
 from utils.jobs import Job, get_job
 from utils.logger import WandbLogger
 
@@ -29,6 +30,11 @@ def run(cfg: JobConfig, job: Job) -> Any:
     seed_everything(cfg.runtime.seed, ctx.rank)
     set_deterministic(cfg.runtime.deterministic)
     ctx = ctx._replace(amp=job.resolve_amp(cfg, ctx.device))
+    with console_copy(cfg.checkpoint.output_dir, ctx.is_main):
+        return _run(cfg, job, ctx)
+
+
+def _run(cfg: JobConfig, job: Job, ctx: Any) -> Any:
     wandb = None
     try:
         if cfg.checkpoint.output_dir and ctx.is_main and job.saves_config(cfg):
@@ -50,6 +56,7 @@ def run(cfg: JobConfig, job: Job) -> Any:
                   "--output_dir")
         else:
             print(f"Training epochs {trainer.start_epoch}..{epochs - 1} on {ctx.device} (amp: {ctx.amp})")
+        callbacks = [*callbacks, RunProgress(epochs, trainer.start_epoch)]
         record = trainer.fit(parts.train_loader, callbacks=callbacks)
         return job.finish(cfg, ctx, parts, trainer, record, wandb)
     finally:

@@ -147,7 +147,7 @@ def build_cls_model(cfg: ClsConfig) -> nn.Module:
 
 
 def load_cls_pretrained(model: nn.Module, path: str, keep_head: bool = True,
-                        log: Callable[[str], None] | None = print):
+                        log: Callable[[str], None] | None = print, output_dir: str = ""):
     """Load pre-trained weights (MultiMAE/MultiViT/timm, .pth/.safetensors) via
     :func:`utils.weights.load_finetune_weights`: pre-training decoders are dropped, position embeddings
     interpolated, every key reported, missing encoder weights are an error. A ``cls`` head of the right
@@ -161,7 +161,7 @@ def load_cls_pretrained(model: nn.Module, path: str, keep_head: bool = True,
     report = load_finetune_weights(model, sd, log=None, drop_output_adapters=False)
     report.source, report.dropped = str(path), dropped + report.dropped
     if log is not None:
-        log(report.summary())
+        log(report.summary(report.write(output_dir)))
     return report
 
 
@@ -349,7 +349,8 @@ class ClsJob(Job):
         val_ds = build_cls_dataset(cfg, is_train=False) if cfg.eval or not cfg.disable_eval_during_finetuning else None
         model = build_cls_model(cfg)
         if cfg.finetune:
-            load_cls_pretrained(model, cfg.finetune, keep_head=not cfg.linear_probe)
+            load_cls_pretrained(model, cfg.finetune, keep_head=not cfg.linear_probe,
+                                output_dir=cfg.checkpoint.output_dir)
         if cfg.linear_probe:
             print(f"Linear probe: training only {freeze_for_linear_probe(model)}")
         model.to(ctx.device)
