@@ -58,8 +58,9 @@ def get_args_parser():
     g = p.add_argument_group("data")
     g.add_argument("--hflip", type=float, default=0.5)
     g.add_argument("--train_interpolation", type=str, default="bicubic", choices=["bilinear", "bicubic"])
-    g.add_argument("--data_path", type=str, default="data/synthetic/train",
-                   help="split root holding rgb/, depth/, semseg/ (<modality>/<class>/<image>)")
+    g.add_argument("--data_path", type=str, default="",
+                   help="split root holding rgb/, depth/, semseg/ (<modality>/<class>/<image>); required "
+                        "(the demo: data/synthetic/train)")
     add_bool_arg(g, "imagenet_default_mean_and_std", True, "ImageNet mean/std (else 0.5/0.5)")
     add_checkpoint_args(p)
     add_runtime_args(p, amp=OMIT)

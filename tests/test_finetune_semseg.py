@@ -99,7 +99,7 @@ def test_prediction_pictures_written(trained):
     assert names == ["predictions_e0000.png", "predictions_e0002.png"]  # every 2 epochs and the last
     with Image.open(trained / "vis" / "predictions_e0002.png") as im:
         # 3 images x (rgb, prediction, ground truth), 128 px tiles with 2 px gaps
-        assert im.size == (3 * 130, 3 * 130) and im.mode == "RGB"
+        assert im.size == (3 * 130, 14 + 3 * 130) and im.mode == "RGB"  # 14 px of column titles
 
 
 def _tiny_multimae_checkpoint(path):

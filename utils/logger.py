@@ -217,16 +217,18 @@ class MetricLogger:
             meter.count, meter._total = int(round(count)), float(total)
 
     def log_every(self, iterable: Iterable, print_freq: int = 10, header: str = '',
-                  batch_size: int | None = None, total: int | None = None) -> Iterator:
+                  batch_size: int | None = None, total: int | None = None, start: int = 0) -> Iterator:
         """Yield from ``iterable``, printing a progress line every ``print_freq`` steps and at the end:
         ``header [ i/N]  eta  <meters>  img/s  time  data  [max mem]``. ``img/s`` counts all ranks
-        (``batch_size`` per rank x world size); ``max mem`` appears only when CUDA was used."""
-        n = total if total is not None else len(iterable)  # type: ignore[arg-type]
+        (``batch_size`` per rank x world size); ``max mem`` appears only when CUDA was used.
+        ``start``: steps of the epoch already done (a resumed epoch counts on from ``[start/N]``, ``total``
+        being the whole epoch's N); ``iterable`` then holds the remaining ``N - start`` items."""
+        n = total if total is not None else len(iterable) + start  # type: ignore[arg-type]
         print_freq = max(1, int(print_freq))
         iter_time, data_time = SmoothedValue(fmt='{avg:.4f}'), SmoothedValue(fmt='{avg:.4f}')
         width = len(str(n))
-        start = end = time.time()
-        i = 0
+        t0 = end = time.time()
+        i = first = int(start)
         for obj in iterable:
             data_time.update(time.time() - end)
             yield obj
@@ -242,8 +244,8 @@ class MetricLogger:
                 self.printer(self.delimiter.join(parts))
             i += 1
             end = time.time()
-        elapsed = time.time() - start
-        self.printer(f'{header} Total time: {_hms(elapsed)} ({elapsed / max(i, 1):.4f} s / it)'.strip())
+        elapsed = time.time() - t0
+        self.printer(f'{header} Total time: {_hms(elapsed)} ({elapsed / max(i - first, 1):.4f} s / it)'.strip())
 
 
 def _jsonable(value: Any) -> Any:

@@ -15,6 +15,7 @@ from utils.config import parse_args, save_config
 from utils.config.job import JobConfig
 from utils.dist import destroy_distributed, init_distributed, seed_everything, set_deterministic
 from utils.engine.factory import build_trainer
+from utils.engine.progress import RunProgress, console_copy
 from utils.jobs import Job, get_job
 from utils.logger import WandbLogger
 
@@ -24,12 +25,16 @@ __all__ = ["run", "entry_point"]
 def run(cfg: JobConfig, job: Job) -> Any:
     """Run ``job`` with ``cfg``; returns the last record (an epoch, evaluation or test record), or the
     trainer for pre-training jobs (whose ``finish`` returns it)."""
-    if not cfg.runtime.show_user_warnings:
-        warnings.filterwarnings("ignore", category=UserWarning)
+    show_own_warnings(cfg.runtime.show_user_warnings)
     ctx = init_distributed(cfg.dist, cfg.runtime.device, cfg.runtime.tf32)
     seed_everything(cfg.runtime.seed, ctx.rank)
     set_deterministic(cfg.runtime.deterministic)
     ctx = ctx._replace(amp=job.resolve_amp(cfg, ctx.device))
+    with console_copy(cfg.checkpoint.output_dir, ctx.is_main):
+        return _run(cfg, job, ctx)
+
+
+def _run(cfg: JobConfig, job: Job, ctx: Any) -> Any:
     wandb = None
     try:
         if cfg.checkpoint.output_dir and ctx.is_main and job.saves_config(cfg):
@@ -44,13 +49,28 @@ def run(cfg: JobConfig, job: Job) -> Any:
         callbacks = job.callbacks(cfg, ctx, parts, trainer, wandb)
         trainer.start_epoch = cfg.checkpoint.start_epoch
         trainer.resume(resolve_resume(cfg.checkpoint))  # last: restores the RNG states
-        print(f"Training epochs {trainer.start_epoch}..{cfg.get('epochs') - 1} on {ctx.device} (amp: {ctx.amp})")
+        epochs = cfg.get('epochs')
+        if trainer.start_epoch >= epochs:
+            print(f"Nothing to train: {cfg.checkpoint.output_dir or cfg.checkpoint.resume} holds a finished run "
+                  f"(epoch {trainer.start_epoch} of {epochs}). Raise --epochs to continue, or use another "
+                  "--output_dir")
+        else:
+            print(f"Training epochs {trainer.start_epoch}..{epochs - 1} on {ctx.device} (amp: {ctx.amp})")
+        callbacks = [*callbacks, RunProgress(epochs, trainer.start_epoch)]
         record = trainer.fit(parts.train_loader, callbacks=callbacks)
         return job.finish(cfg, ctx, parts, trainer, record, wandb)
     finally:
         if wandb is not None:
             wandb.finish()
         destroy_distributed()
+
+
+def show_own_warnings(show_all: bool) -> None:
+    """Every script alike: the project's own warnings (raised in ``utils``, ``multimae``, ``tools``) are always
+    shown; other libraries' UserWarnings only with ``--show_user_warnings``."""
+    if not show_all:
+        warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("default", category=UserWarning, module=r"(utils|multimae|tools)(\.|$)")
 
 
 def entry_point(get_args_parser: Callable[[], Any], config_class: type[JobConfig], kind: str, name: str,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from utils.checkpoint import load_checkpoint
+from utils.dist import is_main_process
 
 __all__ = [
     "WeightsMismatchError", "load_weights_file", "load_weights_with_metadata", "extract_state_dict",
@@ -202,17 +205,54 @@ class FinetuneLoadReport:
     interpolated: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     padded: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
-    def summary(self) -> str:
+    def _categories(self) -> list[tuple[str, list[str]]]:
+        return [("loaded", self.loaded), ("missing (initialised from scratch)", self.missing),
+                ("unexpected (ignored)", self.unexpected), ("dropped before loading", self.dropped)]
+
+    def _reshaped(self) -> list[str]:
+        return [f"  {title}: {k} {tuple(a)} -> {tuple(b)}"
+                for title, d in (("pos_emb interpolated (bicubic)", self.interpolated),
+                                 ("class_emb padded with zero rows", self.padded)) for k, (a, b) in d.items()]
+
+    def summary(self, full_list: str | os.PathLike | None = None) -> str:
+        """A few console lines: each category's count with its keys grouped by prefix (``encoder x144``),
+        the reshaped embeddings, and where ``full_list`` (the file of :meth:`details`) is."""
         lines = [f"Loaded pre-trained weights from {self.source} ({self.source_format})"]
-        for title, keys in (("loaded", self.loaded), ("missing (initialised from scratch)", self.missing),
-                            ("unexpected (ignored)", self.unexpected),
-                            ("dropped before loading", self.dropped)):
+        for title, keys in self._categories():
+            groups = Counter(_key_group(k) for k in keys)
+            shown = ", ".join(f"{g} x{n}" for g, n in groups.most_common(4))
+            lines.append(f"  {title}: {len(keys)}" + (f" ({shown}{', ...' if len(groups) > 4 else ''})"
+                                                      if keys else ""))
+        lines += self._reshaped()
+        if full_list:
+            lines.append(f"  every key: {full_list}")
+        return "\n".join(lines)
+
+    def details(self) -> str:
+        """The full listing: every key of every category (numbered layers folded, see compress_keys)."""
+        lines = [f"Loaded pre-trained weights from {self.source} ({self.source_format})"]
+        for title, keys in self._categories():
             lines.append(f"  {title}: {len(keys)}")
             lines += [f"    {k}" for k in compress_keys(keys)]
-        for title, d in (("pos_emb interpolated (bicubic)", self.interpolated),
-                         ("class_emb padded with zero rows", self.padded)):
-            lines += [f"  {title}: {k} {tuple(a)} -> {tuple(b)}" for k, (a, b) in d.items()]
-        return "\n".join(lines)
+        return "\n".join(lines + self._reshaped())
+
+    def write(self, output_dir: str | os.PathLike, filename: str = "load_report.txt") -> Path | None:
+        """:meth:`details` to ``output_dir/filename`` (atomically; main process only, '' = nowhere)."""
+        if not output_dir or not is_main_process():
+            return None
+        from utils.io import atomic_open
+
+        path = Path(output_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path, "w") as f:
+            f.write(self.details() + "\n")
+        return path
+
+
+def _key_group(key: str) -> str:
+    """'output_adapters.rgb.x' -> 'output_adapters.rgb'; 'encoder.3.mlp.w' -> 'encoder'."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and not parts[1].isdigit() else parts[0]
 
 
 def compress_keys(keys: Iterable[str]) -> list[str]:
@@ -297,14 +337,16 @@ def prepare_finetune_state_dict(model: nn.Module, sd: Mapping[str, Tensor], drop
 
 def load_finetune_weights(model: nn.Module, source: str | Path | Mapping[str, Tensor],
                           log: Callable[[str], None] | None = print, drop_output_adapters: bool = True,
-                          allow_missing: Iterable[str] = ()) -> FinetuneLoadReport:
+                          allow_missing: Iterable[str] = (), output_dir: str | os.PathLike = ""
+                          ) -> FinetuneLoadReport:
     """Load pre-trained weights into `model` for fine-tuning and log exactly what happened.
 
     source: a file path / URL (see `load_weights_file`) or an already loaded (checkpoint) dict.
     Missing heads / output adapters are expected; a missing encoder weight (`encoder.*`, `global_tokens`,
     the input adapters of the model's in-domains) raises `WeightsMismatchError` naming the keys, unless it
     matches one of the `allow_missing` glob patterns (e.g. 'input_adapters.depth.*' to fine-tune a new
-    depth input from an RGB-only checkpoint). Loads with strict=False after these checks.
+    depth input from an RGB-only checkpoint). Loads with strict=False after these checks. ``log`` gets a
+    short summary; the full key listing goes to ``output_dir/load_report.txt`` (when given).
     """
     if isinstance(source, Mapping):
         name, sd = "<state dict>", extract_state_dict(source)
@@ -326,5 +368,5 @@ def load_finetune_weights(model: nn.Module, source: str | Path | Mapping[str, Te
     unexpected = set(report.unexpected)
     report.loaded = [k for k in sd if k not in unexpected]
     if log is not None:
-        log(report.summary())
+        log(report.summary(report.write(output_dir)))
     return report

@@ -61,6 +61,14 @@ def check_path_exists(flag: str, path: str | None, kind: str = 'file') -> str | 
     return f"--{flag}: {what} not found: '{path}'"
 
 
+def require_data_path(flag: str, path: str | None, demo: str = 'data/synthetic/train') -> str | None:
+    """An error line when the split folder ``--<flag>`` is not given (no demo data is used behind a
+    user's back: the demo's own configs name their folders), else None."""
+    if path:
+        return None
+    return f"--{flag} is required: a split folder with <modality>/<class>/<image> (for the demo: {demo})"
+
+
 def check_shared_args(args: argparse.Namespace) -> list[str]:
     """Checks of the arguments declared by ``utils.config``'s shared groups (absent ones are skipped)."""
     errors = []
@@ -125,9 +133,9 @@ def check_pretrain_args(args: argparse.Namespace) -> list[str]:
     if alphas is not None and alphas <= 0:
         errors.append(f'--alphas (Dirichlet concentration) must be > 0, got {alphas}')
     data = _get(args, 'data_path')
-    err = check_path_exists('data_path', data, 'folder')
+    err = require_data_path('data_path', data) or check_path_exists('data_path', data, 'folder')
     if err:
-        errors.append(err + ' (expected <data_path>/<modality>/<class>/<image>)')
+        errors.append(err if not data else err + ' (expected <data_path>/<modality>/<class>/<image>)')
     elif data:
         missing = [d for d in domains if not os.path.isdir(os.path.join(data, d))]
         if missing:

@@ -40,6 +40,7 @@ turned off from the command line.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
@@ -82,9 +83,33 @@ class _ResolvedArgs(argparse.Namespace):
 def create_parser(description: str = '') -> argparse.ArgumentParser:
     """An ArgumentParser with ``-c/--config`` and without prefix abbreviations (``--lr`` must not
     silently match ``--lr_scale``)."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False, formatter_class=DefaultsHelpFormatter)
     _ensure_config_arg(parser)
     return parser
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that states every default: ``(default: X)`` is appended to each option whose help does
+    not already name it (booleans say it themselves; the ``--no_x`` halves and ``--help`` are left alone).
+    Choices are shown by argparse itself (``{auto,bf16,fp16,none}``); ``--model`` lists the registered
+    models of its kind (those sharing the default's prefix, e.g. every ``pretrain_multimae_*``)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.option_strings and not action.help and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)  # argparse prints nothing for an option without help text
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or '').strip()
+        if action.dest == 'model' and isinstance(action.default, str) and 'registered:' not in text:
+            from multimae import list_models
+            kind = action.default.rsplit('_', 1)[0]
+            text = f"{text}; registered: {', '.join(m for m in list_models() if m.startswith(kind))}".lstrip('; ')
+        if ('default' in text or action.default is argparse.SUPPRESS or not action.option_strings
+                or isinstance(action, (argparse._StoreFalseAction, argparse._HelpAction))):
+            return text
+        return f'{text} (default: %(default)s)'.strip()
 
 
 def _ensure_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -273,7 +298,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         values.update(file_values)
         errors.extend(file_errors)
 
-    args = _parse_with_defaults(parser, argv, values)
+    args, cli_errors = _parse_with_defaults(parser, argv, values)
+    errors.extend(cli_errors)
     if prepare is not None:
         args = prepare(args)
     if config_class is not None:
@@ -302,14 +328,41 @@ def _parse_with_defaults(parser: argparse.ArgumentParser, argv: list[str], value
     saved_defaults = dict(parser._defaults)
     try:
         parser.set_defaults(**values)
-        args = parser.parse_args(argv, namespace=_ResolvedArgs())
+        args, extra = parser.parse_known_args(argv, namespace=_ResolvedArgs())
     finally:
         for action, default in saved_actions:
             action.default = default
         parser._defaults.clear()
         parser._defaults.update(saved_defaults)
     args._declared = tuple(_actions_by_dest(parser))
-    return args
+    return args, unknown_arg_errors(parser, extra)
+
+
+def unknown_arg_errors(parser: argparse.ArgumentParser, extra: Sequence[str]) -> list[str]:
+    """One line per command-line token argparse did not recognise, with the closest declared flag:
+    ``unknown argument '--lr_decay'; did you mean '--layer_decay'?`` (the value after an unknown flag
+    is taken as its value, not reported again)."""
+    flags = [f for f in parser._option_string_actions if f.startswith('--')]
+    errors, after_flag = [], False
+    for token in extra:
+        if token.startswith('-') and len(token) > 1 and not _is_number(token):
+            name = token.split('=', 1)[0]
+            hint = closest(name, flags)
+            errors.append(f"unknown argument '{name}'" + (f"; did you mean '{hint}'?" if hint else ''))
+            after_flag = '=' not in token
+        elif not after_flag:
+            errors.append(f"unexpected argument '{token}' (every setting is a --flag)")
+        else:
+            after_flag = False
+    return errors
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------

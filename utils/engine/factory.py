@@ -8,6 +8,8 @@ wrapping and the loop's policies (checkpointing, fault handling, logging).
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -72,13 +74,18 @@ def build_schedules(optim: OptimConfig, lr: float, epochs: int, steps: int, fit_
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Per-step lr (linear warm-up from ``warmup_lr``, then cosine to ``min_lr``) and weight decay."""
     warm_epochs, warm_steps = optim.warmup_epochs, optim.warmup_steps
-    if fit_warmup:
-        total = epochs * steps
-        wanted = warm_steps if warm_steps > 0 else warm_epochs * steps
-        if wanted > total:
-            print(f"warm-up of {wanted} steps is longer than the run ({total} steps): warming up over the whole run")
-            warm_epochs, warm_steps = 0, total
-    lr_s = cosine_scheduler(lr, optim.min_lr, epochs, steps, warm_epochs, optim.warmup_lr, warm_steps)
+    total = epochs * steps
+    wanted = warm_steps if warm_steps > 0 else warm_epochs * steps
+    if wanted > total and fit_warmup:
+        print(f"warning: warm-up of {wanted} steps is longer than the run ({total} steps): warming up over the "
+              "whole run")
+        warm_epochs, warm_steps = 0, total
+    elif wanted > total:  # the schedule is kept as it is (the run ends inside the warm-up)
+        print(f"warning: warm-up of {wanted} steps is longer than the run ({total} steps): the learning rate "
+              "never reaches its peak")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # cosine_scheduler's own warning: already said above
+        lr_s = cosine_scheduler(lr, optim.min_lr, epochs, steps, warm_epochs, optim.warmup_lr, warm_steps)
     wd_s = weight_decay_scheduler(optim.weight_decay, optim.weight_decay_end, epochs, steps)
     return lr_s, wd_s
 

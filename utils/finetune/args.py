@@ -23,7 +23,7 @@ def add_finetune_args(parser: argparse.ArgumentParser, **overrides: Any) -> None
     max_steps_per_epoch, num_vis.
     """
     specs = {
-        'model': ('multivit_base', dict(type=str, help='registered MultiViT (multivit_{tiny,small,base,large})')),
+        'model': ('multivit_base', dict(type=str, help='the MultiViT to fine-tune')),
         'num_global_tokens': (1, dict(type=int, help='global tokens appended to the patch tokens')),
         'patch_size': (16, dict(type=int, help='patch size of the input adapters')),
         'input_size': (224, dict(type=int, help='image size the network sees (square)')),
@@ -83,8 +83,7 @@ def add_cls_args(p: argparse.ArgumentParser) -> None:
     add_bool_arg(p, "linear_probe", False, "frozen encoder, BatchNorm + linear head (MAE protocol); switches "
                  "the defaults to batch 512, 90 epochs (10 warm-up), lars, blr 0.1, wd 0, min_lr 0, no "
                  "mixup/cutmix/smoothing/reprob/drop path, RandomResizedCrop + flip only")
-    add_finetune_args(p, data_path="data/synthetic/train", eval_data_path="data/synthetic/val",
-                      test_data_path=OMIT, test=OMIT, max_val_images=OMIT)
+    add_finetune_args(p, test_data_path=OMIT, test=OMIT, max_val_images=OMIT)
     _add_cls_model_args(p)
     add_optim_args(p, blr=5e-4, lr=None, layer_decay=0.65, min_lr=1e-6, warmup_epochs=5)
     _add_cls_augmentation_args(p)

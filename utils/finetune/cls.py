@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from utils.config import ConfigError, load_yaml_config
+from utils.config.checks import require_data_path
 from utils.data.modalities import build_input_adapters
 from utils.dist import DistContext
 from utils.engine.factory import TrainingPlan, peak_lr
@@ -104,6 +105,9 @@ def validate_cls_args(cfg: ClsConfig) -> list[str]:
         errors.append(f"--nb_classes must be >= 1, got {cfg.nb_classes}")
     if cfg.max_steps_per_epoch is not None and cfg.max_steps_per_epoch < 1:
         errors.append(f"--max_steps_per_epoch must be >= 1, got {cfg.max_steps_per_epoch}")
+    errors += filter(None, [require_data_path("data_path", cfg.data_path)])
+    if cfg.data_set != "CIFAR":  # CIFAR-100 reads both splits from --data_path
+        errors += filter(None, [require_data_path("eval_data_path", cfg.eval_data_path, "data/synthetic/val")])
     return errors
 
 
@@ -143,7 +147,7 @@ def build_cls_model(cfg: ClsConfig) -> nn.Module:
 
 
 def load_cls_pretrained(model: nn.Module, path: str, keep_head: bool = True,
-                        log: Callable[[str], None] | None = print):
+                        log: Callable[[str], None] | None = print, output_dir: str = ""):
     """Load pre-trained weights (MultiMAE/MultiViT/timm, .pth/.safetensors) via
     :func:`utils.weights.load_finetune_weights`: pre-training decoders are dropped, position embeddings
     interpolated, every key reported, missing encoder weights are an error. A ``cls`` head of the right
@@ -157,7 +161,7 @@ def load_cls_pretrained(model: nn.Module, path: str, keep_head: bool = True,
     report = load_finetune_weights(model, sd, log=None, drop_output_adapters=False)
     report.source, report.dropped = str(path), dropped + report.dropped
     if log is not None:
-        log(report.summary())
+        log(report.summary(report.write(output_dir)))
     return report
 
 
@@ -345,7 +349,8 @@ class ClsJob(Job):
         val_ds = build_cls_dataset(cfg, is_train=False) if cfg.eval or not cfg.disable_eval_during_finetuning else None
         model = build_cls_model(cfg)
         if cfg.finetune:
-            load_cls_pretrained(model, cfg.finetune, keep_head=not cfg.linear_probe)
+            load_cls_pretrained(model, cfg.finetune, keep_head=not cfg.linear_probe,
+                                output_dir=cfg.checkpoint.output_dir)
         if cfg.linear_probe:
             print(f"Linear probe: training only {freeze_for_linear_probe(model)}")
         model.to(ctx.device)

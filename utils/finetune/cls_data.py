@@ -92,7 +92,7 @@ def build_cls_dataset(cfg: ClsConfig, is_train: bool) -> Dataset:
     if found > cfg.nb_classes or (found != cfg.nb_classes and cfg.data_set != "IMNET"):
         raise ValueError(f"{where} has {found} classes but --nb_classes is {cfg.nb_classes}")
     if found != cfg.nb_classes:
-        # printed, not warnings.warn: the scripts hide UserWarnings unless --show_user_warnings
+        # printed: a plain line on the console of every script
         print(f"warning: {where} has {found} classes; the head has --nb_classes {cfg.nb_classes} outputs",
               file=sys.stderr)
     return ds

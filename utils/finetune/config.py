@@ -69,8 +69,8 @@ class ClsConfig(FinetuneConfig):
     update_freq: int = 1
     linear_probe: bool = False
     input_size: int = 224
-    data_path: str = 'data/synthetic/train'
-    eval_data_path: str = 'data/synthetic/val'
+    data_path: str = ''
+    eval_data_path: str = ''
     encoder_depth: int | None = None
     encoder_dim: int | None = None
     encoder_num_heads: int | None = None

@@ -30,7 +30,7 @@ from utils.finetune.models import encoder_info, load_pretrained, use_channels_la
 from utils.jobs import Job, Parts
 
 __all__ = ["PSEUDO_SEMSEG", "TASKONOMY_TASKS", "head_errors", "dense_param_groups",
-           "DenseTask", "DenseJob", "render_grid", "input_tiles", "dense_tile"]
+           "DenseTask", "DenseJob", "render_grid", "input_tiles", "input_titles", "dense_tile"]
 
 def head_errors(cfg: Any) -> list[str]:
     """Checks of the head arguments both dense scripts share (one line per problem)."""
@@ -106,7 +106,7 @@ class DenseJob(Job):
     def build(self, cfg: Any, ctx: DistContext) -> Parts:
         task = self.task(cfg, ctx)
         model = self.model(cfg).to(ctx.device)
-        load_pretrained(model, cfg.finetune, task.allow_missing)
+        load_pretrained(model, cfg.finetune, task.allow_missing, cfg.checkpoint.output_dir)
         if use_channels_last(cfg.channels_last, ctx.device):
             model.to(memory_format=torch.channels_last)
         if cfg.eval or cfg.test:
@@ -183,17 +183,32 @@ class DenseJob(Job):
 # ----------------------------------------------------------------------------------------------
 # pictures
 
-def render_grid(rows: Sequence[Sequence[np.ndarray]], tile: int, gap: int = 2) -> np.ndarray:
-    """Lay out (h, w, 3) uint8 tiles in a grid, each resized (nearest) to ``tile`` x ``tile``."""
-    from PIL import Image
+def render_grid(rows: Sequence[Sequence[np.ndarray]], tile: int, gap: int = 2,
+                titles: Sequence[str] = ()) -> np.ndarray:
+    """Lay out (h, w, 3) uint8 tiles in a grid, each resized (nearest) to ``tile`` x ``tile``, under a
+    header line naming the columns (``titles``, e.g. ``['rgb', 'depth pred', 'depth target']``)."""
+    from PIL import Image, ImageDraw
 
     n_cols = max(len(r) for r in rows)
-    canvas = np.full((len(rows) * (tile + gap), n_cols * (tile + gap), 3), 255, np.uint8)
+    header = 14 if titles else 0
+    canvas = np.full((header + len(rows) * (tile + gap), n_cols * (tile + gap), 3), 255, np.uint8)
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
             img = np.asarray(Image.fromarray(img).resize((tile, tile), Image.NEAREST))
-            canvas[i * (tile + gap):i * (tile + gap) + tile, j * (tile + gap):j * (tile + gap) + tile] = img
+            y = header + i * (tile + gap)
+            canvas[y:y + tile, j * (tile + gap):j * (tile + gap) + tile] = img
+    if titles:
+        picture = Image.fromarray(canvas)
+        draw = ImageDraw.Draw(picture)
+        for j, text in enumerate(titles):
+            draw.text((j * (tile + gap) + 2, 1), text, fill=(0, 0, 0))
+        canvas = np.asarray(picture)
     return canvas
+
+
+def input_titles(x: Mapping[str, Tensor], skip: Sequence[str]) -> list[str]:
+    """The column titles of :func:`input_tiles` (the input names, in the same order)."""
+    return [k for k in x if k not in skip and k != 'mask_valid']
 
 
 def input_tiles(x: Mapping[str, Tensor], i: int, skip: Sequence[str]) -> list[np.ndarray]:

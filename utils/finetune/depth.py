@@ -22,7 +22,8 @@ from utils.data.shards import bad_sample_policy, is_shard_source, train_split_st
 from utils.dist import DistContext
 from utils.engine.trainer import autocast, move_to_device
 from utils.finetune.config import DepthConfig
-from utils.finetune.dense import DenseJob, DenseTask, dense_tile, head_errors, input_tiles, render_grid
+from utils.finetune.dense import (DenseJob, DenseTask, dense_tile, head_errors, input_tiles, input_titles,
+                                   render_grid)
 from utils.finetune.metrics import DepthMetrics, MeanAccumulator
 from utils.finetune.models import build_dense_head, build_multivit, encoder_info
 from utils.jobs import register_job
@@ -211,4 +212,5 @@ class _RegressionRender:
             for t in self.out_domains:
                 row += [dense_tile(preds[t][i], valid, ref=x[t][i]), dense_tile(x[t][i], valid, ref=x[t][i])]
             rows.append(row)
-        return render_grid(rows, tile=max(128, int(next(iter(preds.values())).shape[-1])))
+        titles = input_titles(x, self.out_domains) + [f"{t} {w}" for t in self.out_domains for w in ("pred", "target")]
+        return render_grid(rows, tile=max(128, int(next(iter(preds.values())).shape[-1])), titles=titles)

@@ -101,16 +101,18 @@ def build_multivit(model_name: str, in_domains: Sequence[str], output_adapters: 
                         output_adapters=dict(output_adapters) if output_adapters else None, **model_kwargs)
 
 
-def load_pretrained(model: nn.Module, path: str, allow_missing: Sequence[str] = ()) -> Any:
+def load_pretrained(model: nn.Module, path: str, allow_missing: Sequence[str] = (), output_dir: str = "") -> Any:
     """Load ``--finetune`` weights (MultiMAE / MultiViT / timm ViT; .pth, .safetensors or URL) through
     :func:`utils.weights.load_finetune_weights`: pre-training decoders dropped, class embeddings padded,
-    position embeddings interpolated, the loaded/missing/unexpected keys printed, a missing encoder weight
-    an error. Returns the report (None when ``path`` is empty)."""
+    position embeddings interpolated, the loaded/missing/unexpected keys summarised (every key in
+    ``output_dir/load_report.txt``), a missing encoder weight an error. Returns the report (None when
+    ``path`` is empty)."""
     if not path:
         return None
     from utils.weights import load_finetune_weights
 
-    return load_finetune_weights(unwrap_model(model), path, log=print, allow_missing=allow_missing)
+    return load_finetune_weights(unwrap_model(model), path, log=print, allow_missing=allow_missing,
+                                 output_dir=output_dir)
 
 
 def use_channels_last(mode: str, device: torch.device) -> bool:

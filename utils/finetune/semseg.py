@@ -21,7 +21,8 @@ from utils.data.shards import bad_sample_policy, is_shard_source, train_split_st
 from utils.dist import DistContext
 from utils.engine.trainer import autocast, move_to_device
 from utils.finetune.config import SemSegConfig
-from utils.finetune.dense import PSEUDO_SEMSEG, DenseJob, DenseTask, head_errors, input_tiles, render_grid
+from utils.finetune.dense import (PSEUDO_SEMSEG, DenseJob, DenseTask, head_errors, input_tiles,
+                                   input_titles, render_grid)
 from utils.finetune.metrics import MeanAccumulator, SegmentationMetrics
 from utils.finetune.models import build_dense_head, build_multivit, encoder_info
 from utils.jobs import register_job
@@ -178,4 +179,5 @@ class _SemSegRender:
         gt[gt == self.num_classes] = SEG_IGNORE_INDEX
         rows = [input_tiles(x, i, skip=['semseg']) + [colorize_semseg(pred[i]), colorize_semseg(gt[i])]
                 for i in range(pred.shape[0])]
-        return render_grid(rows, tile=max(128, int(pred.shape[-1])))
+        titles = input_titles(x, ['semseg']) + ['semseg pred', 'semseg target']
+        return render_grid(rows, tile=max(128, int(pred.shape[-1])), titles=titles)

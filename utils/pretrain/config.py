@@ -56,7 +56,7 @@ class PretrainConfig(JobConfig):
     fp32_output_adapters: str = ''
     hflip: float = 0.5
     train_interpolation: str = 'bicubic'
-    data_path: str = 'data/synthetic/train'
+    data_path: str = ''
     imagenet_default_mean_and_std: bool = True
     amp: str = 'auto'
     method: str = 'multimae'
