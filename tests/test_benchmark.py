@@ -34,7 +34,7 @@ def test_quick_runs_every_mode_and_writes_consistent_json(tmp_path):
     assert res["machine"]["logical_cpus"] >= 1
     for r in res["results"][:4]:
         rows = r["rows"]
-        assert [row["variant"] for row in rows] == ["math", "auto"]
+        assert [row["variant"] for row in rows] == ["math", "auto+fused"]  # ours at defaults: the fused AdamW
         flops = rows[0]["flops_per_step"]
         assert flops > 1e6 and all(row["flops_per_step"] == flops for row in rows)
         for row in rows:

@@ -65,9 +65,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of the encoder blocks")
     g.add_argument("--channels_last", action="store_true", help="channels-last conv weights and inputs")
-    g.add_argument("--fused_optimizer", action="store_true", help="fused AdamW kernel (torch >= 2.4 on CPU too)")
+    g.add_argument("--fused_optimizer", action="store_true", help=argparse.SUPPRESS)  # the default now
+    g.add_argument("--plain_optimizer", action="store_true",
+                   help="torch's per-parameter AdamW loop instead of the fused kernel (the default on CPU and CUDA)")
     g.add_argument("--compare", action="store_true",
                    help="also run the published formulation (math attention, eager, fp32) and print ratios")
+    g.add_argument("--reference_impl", default="", metavar="DIR",
+                   help="pretrain mode: DIR holds a 'multimae' package with the published API (the published "
+                   "code or a fork); its step (our weights, same inputs, plain AdamW, fp32) runs interleaved "
+                   "with ours and is the reference of the ratios")
     g.add_argument("--variants", default="", help="explicit comma list, e.g. 'baseline,sdpa,sdpa+compile,"
                    "sdpa+bf16,sdpa+ckpt' (the first one is the reference of the ratios)")
     g = p.add_argument_group("data mode")
@@ -107,7 +113,7 @@ def resolve_variants(args: Namespace) -> List[Variant]:
     if args.variants:
         return [parse_variant(s) for s in args.variants.split(",") if s.strip()]
     ours = Variant(attention=args.attention, compile=args.compile, amp=args.amp, grad_ckpt=args.grad_ckpt,
-                   channels_last=args.channels_last, fused_optimizer=args.fused_optimizer)
+                   channels_last=args.channels_last, fused_optimizer=not args.plain_optimizer)
     return [BASELINE, ours] if args.compare and ours != BASELINE else [ours]
 
 
@@ -123,6 +129,11 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
     """Time every variant of ``mode`` (interleaved), count model FLOPs once, measure step memory."""
     model, step, batch, groups_fn = build_mode(mode, args, device)
     runners = _build_runners(variants, model, step, batch, groups_fn, device)
+    if args.reference_impl and mode == "pretrain":  # the reference column comes first
+        from tools.lib.bench_reference import build_reference_runner
+        ref = build_reference_runner(args.reference_impl, model, step, batch, groups_fn, args, device)
+        runners = {ref.variant.name: ref, **runners}
+        variants = [ref.variant] + list(variants)
     flops = count_flops(lambda: step(model, batch)[0].backward())
     model.zero_grad(set_to_none=True)
     peaks = _measure_peaks(variants, device, args.peak_size)
@@ -138,6 +149,8 @@ def run_model_mode(mode: str, args: Namespace, variants: List[Variant], device: 
     for k, v in _measure_peaks(variants, device, args.peak_size).items():
         peaks[k] = max(peaks[k], v)
 
+    if args.fresh_rss and args.reference_impl:
+        raise SystemExit("--fresh_rss: not available with --reference_impl")
     fresh = _fresh_process_rss(mode, args, variants) if args.fresh_rss else {}
     # gradients are allocated during every step; what remains of the step memory is activations and temporaries
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -227,9 +240,13 @@ def _dtype_name(v: Variant) -> str:
 
 
 def _add_ratios(rows: List[Dict[str, Any]]) -> None:
-    """Speed-up and memory ratio of every row against the first one (the reference variant)."""
+    """Speed-up and memory ratio of every row against the first one (the reference variant), and the speed-up
+    against the published formulation (``math``) when that is a second reference."""
     ref = rows[0]
+    math_rows = [r for r in rows[1:] if r["variant"] == BASELINE.name]
     for r in rows:
+        if math_rows:
+            r["speedup_vs_" + BASELINE.name] = r["images_per_s"] / math_rows[0]["images_per_s"]
         r["speedup_vs_" + ref["variant"]] = r["images_per_s"] / ref["images_per_s"]
         r["memory_vs_" + ref["variant"]] = r["step_memory_mb"] / max(ref["step_memory_mb"], 1e-9)
         if "fresh_process_rss_mb" in r:

@@ -117,7 +117,8 @@ class StepRunner:
         from multimae.multimae_utils import set_attention_impl
         v, t = self.variant, self.trainer
         set_attention_impl(v.attention)
-        self.model.set_grad_checkpointing(v.grad_ckpt)
+        if hasattr(self.model, "set_grad_checkpointing"):  # (a reference implementation may lack it)
+            self.model.set_grad_checkpointing(v.grad_ckpt)
         t.set_hparams(0)
         with self._autocast(self.device, t.amp):
             loss, _ = self.step(self.forward_model, self.batch)
@@ -145,14 +146,11 @@ def _build_runners(variants: List[Variant], model: nn.Module, step: Callable, ba
 
 
 def _make_optimizer(model: nn.Module, groups_fn: Callable, fused: bool) -> torch.optim.Optimizer:
-    """The project's AdamW (non-fused on CPU) over ``groups_fn(model)``, or its single-kernel variant."""
+    """The project's AdamW over ``groups_fn(model)``: torch's single-kernel AdamW (``fused``, the training
+    default) or the plain per-parameter loop (as published)."""
     from utils.engine.optim import create_optimizer
     opt_args = Namespace(opt="adamw", lr=1.5e-4, weight_decay=0.05, opt_eps=1e-8, opt_betas=[0.9, 0.95], momentum=0.9)
-    opt = create_optimizer(opt_args, groups_fn(model))
-    if fused:
-        keep = ("lr", "betas", "eps", "weight_decay", "amsgrad")
-        opt = type(opt)(groups_fn(model), **{k: opt.defaults[k] for k in keep if k in opt.defaults}, fused=True)
-    return opt
+    return create_optimizer(opt_args, groups_fn(model), fused=fused)
 
 
 def _clone(model: nn.Module) -> nn.Module:

@@ -114,6 +114,17 @@ class Variant:
 BASELINE = Variant(attention="math")  # the published formulation: explicit softmax attention, eager, fp32
 
 
+class ReferenceVariant(Variant):
+    """The step of another implementation (``--reference_impl``): eager, fp32, plain AdamW."""
+
+    @property
+    def name(self) -> str:
+        return "published"
+
+
+REFERENCE = ReferenceVariant(attention="math")
+
+
 def parse_variant(spec: str) -> Variant:
     """``'sdpa+compile+bf16+ckpt+cl+fused'`` -> :class:`Variant` (tokens in any order; ``baseline`` =
     ``math``, the published formulation)."""

@@ -163,18 +163,31 @@ def describe_param_groups(model: nn.Module, param_groups: list[dict]) -> list[di
              "params": [names.get(id(p), "<extra>") for p in g["params"]]} for g in param_groups]
 
 
+def _fusable(params: list[torch.Tensor]) -> bool:
+    """True if torch's fused Adam/AdamW kernel takes these parameters: floating point, all on one CPU or
+    CUDA device."""
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
+            and all(p.is_floating_point() for p in params))
+
+
 _PUBLISHED_NAMES = {"nesterov": "sgd", "momentum": "momentum", "sgd": "sgd", "adam": "adam",
                     "adamw": "adamw", "lamb": "lamb", "lars": "lars"}
 
 
-def create_optimizer(optim: Any, param_groups: list[dict], lr: float | None = None) -> torch.optim.Optimizer:
+def create_optimizer(optim: Any, param_groups: list[dict], lr: float | None = None,
+                     fused: bool | None = None) -> torch.optim.Optimizer:
     """Build the optimizer named by ``optim.opt`` over ``param_groups`` with timm's ``create_optimizer_v2``.
 
     ``optim``: a :class:`utils.config.job.OptimConfig` (or anything with its attributes): ``opt``
     (``adamw`` | ``adam`` | ``sgd``/``nesterov`` (Nesterov SGD) | ``momentum`` (plain momentum SGD) |
     ``lamb`` | ``lars`` | any other timm optimizer name; a ``fused_`` prefix is accepted), ``weight_decay``
     (default for groups without their own value), ``opt_eps``, ``opt_betas``, ``momentum``; ``lr`` (the
-    peak learning rate) defaults to ``optim.lr``. On CUDA, Adam/AdamW use the fused torch kernels.
+    peak learning rate) defaults to ``optim.lr``.
+
+    ``fused``: Adam/AdamW as torch's single-kernel implementation. The default (None) fuses whenever every
+    parameter is on one CPU or CUDA device: on the CPU it is about 3x faster than the per-parameter loop and
+    agrees with it to fp32 rounding (``tests/test_optim.py``). ``False`` gives the plain loop, as published.
     """
     from timm.optim import create_optimizer_v2
 
@@ -188,7 +201,7 @@ def create_optimizer(optim: Any, param_groups: list[dict], lr: float | None = No
     if betas is not None:
         kwargs["betas"] = tuple(float(b) for b in betas)
     params = [p for g in param_groups for p in g["params"]]
-    if base in ("adam", "adamw") and params and all(p.is_cuda for p in params):
+    if base in ("adam", "adamw") and (fused if fused is not None else _fusable(params)):
         kwargs["fused"] = True
     try:
         return create_optimizer_v2(param_groups, opt=base, lr=getattr(optim, "lr", None) if lr is None else lr,
