@@ -215,13 +215,17 @@ class SigmaEmbedding(nn.Module):
 
 
 class DenoiseHead(nn.Module):
-    """Per visible depth patch: ``[norm(token), noisy pixels, sigma embedding]`` -> MLP -> the noise of its
-    pixels. ``forward(tokens (B, k, D), noisy_patches (B, k, p*p), sigma_emb (B, D)) -> (B, k, p*p)``.
+    """Per visible depth patch: ``[norm(token), noisy pixels, sigma embedding]`` -> MLP -> a correction ``c``
+    of the patch's mean; the predicted noise is ``noisy - (mean(noisy) + c)``, i.e. the head estimates the
+    clean patch and the noise is what is left. ``forward(tokens (B, k, D), noisy_patches (B, k, p*p),
+    sigma_emb (B, D)) -> (B, k, p*p)``.
 
     A decoder that predicts per-pixel noise from a token only (a 192-wide encoder token for 256 noisy
     pixels, a 128-wide decoder) cannot: the noise does not fit through the token, and the loss stays at
     ``E[sigma^2]``, the loss of predicting no noise. With the noisy pixels at hand, the head has to tell the
-    noise from the depth, which needs the depth structure the encoder token describes and the noise level.
+    noise from the depth structure within the patch (edges, slopes: what the encoder token describes), and
+    how much of the deviation from the mean is noise depends on the noise level. The last layer starts at
+    zero, so the first prediction is the deviation from the patch mean.
     """
 
     def __init__(self, dim_tokens: int, patch_pixels: int, dim_hidden: int = 512):
@@ -230,10 +234,13 @@ class DenoiseHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * dim_tokens + patch_pixels, dim_hidden), nn.GELU(),
                                  nn.Linear(dim_hidden, dim_hidden), nn.GELU(), nn.Linear(dim_hidden, patch_pixels))
         self.apply(_init_linear)
+        nn.init.zeros_(self.mlp[-1].weight)
 
     def forward(self, tokens: Tensor, noisy_patches: Tensor, sigma_emb: Tensor) -> Tensor:
-        cond = sigma_emb.unsqueeze(1).expand(-1, tokens.shape[1], -1)
-        return self.mlp(torch.cat([self.norm(tokens), noisy_patches.to(tokens.dtype), cond.to(tokens.dtype)], -1))
+        noisy = noisy_patches.to(tokens.dtype)
+        cond = sigma_emb.unsqueeze(1).expand(-1, tokens.shape[1], -1).to(tokens.dtype)
+        clean = noisy.mean(dim=-1, keepdim=True) + self.mlp(torch.cat([self.norm(tokens), noisy, cond], -1))
+        return noisy - clean
 
 
 def patchify(x: Tensor, patch_size: int) -> Tensor:

@@ -140,6 +140,45 @@ def test_within_image_negatives_are_solved_by_the_patch_position_alone():
     assert logs["patch_acc"].item() == 1.0 and logs["patch_acc_other_image"].item() < 0.3
 
 
+def _train_stage1_logs(negatives, separate_encoders, depth_from_rgb, content_scale, steps=60):
+    # low-contrast content (content_scale) leaves the position embedding the strongest signal in the tokens
+    torch.manual_seed(0)
+    model = build_rgbd_model(tiny_args(separate_encoders=separate_encoders))
+    step = RGBDStage1Step(P, negatives, standardize_depth=False, use_mask_valid=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        rgb = content_scale * _smooth_images(8, g)
+        depth = (rgb[:, :1] - rgb[:, 2:]) if depth_from_rgb else content_scale * _smooth_images(8, g)[:, :1]
+        loss, logs = step(model, ({"rgb": rgb, "depth": depth}, None))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.item() for k, v in logs.items()}
+
+
+def _solved_by_position(logs) -> bool:
+    # retrieval as good against another image's depth as against its own: the features match positions
+    return logs["patch_acc"] > 0.5 and logs["patch_acc_other_image"] > 0.8 * logs["patch_acc"]
+
+
+@pytest.mark.parametrize("separate_encoders", [False, True])
+def test_default_stage1_cannot_solve_the_contrast_by_position(separate_encoders):
+    # depth independent of the rgb: only the patch position links the two streams. Within-image negatives
+    # (the paper's) are then solved perfectly by position, with one encoder per modality as well; the
+    # default negatives (same position, other images) leave the contrast at chance.
+    shortcut = _train_stage1_logs("image", separate_encoders, depth_from_rgb=False, content_scale=0.3)
+    assert _solved_by_position(shortcut), shortcut
+    default = PretrainConfig().contrast_negatives
+    logs = _train_stage1_logs(default, separate_encoders, depth_from_rgb=False, content_scale=0.3)
+    assert not _solved_by_position(logs) and logs["patch_acc"] < 0.25, logs  # chance 1/16
+    assert logs["loss"] > 0.95 * math.log(8), logs  # 8 images: log(8) at chance
+    # depth that is a function of the rgb: the default learns content, which does not match another image
+    logs = _train_stage1_logs(default, separate_encoders, depth_from_rgb=True, content_scale=1.0)
+    assert logs["patch_acc_position"] > 0.5 and logs["patch_acc"] > 0.5, logs  # chance 1/8, 1/16
+    assert logs["patch_acc_other_image"] < 0.5 * logs["patch_acc"] and not _solved_by_position(logs), logs
+
+
 # --------------------------------------------------------------------------------------------- stage 2
 def test_80_percent_masking_keeps_39_of_196_per_modality():
     assert num_visible_patches(196, 0.8) == 39
@@ -225,7 +264,7 @@ def test_sigma_zero_gives_zero_noise_targets():
     def spy(x, sigma, keep):
         seen.update(x=x, sigma=sigma, keep=keep)
         out = model(x, sigma, keep)
-        seen["pred"] = out["preds"]["depth"]
+        seen["pred"] = out["preds"]["noise"]  # the denoising head: (B, k, p*p) for the visible depth patches
         return out
 
     x, _ = batch(invalid_box=False)
@@ -233,8 +272,8 @@ def test_sigma_zero_gives_zero_noise_targets():
     from utils.data.depth import robust_standardize
     assert torch.equal(seen["x"]["depth"], robust_standardize(x["depth"]))
     assert torch.equal(seen["sigma"], torch.zeros(2))
-    visible = 1 - keep_to_mask(seen["keep"]["depth"], 16)
-    expected = masked_pixel_mse(seen["pred"], torch.zeros_like(seen["pred"]), visible, P)
+    assert seen["pred"].shape == (2, seen["keep"]["depth"].shape[1], P * P)
+    expected = seen["pred"].pow(2).mean()
     assert logs["denoise_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
