@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from multimae.rgbd_contrastive import (MODALITIES, decoder_inputs, dirichlet_visible_split, keep_to_mask,
+from multimae.rgbd_contrastive import (MODALITIES, decoder_inputs, gather_tokens, dirichlet_visible_split, keep_to_mask,
                                     masked_pixel_mse, max_pool_distill_loss, num_visible_patches, patch_info_nce,
                                     random_keep)
 from utils.pretrain.config import PretrainConfig
@@ -289,6 +289,29 @@ def test_noise_is_sigma_times_gaussian_on_valid_pixels_only():
     torch.testing.assert_close(std, sigma, rtol=0.1, atol=0.02)
 
 
+def test_denoising_loss_falls_far_below_predicting_no_noise():
+    # E[sigma^2] = 1/3 for sigma ~ U[0, 1] is the loss of predicting zero noise; the denoising head starts
+    # at the deviation from the patch mean and learns, from the noise level and the depth structure, how
+    # much of the deviation is noise
+    torch.manual_seed(0)
+    model = build_rgbd_model(tiny_args(method="rgbd_stage2", distill_weight=0.0))
+    step = RGBDStage2Step(None, P, sigma_max=1.0, distill_weight=0.0, standardize_depth=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(60):
+        rgb = _smooth_images(16, g)
+        depth = rgb[:, :1] + (rgb[:, 1:2] > 0).float()  # smooth, with edges
+        loss, logs = step(model, ({"rgb": rgb, "depth": depth}, None))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(logs["denoise_loss"].item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    assert last < 0.7 * (1 / 3) and last < 0.6 * first, (first, last)
+    assert logs["denoise_weight"].item() == 1.0 and logs["recon_weight"].item() == 1.0
+
+
 @pytest.mark.parametrize("teacher_input,mask_ratio,sigma_max", [("same", 0.8, 1.0), ("full", 0.0, 0.0)])
 def test_distillation_is_exactly_zero_at_the_first_stage2_step(tmp_path, teacher_input, mask_ratio, sigma_max):
     torch.manual_seed(0)
@@ -304,8 +327,13 @@ def test_distillation_is_exactly_zero_at_the_first_stage2_step(tmp_path, teacher
     assert logs["distill_loss"].item() == 0.0
     assert logs["distill_rgb_loss"].item() == 0.0 and logs["distill_depth_loss"].item() == 0.0
     loss.backward()
-    # the student's encoder moves away after one update: then the distillation is positive
+    # the student's encoder moves away after two updates: then the distillation is positive. (Without
+    # hidden patches and noise the first update reaches the encoder only through the denoising head,
+    # whose last layer starts at zero and so passes no gradient back yet.)
     opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    opt.step()
+    opt.zero_grad()
+    step(student, batch())[0].backward()
     opt.step()
     assert step(student, batch())[1]["distill_loss"].item() > 0
 
@@ -317,6 +345,37 @@ def test_distillation_compares_max_pooled_features():
     assert max_pool_distill_loss(s, t).item() == pytest.approx(0.25)
     # an invalid token is left out of the max: t without its last token -> (3, 2): (0 + |5-2|-0.5) / 2
     assert max_pool_distill_loss(s, t, teacher_valid=torch.tensor([[True, True, False]])).item() == pytest.approx(1.25)
+
+
+def test_distillation_pools_teacher_features_of_the_student_tokens_layer_normed():
+    torch.manual_seed(0)
+    s = torch.randn(2, 5, 8)
+    # per token, layer norm removes scale and offset: a teacher 100 s + 3 is matched exactly
+    assert max_pool_distill_loss(s, 100 * s + 3, normalize=True).item() < 1e-5
+    assert max_pool_distill_loss(s, 100 * s + 3).item() > 50
+
+    class Teacher:  # random full-image features (seeded by the caller); the student's tokens are keep[m] of them
+        def encode_visible(self, x, keep=None):
+            B = x["rgb"].shape[0]
+            return {m: torch.cat([torch.randn(B, 16, 8) + 10 * torch.arange(16.0)[None, :, None],
+                                  torch.zeros(B, 1, 8)], dim=1) for m in MODALITIES}
+
+        def patch_tokens(self, f):
+            return f[:, :-1]
+
+    teacher = Teacher()
+    keep = {m: random_keep(2, 16, 3) for m in MODALITIES}
+    student = {m: torch.cat([torch.randn(2, 3, 8), torch.zeros(2, 1, 8)], dim=1) for m in MODALITIES}
+    x = torch.zeros(2, 3, S, S)
+    torch.manual_seed(1)
+    full = teacher.encode_visible({"rgb": x})
+    for tokens, expected_pool in (("matched", lambda t, k: gather_tokens(t, k)), ("all", lambda t, k: t)):
+        step = RGBDStage2Step(teacher, P, distill_tokens=tokens)
+        torch.manual_seed(1)
+        out = step.distill(student, x, x[:, :1], x[:, :1], keep, None)
+        for m in MODALITIES:
+            ref = max_pool_distill_loss(student[m][:, :3], expected_pool(full[m][:, :-1], keep[m]), normalize=True)
+            assert out[f"distill_{m}"].item() == pytest.approx(ref.item(), rel=1e-6), (tokens, m)
 
 
 # --------------------------------------------------------------------------------------------- invalid depth
