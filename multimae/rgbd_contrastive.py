@@ -42,7 +42,8 @@ __all__ = [
     "MODALITIES", "RGBDEncoder", "RGBDContrastStage1", "RGBDMaskedStage2", "ProjectionHead", "SigmaEmbedding",
     "ResidualXattnSpatialOutputAdapter", "DenoiseHead", "NEGATIVES", "patchify", "masked_patch_mse",
     "sinusoidal_embedding", "num_visible_patches", "dirichlet_visible_split", "random_keep", "keep_to_mask",
-    "patch_valid_fraction", "decoder_inputs", "patch_info_nce", "gather_tokens", "patch_retrieval_accuracy", "masked_pixel_mse",
+    "patch_valid_fraction", "decoder_inputs", "patch_info_nce", "gather_tokens", "patch_retrieval_accuracy",
+    "masked_pixel_mse",
     "max_pool_features", "max_pool_distill_loss", "stream_valid",
 ]
 

@@ -28,10 +28,10 @@ from utils.pretrain.multimae import MultiMAEPretraining, build_pretrain_loader, 
 from utils.data.depth import robust_standardize
 from utils.data.modalities import build_input_adapters, get_modality, parse_domains
 from multimae.rgbd_contrastive import (MODALITIES, NEGATIVES, RGBDContrastStage1, RGBDMaskedStage2,
-                                    ResidualXattnSpatialOutputAdapter, dirichlet_visible_split,
-                                    gather_tokens, keep_to_mask, masked_patch_mse, masked_pixel_mse, patchify, max_pool_distill_loss, num_visible_patches,
-                                    patch_info_nce, patch_retrieval_accuracy, patch_valid_fraction, random_keep,
-                                    stream_valid)
+                                    ResidualXattnSpatialOutputAdapter, dirichlet_visible_split, gather_tokens,
+                                    keep_to_mask, masked_patch_mse, masked_pixel_mse, max_pool_distill_loss,
+                                    num_visible_patches, patch_info_nce, patch_retrieval_accuracy,
+                                    patch_valid_fraction, patchify, random_keep, stream_valid)
 
 __all__ = ["METHODS", "add_rgbd_args", "validate_rgbd_args", "validate_method_args", "prepare_rgbd",
            "RGBDStage1Step", "RGBDStage2Step", "build_rgbd_model", "build_rgbd_teacher", "build_rgbd_step",
