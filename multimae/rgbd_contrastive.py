@@ -469,15 +469,20 @@ def max_pool_features(tokens: Tensor, valid: Optional[Tensor] = None) -> Tuple[T
 
 
 def max_pool_distill_loss(student: Tensor, teacher: Tensor, student_valid: Optional[Tensor] = None,
-                          teacher_valid: Optional[Tensor] = None, beta: float = 1.0, normalize: bool = False) -> Tensor:
+                          teacher_valid: Optional[Tensor] = None, beta: float = 1.0, normalize: str = "none"
+                          ) -> Tensor:
     """Smooth-L1 between the max-pooled patch features of the student ``(B, n, D)`` and of the teacher
-    ``(B, m, D)`` (``valid`` masks drop tokens from the max), averaged over features and samples. With
-    ``normalize`` every token of both is first layer-normed (no affine): unit-scale targets, so ``beta``
-    means the same at any feature scale, and no feature dominates the max by its scale alone."""
+    ``(B, m, D)`` (``valid`` masks drop tokens from the max), averaged over features and samples.
+    ``normalize``: layer-norm (no affine) every teacher token (``'target'``: unit-scale targets, so ``beta``
+    means the same at any feature scale, and the student's raw features are pulled to that scale), the
+    tokens of both (``'both'``: scale-free), or neither (``'none'``)."""
+    if normalize not in ("none", "target", "both"):
+        raise ValueError(f"normalize must be 'none', 'target' or 'both', got {normalize!r}")
     student, teacher = student.float(), teacher.detach().float()
-    if normalize:
-        student = F.layer_norm(student, student.shape[-1:])
+    if normalize != "none":
         teacher = F.layer_norm(teacher, teacher.shape[-1:])
+    if normalize == "both":
+        student = F.layer_norm(student, student.shape[-1:])
     s, s_has = max_pool_features(student, student_valid)
     t, t_has = max_pool_features(teacher, teacher_valid)
     per_sample = F.smooth_l1_loss(s, t, reduction="none", beta=beta).mean(dim=1)

@@ -319,7 +319,9 @@ def test_distillation_is_exactly_zero_at_the_first_stage2_step(tmp_path, teacher
     stage1 = build_rgbd_model(args1)
     args2 = tiny_args(method="rgbd_stage2", separate_encoders=True,
                       teacher_checkpoint=save_stage1(tmp_path, args1, stage1), teacher_input=teacher_input,
-                      mask_ratio=mask_ratio, sigma_max=sigma_max)
+                      mask_ratio=mask_ratio, sigma_max=sigma_max, distill_norm="both")
+    # (distill_norm 'both': the student's raw features equal the teacher's at the start, but not their
+    # layer-normed version, which the default 'target' compares them with)
     student = build_rgbd_model(args2)
     step = build_rgbd_step(args2, torch.device("cpu"))
     assert not any(p.requires_grad for p in step.teacher.parameters()) and not step.teacher.training
@@ -351,7 +353,8 @@ def test_distillation_pools_teacher_features_of_the_student_tokens_layer_normed(
     torch.manual_seed(0)
     s = torch.randn(2, 5, 8)
     # per token, layer norm removes scale and offset: a teacher 100 s + 3 is matched exactly
-    assert max_pool_distill_loss(s, 100 * s + 3, normalize=True).item() < 1e-5
+    assert max_pool_distill_loss(s, 100 * s + 3, normalize="both").item() < 1e-5
+    assert max_pool_distill_loss(torch.nn.functional.layer_norm(s, (8,)), 100 * s + 3, normalize="target").item() < 1e-5
     assert max_pool_distill_loss(s, 100 * s + 3).item() > 50
 
     class Teacher:  # random full-image features (seeded by the caller); the student's tokens are keep[m] of them
@@ -374,7 +377,7 @@ def test_distillation_pools_teacher_features_of_the_student_tokens_layer_normed(
         torch.manual_seed(1)
         out = step.distill(student, x, x[:, :1], x[:, :1], keep, None)
         for m in MODALITIES:
-            ref = max_pool_distill_loss(student[m][:, :3], expected_pool(full[m][:, :-1], keep[m]), normalize=True)
+            ref = max_pool_distill_loss(student[m][:, :3], expected_pool(full[m][:, :-1], keep[m]), normalize="target")
             assert out[f"distill_{m}"].item() == pytest.approx(ref.item(), rel=1e-6), (tokens, m)
 
 

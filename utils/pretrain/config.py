@@ -75,7 +75,7 @@ class PretrainConfig(JobConfig):
     decoder_xattn_residual: bool = True
     denoise_hidden_dim: int = 512
     distill_tokens: str = 'matched'
-    distill_norm: bool = True
+    distill_norm: str = 'target'
     distill_beta: float = 1.0
     recon_weight: float = 1.0
     denoise_weight: float = 1.0

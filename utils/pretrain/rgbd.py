@@ -77,8 +77,9 @@ def add_rgbd_args(parser: argparse.ArgumentParser) -> None:
                         "pixels (0: the depth decoder predicts the noise, which it cannot learn)")
     g.add_argument("--distill_tokens", type=str, default="matched", choices=["matched", "all"],
                    help="stage 2: max-pool the teacher over the student's visible tokens (matched) or all of its")
-    add_bool_arg(g, "distill_norm", True, "stage 2: layer-norm student and teacher tokens before the max-pool "
-                 "(unit-scale targets)")
+    g.add_argument("--distill_norm", type=str, default="target", choices=["target", "both", "none"],
+                   help="stage 2: layer-norm the teacher tokens before the max-pool (target: unit-scale targets the "
+                        "raw student features must match), the tokens of student and teacher (both), or none")
     g.add_argument("--distill_beta", type=float, default=1.0, help="stage 2: smooth-L1 beta of the distillation")
     g.add_argument("--recon_weight", type=float, default=1.0, help="stage 2: weight of the masked reconstruction")
     g.add_argument("--denoise_weight", type=float, default=1.0, help="stage 2: weight of the noise prediction")
@@ -205,8 +206,8 @@ class RGBDStage2Step:
     is scored against the clean depth on hidden patches (``recon``), the denoising head's (or, without one,
     the decoder's) output against the noise on visible ones (``denoise``), both on valid pixels; ``distill``
     is the mean over modalities of the smooth-L1 between max-pooled student and teacher features of the same
-    visible tokens (``distill_tokens='all'``: the teacher's pooled over all its tokens), layer-normed per token
-    with ``distill_norm``, invalid depth patches left out of the max.
+    visible tokens (``distill_tokens='all'``: the teacher's pooled over all its tokens), teacher (and student)
+    tokens layer-normed as ``distill_norm`` says, invalid depth patches left out of the max.
     ``loss = recon_weight * (recon [+ rgb_recon]) + denoise_weight * denoise + distill_weight * distill``; the
     weights are logged beside the losses.
     """
@@ -215,7 +216,7 @@ class RGBDStage2Step:
                  mask_sampler: str = "independent", alphas: float = 1.0, sigma_max: float = 1.0,
                  recon_weight: float = 1.0, denoise_weight: float = 1.0, distill_weight: float = 1.0,
                  teacher_input: str = "full", standardize_depth: bool = True, use_mask_valid: bool = False,
-                 min_valid_fraction: float = 0.5, distill_tokens: str = "matched", distill_norm: bool = True,
+                 min_valid_fraction: float = 0.5, distill_tokens: str = "matched", distill_norm: str = "target",
                  distill_beta: float = 1.0):
         if mask_sampler not in ("independent", "dirichlet"):
             raise ValueError(f"mask_sampler must be 'independent' or 'dirichlet', got {mask_sampler!r}")
