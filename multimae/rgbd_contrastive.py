@@ -15,8 +15,8 @@ Contrastive Masked Autoencoders: A Two-Stage Progressive Pre-training Approach f
   (:class:`SigmaEmbedding`) is added to the depth tokens before the encoder. One depth decoder (a MultiMAE
   ``SpatialOutputAdapter`` reading the visible tokens of both streams) predicts the clean depth on hidden
   patches (:func:`masked_pixel_mse`); a per-patch MLP (:class:`DenoiseHead`) reads each visible depth token
-  with its noisy pixels and predicts the noise. Layer-normed features of each stream are max-pooled over
-  the visible tokens and distilled from the frozen stage-1 model's features of the same tokens
+  with its noisy pixels and predicts the noise. Each stream's features, max-pooled over its visible tokens,
+  are distilled from the layer-normed features of the frozen stage-1 model for the same tokens
   (:func:`max_pool_distill_loss`).
 
 The streams never mix inside the encoder, so the RGB stream sees exactly what RGB-only fine-tuning sees;
