@@ -5,15 +5,19 @@ Contrastive Masked Autoencoders: A Two-Stage Progressive Pre-training Approach f
 (CVPR 2025). PRETRAINING.md says which choices are the paper's and which are ours.
 
 * Stage 1 (:class:`RGBDContrastStage1`): RGB and depth are encoded as two separate token streams, without
-  masking, by the shared MultiMAE encoder (or one encoder per modality). Patch tokens go through a small
+  masking, by one encoder per modality (or the shared MultiMAE encoder). Patch tokens go through a small
   MLP head per modality and are L2-normalised; a symmetric patch-level InfoNCE (:func:`patch_info_nce`)
-  pairs every RGB patch with the depth patch at the same position, with a learnable temperature.
+  pairs every RGB patch with the depth patch at the same position, with a learnable temperature. Its
+  negatives can be the depth patches at the same position in the other images of the batch, which the
+  position embedding cannot tell apart: only the content can.
 * Stage 2 (:class:`RGBDMaskedStage2`): every stream keeps a random subset of its patches
-  (:func:`random_keep`), the depth input carries Gaussian noise ``sigma * e``, an embedding of ``sigma``
-  (:class:`SigmaEmbedding`) is added to the encoded depth tokens, and one depth decoder (a MultiMAE
+  (:func:`random_keep`), the depth input carries Gaussian noise ``sigma * e`` and an embedding of ``sigma``
+  (:class:`SigmaEmbedding`) is added to the depth tokens before the encoder. One depth decoder (a MultiMAE
   ``SpatialOutputAdapter`` reading the visible tokens of both streams) predicts the clean depth on hidden
-  patches and the noise on visible ones (:func:`masked_pixel_mse`). Max-pooled features of each stream are
-  distilled from the frozen stage-1 model (:func:`max_pool_distill_loss`).
+  patches (:func:`masked_pixel_mse`); a per-patch MLP (:class:`DenoiseHead`) reads each visible depth token
+  with its noisy pixels and predicts the noise. Each stream's features, max-pooled over its visible tokens,
+  are distilled from the layer-normed features of the frozen stage-1 model for the same tokens
+  (:func:`max_pool_distill_loss`).
 
 The streams never mix inside the encoder, so the RGB stream sees exactly what RGB-only fine-tuning sees;
 the modalities meet in the stage-1 loss and in the stage-2 decoder. The encoder part keeps MultiMAE's
@@ -36,14 +40,15 @@ from multimae import MultiMAE, SpatialOutputAdapter
 
 __all__ = [
     "MODALITIES", "RGBDEncoder", "RGBDContrastStage1", "RGBDMaskedStage2", "ProjectionHead", "SigmaEmbedding",
-    "ResidualXattnSpatialOutputAdapter",
+    "ResidualXattnSpatialOutputAdapter", "DenoiseHead", "NEGATIVES", "patchify", "masked_patch_mse",
     "sinusoidal_embedding", "num_visible_patches", "dirichlet_visible_split", "random_keep", "keep_to_mask",
-    "patch_valid_fraction", "decoder_inputs", "patch_info_nce", "patch_retrieval_accuracy", "masked_pixel_mse",
+    "patch_valid_fraction", "decoder_inputs", "patch_info_nce", "gather_tokens", "patch_retrieval_accuracy",
+    "masked_pixel_mse",
     "max_pool_features", "max_pool_distill_loss", "stream_valid",
 ]
 
 MODALITIES = ("rgb", "depth")
-_MASKED_LOGIT = torch.finfo(torch.float32).min / 2  # exp() of it is exactly 0, and it never overflows
+NEGATIVES = ("image", "batch", "position")
 
 
 def _init_linear(m: nn.Module) -> None:
@@ -60,7 +65,7 @@ def _run_blocks(blocks: nn.Sequential, x: Tensor, grad_checkpointing: bool) -> T
     return x
 
 
-def _gather_tokens(tokens: Tensor, ids: Tensor) -> Tensor:
+def gather_tokens(tokens: Tensor, ids: Tensor) -> Tensor:
     """``tokens (B, N, D)``, ``ids (B, k)`` -> ``(B, k, D)``."""
     return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
@@ -143,7 +148,7 @@ class RGBDEncoder(nn.Module):
         """Tokenise, keep the patches ``keep[m] (B, k_m)`` of each stream (all if absent) and encode."""
         tokens = self.tokenize(x)
         if keep:
-            tokens = {m: _gather_tokens(t, keep[m]) if m in keep else t for m, t in tokens.items()}
+            tokens = {m: gather_tokens(t, keep[m]) if m in keep else t for m, t in tokens.items()}
         return self.encode(tokens)
 
     def patch_tokens(self, encoded: Tensor) -> Tensor:
@@ -194,16 +199,54 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
 
 class SigmaEmbedding(nn.Module):
     """Noise level ``sigma (B,)`` -> ``(B, dim)``: sinusoidal features of ``sigma * scale`` (``scale=1000``
-    maps sigma = 1 to the last step of a 1000-step diffusion schedule) -> Linear -> SiLU -> Linear."""
+    maps sigma = 1 to the last step of a 1000-step diffusion schedule) -> Linear -> SiLU -> Linear.
+
+    The last Linear starts at zero, so a stage-2 encoder starts out computing exactly its stage-1 features.
+    """
 
     def __init__(self, dim: int, freq_dim: int = 256, scale: float = 1000.0):
         super().__init__()
         self.freq_dim, self.scale = freq_dim, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.apply(_init_linear)
+        nn.init.zeros_(self.mlp[2].weight)
 
     def forward(self, sigma: Tensor) -> Tensor:
         return self.mlp(sinusoidal_embedding(sigma * self.scale, self.freq_dim))
+
+
+class DenoiseHead(nn.Module):
+    """Per visible depth patch: ``[norm(token), noisy pixels, sigma embedding]`` -> MLP -> a correction ``c``
+    of the patch's mean; the predicted noise is ``noisy - (mean(noisy) + c)``, i.e. the head estimates the
+    clean patch and the noise is what is left. ``forward(tokens (B, k, D), noisy_patches (B, k, p*p),
+    sigma_emb (B, D)) -> (B, k, p*p)``.
+
+    A decoder that predicts per-pixel noise from a token only (a 192-wide encoder token for 256 noisy
+    pixels, a 128-wide decoder) cannot: the noise does not fit through the token, and the loss stays at
+    ``E[sigma^2]``, the loss of predicting no noise. With the noisy pixels at hand, the head has to tell the
+    noise from the depth structure within the patch (edges, slopes: what the encoder token describes), and
+    how much of the deviation from the mean is noise depends on the noise level. The last layer starts at
+    zero, so the first prediction is the deviation from the patch mean.
+    """
+
+    def __init__(self, dim_tokens: int, patch_pixels: int, dim_hidden: int = 512):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim_tokens)
+        self.mlp = nn.Sequential(nn.Linear(2 * dim_tokens + patch_pixels, dim_hidden), nn.GELU(),
+                                 nn.Linear(dim_hidden, dim_hidden), nn.GELU(), nn.Linear(dim_hidden, patch_pixels))
+        self.apply(_init_linear)
+        nn.init.zeros_(self.mlp[-1].weight)
+
+    def forward(self, tokens: Tensor, noisy_patches: Tensor, sigma_emb: Tensor) -> Tensor:
+        noisy = noisy_patches.to(tokens.dtype)
+        cond = sigma_emb.unsqueeze(1).expand(-1, tokens.shape[1], -1).to(tokens.dtype)
+        clean = noisy.mean(dim=-1, keepdim=True) + self.mlp(torch.cat([self.norm(tokens), noisy, cond], -1))
+        return noisy - clean
+
+
+def patchify(x: Tensor, patch_size: int) -> Tensor:
+    """``(B, C, H, W) -> (B, (H/p) * (W/p), C * p * p)``, patches in raster order (the token order)."""
+    return F.unfold(x, patch_size, stride=patch_size).transpose(1, 2)
 
 
 class ResidualXattnSpatialOutputAdapter(SpatialOutputAdapter):
@@ -226,34 +269,40 @@ class ResidualXattnSpatialOutputAdapter(SpatialOutputAdapter):
 
 
 class RGBDMaskedStage2(RGBDEncoder):
-    """Stage 2: masked, noisy streams; a depth decoder predicts clean depth (hidden patches) and the noise
-    (visible patches). ``backbone.output_adapters`` must hold 'depth' (and 'rgb' for RGB reconstruction),
-    ``SpatialOutputAdapter``s with ``context_tasks`` rgb and depth.
+    """Stage 2: masked, noisy streams; a depth decoder predicts the clean depth of the hidden patches and a
+    :class:`DenoiseHead` the noise of the visible ones. ``backbone.output_adapters`` must hold 'depth' (and
+    'rgb' for RGB reconstruction), ``SpatialOutputAdapter``s with ``context_tasks`` rgb and depth.
 
-    ``forward(x, sigma (B,), keep {m: (B, k_m)})`` -> ``{'preds': {task: (B, C, H, W)}, 'features': {m: (B, k_m
-    + G, D)}}``; ``x['depth']`` is the noisy depth; ``features`` are the encoder outputs before the sigma
-    embedding is added to the depth stream (what the distillation compares).
+    ``forward(x, sigma (B,), keep {m: (B, k_m)})`` -> ``{'preds': {task: (B, C, H, W), 'noise': (B, k_depth,
+    p*p)}, 'features': {m: (B, k_m + G, D)}}``; ``x['depth']`` is the noisy depth. The sigma embedding is
+    added to the depth tokens before the encoder, so every layer knows the noise level. Without a denoise
+    head (``denoise_hidden_dim=0``) the depth decoder's output on the visible patches is the noise prediction.
     """
 
     def __init__(self, backbone: MultiMAE, depth_backbone: Optional[MultiMAE] = None, sigma_freq_dim: int = 256,
-                 sigma_scale: float = 1000.0):
+                 sigma_scale: float = 1000.0, denoise_hidden_dim: int = 512):
         super().__init__(backbone, depth_backbone)
         if backbone.output_adapters is None or "depth" not in backbone.output_adapters:
             raise ValueError("RGBDMaskedStage2 needs a 'depth' output adapter in the backbone")
         self.output_adapters = backbone.output_adapters
         self.sigma_embed = SigmaEmbedding(self.dim_tokens, sigma_freq_dim, sigma_scale)
+        p = self.input_adapters["depth"].P_H * self.input_adapters["depth"].P_W
+        self.denoise_head = DenoiseHead(self.dim_tokens, p, denoise_hidden_dim) if denoise_hidden_dim else None
 
     def forward(self, x: Mapping[str, Tensor], sigma: Tensor, keep: Mapping[str, Tensor]) -> Dict[str, Any]:
         tokens = self.tokenize(x)
         num_patches = next(iter(tokens.values())).shape[1]
-        feats = self.encode({m: _gather_tokens(t, keep[m]) for m, t in tokens.items()})
-        conditioned = dict(feats)
-        conditioned["depth"] = feats["depth"] + self.sigma_embed(sigma).unsqueeze(1).to(feats["depth"].dtype)
+        sigma_emb = self.sigma_embed(sigma)
+        tokens["depth"] = tokens["depth"] + sigma_emb.unsqueeze(1).to(tokens["depth"].dtype)
+        feats = self.encode({m: gather_tokens(t, keep[m]) for m, t in tokens.items()})
         image_size = tuple(x["rgb"].shape[-2:])
-        context, info, ids_keep, ids_restore = decoder_inputs(conditioned, keep, num_patches,
-                                                              self.num_global_tokens, image_size)
+        context, info, ids_keep, ids_restore = decoder_inputs(feats, keep, num_patches, self.num_global_tokens,
+                                                              image_size)
         preds = {task: adapter(encoder_tokens=context, input_info=info, ids_keep=ids_keep, ids_restore=ids_restore)
                  for task, adapter in self.output_adapters.items()}
+        if self.denoise_head is not None:
+            noisy = gather_tokens(patchify(x["depth"], self.input_adapters["depth"].P_H), keep["depth"])
+            preds["noise"] = self.denoise_head(self.patch_tokens(feats["depth"]), noisy, sigma_emb)
         return {"preds": preds, "features": feats}
 
 
@@ -328,41 +377,55 @@ def _similarities(z_a: Tensor, z_b: Tensor) -> Tensor:
         return torch.bmm(z_a.float(), z_b.float().transpose(1, 2))
 
 
+def _candidate_groups(z_a: Tensor, z_b: Tensor, valid: Tensor, negatives: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Regroup ``(B, N, P)`` patch embeddings so that each group of ``n`` holds an anchor's candidates at
+    the same index: the patches of one image (``'image'``, ``(B, N, P)``), of the batch (``'batch'``,
+    ``(1, B N, P)``) or the patches at one position across the images (``'position'``, ``(N, B, P)``)."""
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {list(NEGATIVES)}, got {negatives!r}")
+    if negatives == "batch":
+        return z_a.reshape(1, -1, z_a.shape[-1]), z_b.reshape(1, -1, z_b.shape[-1]), valid.reshape(1, -1)
+    if negatives == "position":
+        return z_a.transpose(0, 1), z_b.transpose(0, 1), valid.transpose(0, 1)
+    return z_a, z_b, valid
+
+
 def patch_info_nce(z_a: Tensor, z_b: Tensor, logit_scale: Tensor, valid: Optional[Tensor] = None,
                    negatives: str = "image") -> Tensor:
     """Symmetric InfoNCE between patch embeddings ``z_a, z_b (B, N, P)`` (L2-normalised): the positive of
-    patch ``i`` of ``z_a`` is patch ``i`` of ``z_b``; negatives are the other patches of the same image
-    (``'image'``) or of the whole batch (``'batch'``). ``valid (B, N)`` bool removes patches as anchors and
-    as negatives. Mean over valid anchors of ``(CE(a -> b) + CE(b -> a)) / 2``; equals ``log(n)`` (n valid
-    candidates) when all embeddings are equal.
+    patch ``i`` of image ``b`` in ``z_a`` is patch ``i`` of image ``b`` in ``z_b``; the negatives are the
+    other patches of the same image (``'image'``), of the whole batch (``'batch'``), or the patches at the
+    same position in the other images (``'position'``: the position embedding cannot tell them apart).
+    ``valid (B, N)`` bool removes patches as anchors and as negatives. Mean over valid anchors of
+    ``(CE(a -> b) + CE(b -> a)) / 2``; equals ``log(n)`` (n valid candidates) when all embeddings are equal.
     """
-    if negatives not in ("image", "batch"):
-        raise ValueError(f"negatives must be 'image' or 'batch', got {negatives!r}")
     z_a, z_b = z_a.float(), z_b.float()
     if valid is None:
         valid = torch.ones(z_a.shape[:2], dtype=torch.bool, device=z_a.device)
-    if negatives == "batch":
-        z_a, z_b, valid = z_a.reshape(1, -1, z_a.shape[-1]), z_b.reshape(1, -1, z_b.shape[-1]), valid.reshape(1, -1)
-    B, N, _ = z_a.shape
-    logits = logit_scale.float() * _similarities(z_a, z_b)  # (B, N, N): a-patches x b-patches
-    logits = logits.masked_fill(~(valid[:, :, None] & valid[:, None, :]), _MASKED_LOGIT)
-    target = torch.arange(N, device=z_a.device).repeat(B)
-    loss_ab = F.cross_entropy(logits.reshape(B * N, N), target, reduction="none")
-    loss_ba = F.cross_entropy(logits.transpose(1, 2).reshape(B * N, N), target, reduction="none")
+    z_a, z_b, valid = _candidate_groups(z_a, z_b, valid, negatives)
+    G, n, _ = z_a.shape
+    logits = logit_scale.float() * _similarities(z_a, z_b)  # (G, n, n): a-patches x b-patches
+    # dtype-safe: exp() of the dtype's minimum minus the row maximum is exactly 0 in any float dtype
+    logits = logits.masked_fill(~(valid[:, :, None] & valid[:, None, :]), torch.finfo(logits.dtype).min)
+    target = torch.arange(n, device=z_a.device).repeat(G)
+    loss_ab = F.cross_entropy(logits.reshape(G * n, n), target, reduction="none")
+    loss_ba = F.cross_entropy(logits.transpose(1, 2).reshape(G * n, n), target, reduction="none")
     w = valid.reshape(-1).float()
     return ((loss_ab + loss_ba) * w).sum() / (2 * w.sum().clamp(min=1))
 
 
 @torch.no_grad()
-def patch_retrieval_accuracy(z_a: Tensor, z_b: Tensor, valid: Optional[Tensor] = None) -> Tensor:
-    """Fraction of valid patches of ``z_a (B, N, P)`` whose most similar valid patch of the same image in
-    ``z_b`` is the one at the same position."""
-    sim = _similarities(z_a, z_b)
-    if valid is not None:
-        sim = sim.masked_fill(~valid[:, None, :], _MASKED_LOGIT)
-    hit = (sim.argmax(dim=-1) == torch.arange(sim.shape[1], device=sim.device)).float()
+def patch_retrieval_accuracy(z_a: Tensor, z_b: Tensor, valid: Optional[Tensor] = None,
+                             candidates: str = "image") -> Tensor:
+    """Fraction of valid patches of ``z_a (B, N, P)`` whose most similar valid candidate in ``z_b`` is the
+    positive: candidates are the patches of the same image (``'image'``), of the batch (``'batch'``) or
+    at the same position in every image (``'position'``; chance ``1 / B``)."""
     if valid is None:
-        return hit.mean()
+        valid = torch.ones(z_a.shape[:2], dtype=torch.bool, device=z_a.device)
+    z_a, z_b, valid = _candidate_groups(z_a.float(), z_b.float(), valid, candidates)
+    sim = _similarities(z_a, z_b)
+    sim = sim.masked_fill(~valid[:, None, :], torch.finfo(sim.dtype).min)
+    hit = (sim.argmax(dim=-1) == torch.arange(sim.shape[1], device=sim.device)).float()
     return (hit * valid).sum() / valid.sum().clamp(min=1)
 
 
@@ -385,6 +448,16 @@ def masked_pixel_mse(pred: Tensor, target: Tensor, patch_mask: Tensor, patch_siz
     return (num / den.clamp(min=1) * has).sum() / has.sum().clamp(min=1)
 
 
+def masked_patch_mse(pred: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """Mean squared error of patch predictions ``pred, target (B, k, Q)`` over the pixels with ``weight (B,
+    k, Q)`` (1 where scored; all if None); per sample, then over the samples that have any such pixel."""
+    err = (pred.float() - target.float()).pow(2)
+    w = torch.ones_like(err) if weight is None else weight.to(err.dtype)
+    num, den = (err * w).flatten(1).sum(1), w.flatten(1).sum(1)
+    has = (den > 0).to(err.dtype)
+    return (num / den.clamp(min=1) * has).sum() / has.sum().clamp(min=1)
+
+
 def max_pool_features(tokens: Tensor, valid: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Max over tokens ``(B, n, D)`` of the ``valid (B, n)`` ones -> ``((B, D), has_any (B,))`` (rows without a
     valid token are 0)."""
@@ -396,11 +469,22 @@ def max_pool_features(tokens: Tensor, valid: Optional[Tensor] = None) -> Tuple[T
 
 
 def max_pool_distill_loss(student: Tensor, teacher: Tensor, student_valid: Optional[Tensor] = None,
-                          teacher_valid: Optional[Tensor] = None, beta: float = 1.0) -> Tensor:
+                          teacher_valid: Optional[Tensor] = None, beta: float = 1.0, normalize: str = "none"
+                          ) -> Tensor:
     """Smooth-L1 between the max-pooled patch features of the student ``(B, n, D)`` and of the teacher
-    ``(B, m, D)`` (``valid`` masks drop tokens from the max), averaged over features and samples."""
-    s, s_has = max_pool_features(student.float(), student_valid)
-    t, t_has = max_pool_features(teacher.detach().float(), teacher_valid)
+    ``(B, m, D)`` (``valid`` masks drop tokens from the max), averaged over features and samples.
+    ``normalize``: layer-norm (no affine) every teacher token (``'target'``: unit-scale targets, so ``beta``
+    means the same at any feature scale, and the student's raw features are pulled to that scale), the
+    tokens of both (``'both'``: scale-free), or neither (``'none'``)."""
+    if normalize not in ("none", "target", "both"):
+        raise ValueError(f"normalize must be 'none', 'target' or 'both', got {normalize!r}")
+    student, teacher = student.float(), teacher.detach().float()
+    if normalize != "none":
+        teacher = F.layer_norm(teacher, teacher.shape[-1:])
+    if normalize == "both":
+        student = F.layer_norm(student, student.shape[-1:])
+    s, s_has = max_pool_features(student, student_valid)
+    t, t_has = max_pool_features(teacher, teacher_valid)
     per_sample = F.smooth_l1_loss(s, t, reduction="none", beta=beta).mean(dim=1)
     w = (s_has & t_has).to(per_sample.dtype)
     return (per_sample * w).sum() / w.sum().clamp(min=1)

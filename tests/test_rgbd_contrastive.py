@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from multimae.rgbd_contrastive import (MODALITIES, decoder_inputs, dirichlet_visible_split, keep_to_mask,
+from multimae.rgbd_contrastive import (MODALITIES, decoder_inputs, gather_tokens, dirichlet_visible_split, keep_to_mask,
                                     masked_pixel_mse, max_pool_distill_loss, num_visible_patches, patch_info_nce,
                                     random_keep)
 from utils.pretrain.config import PretrainConfig
@@ -140,6 +140,45 @@ def test_within_image_negatives_are_solved_by_the_patch_position_alone():
     assert logs["patch_acc"].item() == 1.0 and logs["patch_acc_other_image"].item() < 0.3
 
 
+def _train_stage1_logs(negatives, separate_encoders, depth_from_rgb, content_scale, steps=60):
+    # low-contrast content (content_scale) leaves the position embedding the strongest signal in the tokens
+    torch.manual_seed(0)
+    model = build_rgbd_model(tiny_args(separate_encoders=separate_encoders))
+    step = RGBDStage1Step(P, negatives, standardize_depth=False, use_mask_valid=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        rgb = content_scale * _smooth_images(8, g)
+        depth = (rgb[:, :1] - rgb[:, 2:]) if depth_from_rgb else content_scale * _smooth_images(8, g)[:, :1]
+        loss, logs = step(model, ({"rgb": rgb, "depth": depth}, None))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.item() for k, v in logs.items()}
+
+
+def _solved_by_position(logs) -> bool:
+    # retrieval as good against another image's depth as against its own: the features match positions
+    return logs["patch_acc"] > 0.5 and logs["patch_acc_other_image"] > 0.8 * logs["patch_acc"]
+
+
+@pytest.mark.parametrize("separate_encoders", [False, True])
+def test_default_stage1_cannot_solve_the_contrast_by_position(separate_encoders):
+    # depth independent of the rgb: only the patch position links the two streams. Within-image negatives
+    # (the paper's) are then solved perfectly by position, with one encoder per modality as well; the
+    # default negatives (same position, other images) leave the contrast at chance.
+    shortcut = _train_stage1_logs("image", separate_encoders, depth_from_rgb=False, content_scale=0.3)
+    assert _solved_by_position(shortcut), shortcut
+    default = PretrainConfig().contrast_negatives
+    logs = _train_stage1_logs(default, separate_encoders, depth_from_rgb=False, content_scale=0.3)
+    assert not _solved_by_position(logs) and logs["patch_acc"] < 0.25, logs  # chance 1/16
+    assert logs["loss"] > 0.95 * math.log(8), logs  # 8 images: log(8) at chance
+    # depth that is a function of the rgb: the default learns content, which does not match another image
+    logs = _train_stage1_logs(default, separate_encoders, depth_from_rgb=True, content_scale=1.0)
+    assert logs["patch_acc_position"] > 0.5 and logs["patch_acc"] > 0.5, logs  # chance 1/8, 1/16
+    assert logs["patch_acc_other_image"] < 0.5 * logs["patch_acc"] and not _solved_by_position(logs), logs
+
+
 # --------------------------------------------------------------------------------------------- stage 2
 def test_80_percent_masking_keeps_39_of_196_per_modality():
     assert num_visible_patches(196, 0.8) == 39
@@ -225,7 +264,7 @@ def test_sigma_zero_gives_zero_noise_targets():
     def spy(x, sigma, keep):
         seen.update(x=x, sigma=sigma, keep=keep)
         out = model(x, sigma, keep)
-        seen["pred"] = out["preds"]["depth"]
+        seen["pred"] = out["preds"]["noise"]  # the denoising head: (B, k, p*p) for the visible depth patches
         return out
 
     x, _ = batch(invalid_box=False)
@@ -233,8 +272,8 @@ def test_sigma_zero_gives_zero_noise_targets():
     from utils.data.depth import robust_standardize
     assert torch.equal(seen["x"]["depth"], robust_standardize(x["depth"]))
     assert torch.equal(seen["sigma"], torch.zeros(2))
-    visible = 1 - keep_to_mask(seen["keep"]["depth"], 16)
-    expected = masked_pixel_mse(seen["pred"], torch.zeros_like(seen["pred"]), visible, P)
+    assert seen["pred"].shape == (2, seen["keep"]["depth"].shape[1], P * P)
+    expected = seen["pred"].pow(2).mean()
     assert logs["denoise_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -250,6 +289,29 @@ def test_noise_is_sigma_times_gaussian_on_valid_pixels_only():
     torch.testing.assert_close(std, sigma, rtol=0.1, atol=0.02)
 
 
+def test_denoising_loss_falls_far_below_predicting_no_noise():
+    # E[sigma^2] = 1/3 for sigma ~ U[0, 1] is the loss of predicting zero noise; the denoising head starts
+    # at the deviation from the patch mean and learns, from the noise level and the depth structure, how
+    # much of the deviation is noise
+    torch.manual_seed(0)
+    model = build_rgbd_model(tiny_args(method="rgbd_stage2", distill_weight=0.0))
+    step = RGBDStage2Step(None, P, sigma_max=1.0, distill_weight=0.0, standardize_depth=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(60):
+        rgb = _smooth_images(16, g)
+        depth = rgb[:, :1] + (rgb[:, 1:2] > 0).float()  # smooth, with edges
+        loss, logs = step(model, ({"rgb": rgb, "depth": depth}, None))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(logs["denoise_loss"].item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    assert last < 0.7 * (1 / 3) and last < 0.6 * first, (first, last)
+    assert logs["denoise_weight"].item() == 1.0 and logs["recon_weight"].item() == 1.0
+
+
 @pytest.mark.parametrize("teacher_input,mask_ratio,sigma_max", [("same", 0.8, 1.0), ("full", 0.0, 0.0)])
 def test_distillation_is_exactly_zero_at_the_first_stage2_step(tmp_path, teacher_input, mask_ratio, sigma_max):
     torch.manual_seed(0)
@@ -257,7 +319,9 @@ def test_distillation_is_exactly_zero_at_the_first_stage2_step(tmp_path, teacher
     stage1 = build_rgbd_model(args1)
     args2 = tiny_args(method="rgbd_stage2", separate_encoders=True,
                       teacher_checkpoint=save_stage1(tmp_path, args1, stage1), teacher_input=teacher_input,
-                      mask_ratio=mask_ratio, sigma_max=sigma_max)
+                      mask_ratio=mask_ratio, sigma_max=sigma_max, distill_norm="both")
+    # (distill_norm 'both': the student's raw features equal the teacher's at the start, but not their
+    # layer-normed version, which the default 'target' compares them with)
     student = build_rgbd_model(args2)
     step = build_rgbd_step(args2, torch.device("cpu"))
     assert not any(p.requires_grad for p in step.teacher.parameters()) and not step.teacher.training
@@ -265,8 +329,13 @@ def test_distillation_is_exactly_zero_at_the_first_stage2_step(tmp_path, teacher
     assert logs["distill_loss"].item() == 0.0
     assert logs["distill_rgb_loss"].item() == 0.0 and logs["distill_depth_loss"].item() == 0.0
     loss.backward()
-    # the student's encoder moves away after one update: then the distillation is positive
+    # the student's encoder moves away after two updates: then the distillation is positive. (Without
+    # hidden patches and noise the first update reaches the encoder only through the denoising head,
+    # whose last layer starts at zero and so passes no gradient back yet.)
     opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    opt.step()
+    opt.zero_grad()
+    step(student, batch())[0].backward()
     opt.step()
     assert step(student, batch())[1]["distill_loss"].item() > 0
 
@@ -278,6 +347,38 @@ def test_distillation_compares_max_pooled_features():
     assert max_pool_distill_loss(s, t).item() == pytest.approx(0.25)
     # an invalid token is left out of the max: t without its last token -> (3, 2): (0 + |5-2|-0.5) / 2
     assert max_pool_distill_loss(s, t, teacher_valid=torch.tensor([[True, True, False]])).item() == pytest.approx(1.25)
+
+
+def test_distillation_pools_teacher_features_of_the_student_tokens_layer_normed():
+    torch.manual_seed(0)
+    s = torch.randn(2, 5, 8)
+    # per token, layer norm removes scale and offset: a teacher 100 s + 3 is matched exactly
+    assert max_pool_distill_loss(s, 100 * s + 3, normalize="both").item() < 1e-5
+    assert max_pool_distill_loss(torch.nn.functional.layer_norm(s, (8,)), 100 * s + 3, normalize="target").item() < 1e-5
+    assert max_pool_distill_loss(s, 100 * s + 3).item() > 50
+
+    class Teacher:  # random full-image features (seeded by the caller); the student's tokens are keep[m] of them
+        def encode_visible(self, x, keep=None):
+            B = x["rgb"].shape[0]
+            return {m: torch.cat([torch.randn(B, 16, 8) + 10 * torch.arange(16.0)[None, :, None],
+                                  torch.zeros(B, 1, 8)], dim=1) for m in MODALITIES}
+
+        def patch_tokens(self, f):
+            return f[:, :-1]
+
+    teacher = Teacher()
+    keep = {m: random_keep(2, 16, 3) for m in MODALITIES}
+    student = {m: torch.cat([torch.randn(2, 3, 8), torch.zeros(2, 1, 8)], dim=1) for m in MODALITIES}
+    x = torch.zeros(2, 3, S, S)
+    torch.manual_seed(1)
+    full = teacher.encode_visible({"rgb": x})
+    for tokens, expected_pool in (("matched", lambda t, k: gather_tokens(t, k)), ("all", lambda t, k: t)):
+        step = RGBDStage2Step(teacher, P, distill_tokens=tokens)
+        torch.manual_seed(1)
+        out = step.distill(student, x, x[:, :1], x[:, :1], keep, None)
+        for m in MODALITIES:
+            ref = max_pool_distill_loss(student[m][:, :3], expected_pool(full[m][:, :-1], keep[m]), normalize="target")
+            assert out[f"distill_{m}"].item() == pytest.approx(ref.item(), rel=1e-6), (tokens, m)
 
 
 # --------------------------------------------------------------------------------------------- invalid depth

@@ -65,7 +65,7 @@ class PretrainConfig(JobConfig):
     min_valid_fraction: float = 0.5
     temperature: float = 0.07
     learn_temperature: bool = True
-    contrast_negatives: str = 'image'
+    contrast_negatives: str = 'position'
     proj_dim: int = 256
     proj_hidden_dim: int | None = None
     mask_ratio: float = 0.8
@@ -73,6 +73,10 @@ class PretrainConfig(JobConfig):
     sigma_max: float = 1.0
     rgb_reconstruction: bool = False
     decoder_xattn_residual: bool = True
+    denoise_hidden_dim: int = 512
+    distill_tokens: str = 'matched'
+    distill_norm: str = 'target'
+    distill_beta: float = 1.0
     recon_weight: float = 1.0
     denoise_weight: float = 1.0
     distill_weight: float = 1.0

@@ -27,11 +27,11 @@ from utils.pretrain.config import PretrainConfig
 from utils.pretrain.multimae import MultiMAEPretraining, build_pretrain_loader, validate_pretrain_args
 from utils.data.depth import robust_standardize
 from utils.data.modalities import build_input_adapters, get_modality, parse_domains
-from multimae.rgbd_contrastive import (MODALITIES, RGBDContrastStage1, RGBDMaskedStage2,
-                                    ResidualXattnSpatialOutputAdapter, dirichlet_visible_split,
-                                    keep_to_mask, masked_pixel_mse, max_pool_distill_loss, num_visible_patches,
-                                    patch_info_nce, patch_retrieval_accuracy, patch_valid_fraction, random_keep,
-                                    stream_valid)
+from multimae.rgbd_contrastive import (MODALITIES, NEGATIVES, RGBDContrastStage1, RGBDMaskedStage2,
+                                    ResidualXattnSpatialOutputAdapter, dirichlet_visible_split, gather_tokens,
+                                    keep_to_mask, masked_patch_mse, masked_pixel_mse, max_pool_distill_loss,
+                                    num_visible_patches, patch_info_nce, patch_retrieval_accuracy,
+                                    patch_valid_fraction, patchify, random_keep, stream_valid)
 
 __all__ = ["METHODS", "add_rgbd_args", "validate_rgbd_args", "validate_method_args", "prepare_rgbd",
            "RGBDStage1Step", "RGBDStage2Step", "build_rgbd_model", "build_rgbd_teacher", "build_rgbd_step",
@@ -51,14 +51,17 @@ def add_rgbd_args(parser: argparse.ArgumentParser) -> None:
                              "RGB-D stages do not use num_encoded_tokens, alphas (except --mask_sampler dirichlet), "
                              "out_domains, extra_norm_pix_loss, loss_on_unmasked, fp32_output_adapters")
     g = parser.add_argument_group("two-stage RGB-D method (--method rgbd_stage1 / rgbd_stage2)")
-    add_bool_arg(g, "separate_encoders", False, "one encoder per modality (default: the shared MultiMAE encoder)")
+    add_bool_arg(g, "separate_encoders", False, "one encoder per modality (paper; on in the configs), else the "
+                 "shared MultiMAE encoder")
     add_bool_arg(g, "use_mask_valid", False, "read mask_valid/ and leave invalid depth out of the input and losses")
     g.add_argument("--min_valid_fraction", type=float, default=0.5,
                    help="a patch counts as valid depth when at least this fraction of its pixels is valid")
     g.add_argument("--temperature", type=float, default=0.07, help="stage 1: initial InfoNCE temperature")
     add_bool_arg(g, "learn_temperature", True, "stage 1: learn the temperature")
-    g.add_argument("--contrast_negatives", type=str, default="image", choices=["image", "batch"],
-                   help="stage 1: negatives are the other patches of the same image or of the whole batch")
+    g.add_argument("--contrast_negatives", type=str, default="position", choices=list(NEGATIVES),
+                   help="stage 1: negatives are the depth patches at the same position in the other images of "
+                        "the batch (position), the other patches of the same image (image: the paper's, solvable "
+                        "by the position embedding alone) or all patches of the batch (batch)")
     g.add_argument("--proj_dim", type=int, default=256, help="stage 1: projection head output width")
     g.add_argument("--proj_hidden_dim", type=int, default=None, help="stage 1: head hidden width (default: encoder)")
     g.add_argument("--mask_ratio", type=float, default=0.8, help="stage 2: hidden fraction of each modality")
@@ -69,6 +72,15 @@ def add_rgbd_args(parser: argparse.ArgumentParser) -> None:
     add_bool_arg(g, "rgb_reconstruction", False, "stage 2: also reconstruct the hidden rgb patches")
     add_bool_arg(g, "decoder_xattn_residual", True, "stage 2: residual around the decoder's cross-attention "
                  "(MultiMAE's decoder has none; without it the noise on visible patches is not learned)")
+    g.add_argument("--denoise_hidden_dim", type=int, default=512,
+                   help="stage 2: width of the denoising head that reads each visible depth token with its noisy "
+                        "pixels (0: the depth decoder predicts the noise, which it cannot learn)")
+    g.add_argument("--distill_tokens", type=str, default="matched", choices=["matched", "all"],
+                   help="stage 2: max-pool the teacher over the student's visible tokens (matched) or all of its")
+    g.add_argument("--distill_norm", type=str, default="target", choices=["target", "both", "none"],
+                   help="stage 2: layer-norm the teacher tokens before the max-pool (target: unit-scale targets the "
+                        "raw student features must match), the tokens of student and teacher (both), or none")
+    g.add_argument("--distill_beta", type=float, default=1.0, help="stage 2: smooth-L1 beta of the distillation")
     g.add_argument("--recon_weight", type=float, default=1.0, help="stage 2: weight of the masked reconstruction")
     g.add_argument("--denoise_weight", type=float, default=1.0, help="stage 2: weight of the noise prediction")
     g.add_argument("--distill_weight", type=float, default=1.0, help="stage 2: weight of the feature distillation")
@@ -97,6 +109,12 @@ def validate_rgbd_args(cfg: PretrainConfig) -> list[str]:
         errors.append(f"--min_valid_fraction must be in [0, 1], got {cfg.min_valid_fraction}")
     if cfg.temperature <= 0:
         errors.append(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.contrast_negatives in ("position", "batch") and cfg.method == "rgbd_stage1" and cfg.batch_size < 2:
+        errors.append(f"--contrast_negatives {cfg.contrast_negatives} takes negatives from other images: "
+                      f"--batch_size must be >= 2, got {cfg.batch_size}")
+    if cfg.denoise_hidden_dim < 0 or cfg.distill_beta <= 0:
+        errors.append(f"--denoise_hidden_dim must be >= 0 and --distill_beta > 0, got {cfg.denoise_hidden_dim}, "
+                      f"{cfg.distill_beta}")
     if cfg.sigma_max < 0:
         errors.append(f"--sigma_max must be >= 0, got {cfg.sigma_max}")
     for name in ("recon_weight", "denoise_weight", "distill_weight"):
@@ -150,12 +168,14 @@ class RGBDStage1Step:
     """Stage 1: ``step(model, (x, label)) -> (loss, logs)`` with the symmetric patch InfoNCE.
 
     Patches with less than ``min_valid_fraction`` valid depth are neither anchors nor negatives.
-    Logs ``loss``, ``temperature``, ``patch_acc`` (rgb -> depth top-1 retrieval within the image) and
+    Logs ``loss``, ``temperature``, ``patch_acc`` (rgb -> depth top-1 retrieval within the image),
     ``patch_acc_other_image`` (the same against the depth of another image of the batch: close to
-    ``patch_acc`` when the features match patches by position instead of content).
+    ``patch_acc`` when the features match patches by position instead of content) and
+    ``patch_acc_position`` (retrieval among the depth patches at the same position in every image of the
+    batch, chance ``1 / B``: content only).
     """
 
-    def __init__(self, patch_size: int, negatives: str = "image", standardize_depth: bool = True,
+    def __init__(self, patch_size: int, negatives: str = "position", standardize_depth: bool = True,
                  use_mask_valid: bool = False, min_valid_fraction: float = 0.5):
         self.patch_size, self.negatives = patch_size, negatives
         self.standardize_depth, self.use_mask_valid = standardize_depth, use_mask_valid
@@ -174,7 +194,8 @@ class RGBDStage1Step:
         pv_other = None if pv is None else pv & pv.roll(1, dims=0)
         return loss, {"loss": loss.detach(), "temperature": 1.0 / out["logit_scale"].detach(),
                       "patch_acc": patch_retrieval_accuracy(z_rgb, z_depth, pv),
-                      "patch_acc_other_image": patch_retrieval_accuracy(z_rgb, other, pv_other)}
+                      "patch_acc_other_image": patch_retrieval_accuracy(z_rgb, other, pv_other),
+                      "patch_acc_position": patch_retrieval_accuracy(z_rgb, z_depth, pv, "position")}
 
 
 class RGBDStage2Step:
@@ -182,25 +203,32 @@ class RGBDStage2Step:
 
     Per batch: visible patches per modality (``mask_ratio`` each, or a Dirichlet split of the same total),
     ``sigma ~ U[0, sigma_max]`` per sample and noise ``sigma * e`` on valid depth pixels; the decoder output
-    is scored against the clean depth on hidden patches (``recon``) and against the noise on visible ones
-    (``denoise``), both on valid pixels; ``distill`` is the mean over modalities of the smooth-L1 between
-    max-pooled student and teacher features (invalid depth patches left out of the max).
-    ``loss = recon_weight * (recon [+ rgb_recon]) + denoise_weight * denoise + distill_weight * distill``.
+    is scored against the clean depth on hidden patches (``recon``), the denoising head's (or, without one,
+    the decoder's) output against the noise on visible ones (``denoise``), both on valid pixels; ``distill``
+    is the mean over modalities of the smooth-L1 between max-pooled student and teacher features of the same
+    visible tokens (``distill_tokens='all'``: the teacher's pooled over all its tokens), teacher (and student)
+    tokens layer-normed as ``distill_norm`` says, invalid depth patches left out of the max.
+    ``loss = recon_weight * (recon [+ rgb_recon]) + denoise_weight * denoise + distill_weight * distill``; the
+    weights are logged beside the losses.
     """
 
     def __init__(self, teacher: Optional[RGBDContrastStage1], patch_size: int, mask_ratio: float = 0.8,
                  mask_sampler: str = "independent", alphas: float = 1.0, sigma_max: float = 1.0,
                  recon_weight: float = 1.0, denoise_weight: float = 1.0, distill_weight: float = 1.0,
                  teacher_input: str = "full", standardize_depth: bool = True, use_mask_valid: bool = False,
-                 min_valid_fraction: float = 0.5):
+                 min_valid_fraction: float = 0.5, distill_tokens: str = "matched", distill_norm: str = "target",
+                 distill_beta: float = 1.0):
         if mask_sampler not in ("independent", "dirichlet"):
             raise ValueError(f"mask_sampler must be 'independent' or 'dirichlet', got {mask_sampler!r}")
         if teacher_input not in ("full", "same"):
             raise ValueError(f"teacher_input must be 'full' or 'same', got {teacher_input!r}")
+        if distill_tokens not in ("matched", "all"):
+            raise ValueError(f"distill_tokens must be 'matched' or 'all', got {distill_tokens!r}")
         self.teacher, self.patch_size, self.mask_ratio = teacher, patch_size, mask_ratio
         self.mask_sampler, self.alphas, self.sigma_max = mask_sampler, alphas, sigma_max
         self.weights = {"recon": recon_weight, "denoise": denoise_weight, "distill": distill_weight}
         self.teacher_input = teacher_input
+        self.distill_tokens, self.distill_norm, self.distill_beta = distill_tokens, distill_norm, distill_beta
         self.standardize_depth, self.use_mask_valid = standardize_depth, use_mask_valid
         self.min_valid_fraction = min_valid_fraction
 
@@ -217,6 +245,15 @@ class RGBDStage2Step:
         noise = sigma.view(-1, 1, 1, 1) * torch.randn_like(depth)
         return sigma, noise if valid is None else noise * valid
 
+    def denoise_loss(self, preds: dict[str, Tensor], noise: Tensor, keep: Tensor, visible: Tensor,
+                     valid: Optional[Tensor]) -> Tensor:
+        """MSE of the noise prediction on the valid pixels of the visible depth patches ``keep (B, k)``."""
+        if "noise" not in preds:
+            return masked_pixel_mse(preds["depth"], noise, visible, self.patch_size, valid)
+        target = gather_tokens(patchify(noise, self.patch_size), keep)
+        weight = None if valid is None else gather_tokens(patchify(valid.to(noise.dtype), self.patch_size), keep)
+        return masked_patch_mse(preds["noise"], target, weight)
+
     def __call__(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         rgb, depth, valid = prepare_rgbd(_batch_dict(batch), self.standardize_depth, self.use_mask_valid)
         B, _, H, W = rgb.shape
@@ -227,7 +264,7 @@ class RGBDStage2Step:
         preds = out["preds"]
         hidden = keep_to_mask(keep["depth"], N)
         losses = {"recon": masked_pixel_mse(preds["depth"], depth, hidden, self.patch_size, valid),
-                  "denoise": masked_pixel_mse(preds["depth"], noise, 1 - hidden, self.patch_size, valid)}
+                  "denoise": self.denoise_loss(preds, noise, keep["depth"], 1 - hidden, valid)}
         if "rgb" in preds:
             losses["rgb_recon"] = masked_pixel_mse(preds["rgb"], rgb, keep_to_mask(keep["rgb"], N), self.patch_size)
         pv = None if valid is None else patch_valid_fraction(valid, self.patch_size) >= self.min_valid_fraction
@@ -237,7 +274,8 @@ class RGBDStage2Step:
         loss = w["recon"] * (losses["recon"] + losses.get("rgb_recon", 0.0)) + w["denoise"] * losses["denoise"]
         if "distill" in losses:
             loss = loss + w["distill"] * losses["distill"]
-        logs = {"loss": loss.detach(), **{f"{k}_loss": v.detach() for k, v in losses.items()}}
+        logs = {"loss": loss.detach(), **{f"{k}_loss": v.detach() for k, v in losses.items()},
+                **{f"{k}_weight": torch.tensor(v) for k, v in w.items()}}
         return loss, logs
 
     def distill(self, feats: dict[str, Tensor], rgb: Tensor, depth: Tensor, noisy: Tensor,
@@ -246,15 +284,22 @@ class RGBDStage2Step:
         teacher = self.teacher
         with torch.no_grad():
             if self.teacher_input == "full":
-                t_feats, t_keep = teacher.encode_visible({"rgb": rgb, "depth": depth}), {}
+                t_feats = {m: teacher.patch_tokens(f) for m, f in
+                           teacher.encode_visible({"rgb": rgb, "depth": depth}).items()}
+                t_keep = {m: None for m in MODALITIES}
+                if self.distill_tokens == "matched":  # the teacher's features of the student's visible patches
+                    t_feats = {m: gather_tokens(t, keep[m]) for m, t in t_feats.items()}
+                    t_keep = keep
             else:
-                t_feats, t_keep = teacher.encode_visible({"rgb": rgb, "depth": noisy}, keep), keep
+                t_feats = {m: teacher.patch_tokens(f) for m, f in
+                           teacher.encode_visible({"rgb": rgb, "depth": noisy}, keep).items()}
+                t_keep = keep
         out = {}
         for m in MODALITIES:
             s_valid = stream_valid(pv, keep[m]) if m == "depth" else None
-            t_valid = stream_valid(pv, t_keep.get(m)) if m == "depth" else None
-            out[f"distill_{m}"] = max_pool_distill_loss(teacher.patch_tokens(feats[m]),
-                                                        teacher.patch_tokens(t_feats[m]), s_valid, t_valid)
+            t_valid = stream_valid(pv, t_keep[m]) if m == "depth" else None
+            out[f"distill_{m}"] = max_pool_distill_loss(teacher.patch_tokens(feats[m]), t_feats[m], s_valid, t_valid,
+                                                        beta=self.distill_beta, normalize=self.distill_norm)
         out["distill"] = sum(out[f"distill_{m}"] for m in MODALITIES) / len(MODALITIES)
         return out
 
@@ -287,7 +332,7 @@ def _stage2_model(cfg: PretrainConfig) -> RGBDMaskedStage2:
                        use_xattn=cfg.decoder_use_xattn)
                 for m in (MODALITIES if cfg.rgb_reconstruction else ("depth",))}
     depth_backbone = _backbone(cfg) if cfg.separate_encoders else None
-    return RGBDMaskedStage2(_backbone(cfg, decoders), depth_backbone)
+    return RGBDMaskedStage2(_backbone(cfg, decoders), depth_backbone, denoise_hidden_dim=cfg.denoise_hidden_dim)
 
 
 def _load_stage1(path: str) -> tuple[dict[str, Tensor], dict]:
@@ -355,7 +400,8 @@ def build_rgbd_step(cfg: PretrainConfig, device: torch.device) -> Callable:
     teacher = build_rgbd_teacher(cfg)
     return RGBDStage2Step(teacher.to(device) if teacher is not None else None, cfg.patch_size, cfg.mask_ratio,
                           cfg.mask_sampler, cfg.alphas, cfg.sigma_max, cfg.recon_weight, cfg.denoise_weight,
-                          cfg.distill_weight, cfg.teacher_input, **common)
+                          cfg.distill_weight, cfg.teacher_input, distill_tokens=cfg.distill_tokens,
+                          distill_norm=cfg.distill_norm, distill_beta=cfg.distill_beta, **common)
 
 
 class _RGBDStage(MultiMAEPretraining):
