@@ -346,7 +346,8 @@ def load_finetune_weights(model: nn.Module, source: str | Path | Mapping[str, Te
     the input adapters of the model's in-domains) raises `WeightsMismatchError` naming the keys, unless it
     matches one of the `allow_missing` glob patterns (e.g. 'input_adapters.depth.*' to fine-tune a new
     depth input from an RGB-only checkpoint). Loads with strict=False after these checks. ``log`` gets a
-    short summary; the full key listing goes to ``output_dir/load_report.txt`` (when given).
+    short summary and the full key listing goes to ``output_dir/load_report.txt`` when ``output_dir`` is given;
+    without it, ``log`` gets the full listing.
     """
     if isinstance(source, Mapping):
         name, sd = "<state dict>", extract_state_dict(source)
@@ -368,5 +369,7 @@ def load_finetune_weights(model: nn.Module, source: str | Path | Mapping[str, Te
     unexpected = set(report.unexpected)
     report.loaded = [k for k in sd if k not in unexpected]
     if log is not None:
-        log(report.summary(report.write(output_dir)))
+        # Without an output folder the full listing is the only record, so it is what gets logged.
+        path = report.write(output_dir)
+        log(report.summary(path) if path is not None else report.details())
     return report
