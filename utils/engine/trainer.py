@@ -303,7 +303,7 @@ class Trainer:
         hparams: dict[str, float] = {}
         bad_samples, step_loss, seen = 0, None, first
         for local, batch in enumerate(ml.log_every(batches, self.print_freq, f"Epoch: [{epoch}]",
-                                                   batch_size=self.batch_size, total=n_micro - first)):
+                                                   batch_size=self.batch_size, total=n_micro, start=first)):
             i = first + local
             seen = i + 1
             step_in_epoch, last_micro = i // self.update_freq, (i + 1) % self.update_freq == 0
