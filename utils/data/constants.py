@@ -20,7 +20,7 @@ DEFAULT_CROP_PCT = 0.875
 
 # Label value ignored by segmentation losses and metrics.
 SEG_IGNORE_INDEX = 255
-# Value written into label maps (and, in the published code, depth) for padded pixels.
+# Value written into label maps for padded pixels (padding itself is tracked as a mask, not by this value).
 PAD_MASK_VALUE = 254
 # Pseudo labels come from a Mask2Former COCO-panoptic model: 80 things + 53 stuff.
 COCO_SEMSEG_NUM_CLASSES = 133
@@ -29,7 +29,7 @@ COCO_SEMSEG_NUM_CLASSES = 133
 NYU_MEAN = 2070.7764
 NYU_STD = 777.5723
 
-# 16-bit depth PNGs are divided by this to give floats in [0, 1) (published: float(x) / 2**16).
+# 16-bit depth PNGs are divided by this to give floats in [0, 1).
 DEPTH_PNG_SCALE = 2 ** 16
 # Truncated per-image depth standardisation: drop the lowest/highest 10 % before mean/var.
 DEPTH_TRIM = 0.1

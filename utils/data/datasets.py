@@ -1,7 +1,7 @@
 """Multi-modal image folders: ``root/<prefix><modality>/<class>/<name>.<ext>``, paired by file name.
 
-Unlike the published ``MultiTaskImageFolder``, files of different modalities are paired
-by their path relative to the modality folder without extension, never by sorted position, and every
+Files of different modalities are paired by their path relative to the modality folder without
+extension, never by sorted position (one missing or extra file would shift every later pair), and every
 mismatch is reported with the offending path and modality.
 """
 from __future__ import annotations

@@ -4,8 +4,8 @@ Dense transforms take the dict that `MultiModalImageFolder` yields, `{modality: 
 uint16 tensors in CHW layout (label maps may be (H, W)), and return a dict of tensors. The geometry
 (flip, resize, pad, crop) is sampled once per sample and applied to every modality with torchvision
 v2 joint transforms: `rgb` is a `tv_tensors.Image` (bilinear, colour augmentation), every other
-modality a `tv_tensors.Mask` (nearest, untouched by colour augmentation), as the published
-albumentations pipelines did. Randomness comes from torch's RNG (seeded per DataLoader worker).
+modality a `tv_tensors.Mask` (nearest, untouched by colour augmentation), so label maps and depth are
+never blended or jittered. Randomness comes from torch's RNG (seeded per DataLoader worker).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 # Extra entry added by the augmentations: bool (1, H, W), True where the pixel is padding. Targets use it
-# instead of guessing padding from a magic value (published: any raw depth equal to 254 was "padding").
+# instead of guessing padding from a magic value, which a real depth reading can equal.
 PADDING_KEY = "_padding"
 RGB = "rgb"
 
@@ -73,7 +73,7 @@ def _resize_all(sample: dict[str, Tensor], size: Sequence[int]) -> dict[str, Ten
 
 # ------------------------------------------------------------------------------------------------ semseg
 class SemSegAugment:
-    """The published `simple` semseg augmentation on a dict of modalities.
+    """The `simple` semseg augmentation on a dict of modalities.
 
     train: horizontal flip (p=hflip) -> longest side to `input_size` -> colour jitter on rgb (p=0.5) ->
     random scale by a factor in `scale_range` -> pad bottom/right to input_size^2 -> random crop
@@ -133,13 +133,13 @@ class SemSegAugment:
 
 
 class SemSegTarget:
-    """Post-processing of an augmented semseg sample (published `DataAugmentationForSemSeg` semantics).
+    """Post-processing of an augmented semseg sample: labels, validity mask, standardised depth.
 
     - `semseg` (ground truth) -> int64 (S, S): with `reduce_zero_label`, 0 becomes ignore and 1..K -> 0..K-1;
       padding -> void label `num_classes` if `use_void_label` else `ignore_index`.
     - `mask_valid` -> bool (1, S, S) = (raw == 255) and not padding.
     - `depth` -> float (1, S, S): with `standardize_depth`, robust per-image standardisation whose statistics
-      exclude padding; invalid pixels (mask_valid present) count in the statistics, as published, unless
+      exclude padding; invalid pixels (mask_valid present) count in the statistics unless
       `depth_stats_valid_only`; the output is 0 at padding and invalid pixels.
     - `pseudo_semseg` (an input) -> int64 (S/stride, S/stride), nearest; padding and any value >=
       `pseudo_num_classes` become the padding class `pseudo_num_classes` (same rule in train and eval).
@@ -211,7 +211,7 @@ def build_semseg_transform(train: bool, input_size: int, num_classes: int, aug_n
 
 # ------------------------------------------------------------------------------------------------ NYU depth
 class NYUDepthAugment:
-    """The published NYUv2 depth augmentation on a dict of modalities.
+    """The NYUv2 depth augmentation on a dict of modalities.
 
     train: smaller side to `input_size` -> horizontal flip -> [colour_aug: colour jitter (p=0.5) and grayscale
     (p=0.3) on rgb] -> random crop input_size^2 -> rgb normalised. val: smaller side -> centre crop -> normalise.
@@ -242,7 +242,7 @@ class NYUDepthAugment:
 
 
 class DepthTarget:
-    """Depth target post-processing (published `DataAugmentationForRegression`, NYU constants by default).
+    """Depth target post-processing (NYU constants by default).
 
     depth -> (depth - mean) / std, float (1, H, W); mask_valid -> bool (1, H, W) = raw == 255 (when the
     sample has no mask_valid, valid = raw depth > 0); invalid depth -> `mask_value`.
@@ -290,7 +290,7 @@ def _blurred(scale: float) -> Callable[[Tensor], Tensor]:
 
 def _eroded_valid_mask(x: Tensor, cell: int = 4) -> Tensor:
     # valid = full-scale value; a pixel stays valid only if its whole cell x cell block is valid
-    # (published make_valid_mask: invert, max-pool with stride `cell`, nearest upsample, == 0)
+    # (invert, max-pool with stride `cell`, nearest upsample, == 0)
     x = x[:1]
     full = True if x.dtype == torch.bool else 255 if x.dtype == torch.uint8 else 65535
     invalid = (x != full).float()[None]

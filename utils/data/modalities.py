@@ -41,7 +41,7 @@ def patched_input_adapter(m: 'Modality', patch_size: int, image_size, **kw) -> n
 
 
 def semseg_input_adapter(m: 'Modality', patch_size: int, image_size, **kw) -> nn.Module:
-    """``SemSegInputAdapter`` (class embedding of size 64, no interpolation, as published)."""
+    """``SemSegInputAdapter`` (class embedding of size 64, no interpolation: the layout of the released checkpoints)."""
     from multimae.input_adapters import SemSegInputAdapter
     kw = {'dim_class_emb': 64, 'interpolate_class_emb': False, **kw}
     return SemSegInputAdapter(num_classes=m.num_classes, stride_level=m.stride_level,
@@ -69,7 +69,7 @@ class Modality:
             'mask' (nearest, bool, True where the file is non-zero).
         decoder: file decoder name in ``utils.data.datasets.DECODERS`` ('rgb', 'gray', 'label', 'mask')
             or a callable ``path -> Tensor (C, H, W)``.
-        value_scale: raw value multiplier for 'dense' (depth: 1 / 2**16 as published).
+        value_scale: raw value multiplier for 'dense' (depth: 1 / 2**16, ``DEPTH_PNG_SCALE``).
         value_range: clamp range after scaling (guards against bicubic overshoot), or None.
         loss: pre-training loss 'mse', 'l1', 'ce' or None (data-only modality).
         loss_kwargs: extra constructor arguments of the loss.

@@ -1,4 +1,4 @@
-"""The synthetic scenes written in the published Taskonomy layout (see :mod:`utils.data.taskonomy`), with the
+"""The synthetic scenes written in the Taskonomy layout (see :mod:`utils.data.taskonomy`), with the
 split CSVs ``tiny_{train,val,test}.csv`` in the data root, so every Taskonomy config runs with
 ``run_finetuning_taskonomy.py --data_path D`` and no real data.
 
@@ -9,7 +9,8 @@ Files per view, in the Taskonomy formats and units:
   scenes have no Euclidean depth, so both hold the z-buffer depth;
 * stand-ins with the right file kind and value range (the scenes do not model these): principal_curvature =
   the normal image (8-bit colour, 2 channels used), reshading = the grey-scale shading of rgb (8-bit),
-  edge_texture = Sobel magnitude of the grey image (16-bit, within the published 0..0.25 range),
+  edge_texture = Sobel magnitude of the grey image (16-bit, within the 0..0.25 range that
+  ``TASKONOMY_SCALING`` clamps to),
   edge_occlusion = Sobel magnitude of the depth (16-bit), keypoints2d / keypoints3d = the texture / occlusion
   edge maps (16-bit).
 

@@ -6,7 +6,7 @@ One data root with a folder per task, then per building, and one PNG per view::
 
 ``mask_valid`` files live in ``mask_valid/<building>/`` but are named with domain ``depth_zbuffer``. The
 samples of a split are the rows of ``<split_dir>/<variant>_<split>.csv`` (columns ``building``, ``point``,
-``view``; variant ``tiny`` as published), in file order; ``max_images`` keeps the first N rows.
+``view``; variant ``tiny`` by default), in file order; ``max_images`` keeps the first N rows.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def read_split_csv(path: str) -> list[tuple[str, str, str]]:
 
 
 def taskonomy_file(data_root: str, task: str, building: str, point: str, view: str) -> str:
-    """Path of one view of ``task`` (``mask_valid`` named after ``depth_zbuffer``, as published)."""
+    """Path of one view of ``task`` (``mask_valid`` files carry the domain ``depth_zbuffer`` in their name)."""
     domain = "depth_zbuffer" if task == "mask_valid" else task
     return os.path.join(data_root, task, building, f"point_{point}_view_{view}_domain_{domain}.png")
 
@@ -56,7 +56,7 @@ class TaskonomyDataset(Dataset):
         tasks: registered modality names to load (e.g. ``['rgb', 'normal', 'mask_valid']``).
         split: 'train', 'val' or 'test'.
         split_dir: folder of the split CSVs (None: ``data_root``).
-        variant: split variant in the file name (``tiny`` as published).
+        variant: split variant in the file name (``tiny``: the one every Taskonomy config uses).
         max_images: keep the first N rows (None: all).
     """
 

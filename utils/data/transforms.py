@@ -124,8 +124,8 @@ class PretrainTransform:
     def _process(self, m: Modality, x: torch.Tensor, p: Dict[str, Any]) -> torch.Tensor:
         """Crop (a view, so only the kept pixels are converted or resampled), resize, flip, finish.
 
-        Same operations and values as running the v2 transforms on ``tv_tensors`` (the published order:
-        crop -> resize -> flip), without their per-call dispatch and with fast kernels: uint8 images are
+        Same operations and values as running the v2 transforms on ``tv_tensors`` (in the
+        order crop -> resize -> flip), without their per-call dispatch and with fast kernels: uint8 images are
         resampled in uint8 through a channels-last view (torch's vectorised kernel, bit-identical output),
         dense modalities are converted to float after cropping instead of before, and label maps and masks
         (nearest resizing, which only picks pixels) are one gather of the output pixels.
