@@ -40,8 +40,8 @@ def infer_batch_size(batch: Any) -> int | None:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DDP and ``torch.compile`` wrappers (whose state_dict has the published
-    keys)."""
+    """The plain module under DDP and ``torch.compile`` wrappers (its state_dict keys carry no
+    ``module.`` / ``_orig_mod.`` prefix)."""
     while True:
         if isinstance(model, DistributedDataParallel):
             model = model.module

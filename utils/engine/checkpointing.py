@@ -189,7 +189,7 @@ class CheckpointPolicy:
         if "optimizer" not in ckpt or not isinstance(ckpt.get("epoch"), int):
             print(f"Loaded model weights from {source} (no optimizer state: starting at epoch {t.start_epoch})")
             return
-        load_optimizer_state(t.optimizer, ckpt["optimizer"], source)  # maps other group layouts (published)
+        load_optimizer_state(t.optimizer, ckpt["optimizer"], source)  # maps a saved group layout onto this one
         t.start_epoch, t.start_step = ckpt["epoch"] + 1, 0
         t.global_step = t.start_epoch * t.steps_per_epoch
         if t.scaler is not None and ckpt.get("scaler"):

@@ -35,7 +35,7 @@ class TrainingPlan:
 
     ``modules``: extra trainable modules, checkpointed under their key (e.g. the loss balancer, wrapped
     with :func:`ddp_wrap` by the job when it has parameters). ``fit_warmup``: shorten a warm-up that
-    is longer than the run to the whole run (fine-tuning a published config for a few epochs) instead of
+    is longer than the run to the whole run (a few epochs of a full recipe's config) instead of
     failing. ``describe``: the start-up line, given the steps per epoch and the optimizer.
     """
     step_fn: StepFn

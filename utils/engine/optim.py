@@ -37,17 +37,16 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
     The remaining ``M`` iterations follow ``final + (base - final) * (1 + cos(pi * i / M)) / 2`` for
     ``i = 0 .. M-1``, so the final value itself is never reached.
 
-    Published semantics with two fixes: the warm-up start value is honoured (the published scripts parse
-    ``--warmup_lr`` but always start at 0; callers pass 0 to get that) and ``warmup_steps > 0`` with
-    ``warmup_epochs == 0`` works instead of failing an assertion. A warm-up longer than the schedule
-    (e.g. a 1-epoch test of a 40-epoch-warm-up recipe) is cut off with a warning instead of failing.
+    A warm-up from zero is ``start_warmup_value=0``; ``warmup_steps > 0`` with ``warmup_epochs == 0`` gives
+    a warm-up counted in steps. A warm-up longer than the schedule (e.g. a 1-epoch test of a
+    40-epoch-warm-up recipe) is cut off with a warning, so short debugging runs of long recipes work.
     """
     total = int(epochs) * int(niter_per_ep)
     warmup_iters = int(warmup_steps) if warmup_steps > 0 else int(warmup_epochs) * int(niter_per_ep)
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.zeros(0)
     if warmup_iters > total:
-        # Short debugging runs of a long recipe (the published code fails an assertion here): keep the
-        # warm-up slope and cut the schedule off, i.e. the run ends inside the warm-up.
+        # Short debugging runs of a long recipe: keep the warm-up slope and cut the schedule off, i.e. the
+        # run ends inside the warm-up.
         warnings.warn(f"warm-up of {warmup_iters} iterations is longer than the whole schedule ({epochs} epochs "
                       f"x {niter_per_ep} iterations = {total}); the run ends inside the warm-up")
         warmup, warmup_iters = warmup[:total], total
@@ -62,7 +61,7 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
 def weight_decay_scheduler(weight_decay: float, weight_decay_end: float | None, epochs: int,
                            niter_per_ep: int) -> np.ndarray:
     """Per-iteration weight-decay schedule: cosine from ``weight_decay`` to ``weight_decay_end`` (no
-    warm-up); constant when ``weight_decay_end`` is None, as published."""
+    warm-up); constant when ``weight_decay_end`` is None."""
     end = weight_decay if weight_decay_end is None else weight_decay_end
     return cosine_scheduler(weight_decay, end, epochs, niter_per_ep)
 
@@ -78,14 +77,14 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 def pretrain_param_groups(model: nn.Module, balancer: nn.Module | None, weight_decay: float,
                           balancer_lr_scale: float = 1.0, decay_filter: bool = False) -> list[dict]:
-    """Parameter groups of the published pre-training optimizer.
+    """Parameter groups of the pre-training optimizer.
 
-    Published (``decay_filter=False``): two groups, every trainable model parameter with ``lr_scale 1``
+    Default (``decay_filter=False``): two groups, every trainable model parameter with ``lr_scale 1``
     and the task balancer's parameters with ``lr_scale = balancer_lr_scale``; weight decay applies to
-    *every* parameter, biases, norms, tokens and embeddings included (spec 5.0 / 9.2). Reproduce this to
-    match the released training.
+    *every* parameter, biases, norms, tokens and embeddings included. This is how the released
+    checkpoints were trained, so it is what reproduces them.
 
-    ``decay_filter=True`` (opt-in fix): no weight decay for 1-D tensors, ``.bias`` and the names returned by
+    ``decay_filter=True`` (opt-in): no weight decay for 1-D tensors, ``.bias`` and the names returned by
     ``model.no_weight_decay()``, nor for the balancer's log-variances.
     """
     model_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -187,7 +186,7 @@ def create_optimizer(optim: Any, param_groups: list[dict], lr: float | None = No
 
     ``fused``: Adam/AdamW as torch's single-kernel implementation. The default (None) fuses whenever every
     parameter is on one CPU or CUDA device: on the CPU it is about 3x faster than the per-parameter loop and
-    agrees with it to fp32 rounding (``tests/test_optim.py``). ``False`` gives the plain loop, as published.
+    agrees with it to fp32 rounding (``tests/test_optim.py``). ``False`` gives the per-parameter loop.
     """
     from timm.optim import create_optimizer_v2
 

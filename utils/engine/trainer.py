@@ -100,7 +100,7 @@ class Trainer:
         wandb: a ``utils.logger.WandbLogger`` (or None): every step's values at the print interval, the
             epoch record at the end of each epoch.
         batch_size: samples per batch per process, for the images/s figure (inferred when None).
-        log_prefix: prefix of the train statistics in ``log.txt`` (published: ``'[Epoch] '``).
+        log_prefix: prefix of the train statistics in ``log.txt`` (e.g. ``'[Epoch] '``).
         best_metric / best_mode: save ``checkpoint-best.pth`` when this key of the epoch record improves.
         extra_log: constant entries added to every epoch record (e.g. ``n_parameters``).
         epoch_start_hooks: ``hook(trainer, epoch)`` called after ``model.train()`` at each epoch start.
