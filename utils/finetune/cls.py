@@ -118,9 +118,10 @@ def build_cls_model(cfg: ClsConfig) -> nn.Module:
     """``cfg.model`` (a MultiViT, size preset overridden by ``encoder_depth/_dim/_num_heads`` when set) with
     an ``rgb`` input adapter and the ``cls`` head.
 
-    Fine-tuning head: LayerNorm + linear. ``head_init='published'``: the model's global init (Xavier-uniform
-    weight, std sqrt(2 / (dim + classes)) ~ 0.034 for ViT-B/1000 classes, zero bias), which overwrites the
-    adapter's ``init_scale`` as the published code does; ``'scaled'``: trunc-normal(0.02) x ``init_scale``.
+    Fine-tuning head: LayerNorm + linear. ``head_init='published'`` (the default, the init of the published
+    recipe): the model's global init (Xavier-uniform weight, std sqrt(2 / (dim + classes)) ~ 0.034 for
+    ViT-B/1000 classes, zero bias), which overwrites the adapter's ``init_scale``, so ``init_scale`` has no
+    effect; ``'scaled'``: trunc-normal(0.02) x ``init_scale``.
     Linear probe: BatchNorm1d(affine=False, eps=1e-6) + linear, trunc-normal(0.01) as MAE.
     """
     from multimae import LinearOutputAdapter, create_model
@@ -218,7 +219,7 @@ def build_train_criterion(cfg: ClsConfig) -> nn.Module:
 class ClsStep:
     """``step(model, (images (B, 3, S, S), labels (B,))) -> (loss, logs)``: optional Mixup/CutMix on the
     device, ``model({'rgb': x})['cls']`` logits (B, K), the training loss; ``class_acc`` is logged when
-    the targets are hard labels (no mixup), as published."""
+    the targets are hard labels (no mixup: soft targets have no accuracy)."""
 
     def __init__(self, criterion: nn.Module, mixup_fn: Callable | None = None):
         self.criterion, self.mixup_fn = criterion, mixup_fn

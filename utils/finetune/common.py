@@ -31,7 +31,7 @@ __all__ = ["resolve_finetune_amp", "EvalShardSampler", "build_train_loader", "bu
 
 
 def resolve_finetune_amp(amp: str, fp16: bool | None, device: torch.device) -> str:
-    """Mixed precision of a fine-tuning run. ``amp`` other than 'auto' wins; 'auto' follows the published
+    """Mixed precision of a fine-tuning run. ``amp`` other than 'auto' wins; 'auto' follows the
     ``--fp16`` switch (fp16 on CUDA, full precision elsewhere or with ``--no_fp16``)."""
     if amp != 'auto':
         return amp
@@ -79,8 +79,8 @@ def build_train_loader(dataset: Dataset, batch_size: int, runtime: RuntimeConfig
 
 def build_eval_loader(dataset: Dataset, batch_size: int, runtime: RuntimeConfig) -> DataLoader:
     """In-order evaluation loader over an :class:`EvalShardSampler`: with several processes each evaluates
-    its shard and the metrics are reduced (exact, whatever ``--dist_eval`` says: the published
-    non-distributed evaluation duplicated samples); a single process reads the whole split."""
+    its shard and the metrics are reduced (exact, whatever ``--dist_eval`` says: every
+    sample is evaluated once, none padded or duplicated); a single process reads the whole split."""
     return DataLoader(dataset, batch_size=max(1, int(batch_size)), sampler=EvalShardSampler(len(dataset)),
                       drop_last=False, **_loader_kwargs(runtime))
 
@@ -136,7 +136,7 @@ class EvalCallback:
 def evaluate_best_checkpoint(trainer: Trainer, evaluate: EvaluateFn, loader: DataLoader, wandb: Any = None,
                               prefix: str = 'test') -> dict:
     """After training: load ``output_dir/checkpoint-best.pth`` strictly into the model (a mismatch is an
-    error; published: silently loaded nothing unless DDP-wrapped) and evaluate ``loader``. Without a best
+    error, never a silently partial load) and evaluate ``loader``. Without a best
     checkpoint (``--no_save_ckpt``, no ``output_dir``, never validated) the final weights are tested and
     the log says so. Results go to log.txt and W&B under ``test/``."""
     from utils.checkpoint import load_checkpoint, load_model_state

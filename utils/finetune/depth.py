@@ -2,7 +2,7 @@
 set (NYU augmentation and depth standardisation, or the Taskonomy resize + per-task scaling), the model
 (MultiViT + one DPT / ConvNeXt head per target), the masked-loss step, the split-level evaluation (loss per
 target, NYU depth metrics) and the pictures, registered as the ``('finetune', 'depth')`` job (best
-checkpoint on min validation loss, as published).
+checkpoint on min validation loss).
 
 Every output task is ``(B, C, H, W)`` float, ``mask_valid`` ``(B, 1, H, W)`` bool.
 """
@@ -76,7 +76,7 @@ class RegressionStep:
     """Trainer step for dense regression: masked loss per target (valid pixels of ``mask_valid``), summed.
 
     Non-rgb inputs are robust-standardised (``standardize_depth``, depth-like inputs) and zeroed where
-    ``mask_valid`` is False, as published. Logs ``<task>_loss`` and, for a NYU ``depth`` target, the batch δ1.
+    ``mask_valid`` is False. Logs ``<task>_loss`` and, for a NYU ``depth`` target, the batch δ1.
     """
 
     def __init__(self, in_domains: Sequence[str], losses: Mapping[str, nn.Module], standardize_depth: bool = False,
@@ -121,8 +121,8 @@ class RegressionStep:
 class RegressionEvaluator:
     """``evaluate(model, loader)``: loss per target (weighted by batch size) and, for a NYU ``depth``
     target, δ1/δ2/δ3, abs_rel, sq_rel, rmse, rmse_log over the valid pixels (in the units of
-    ``depth_mean``/``depth_std``): averaged per batch (``'batch'``, published) or pooled per pixel over the
-    split (``'pooled'``), reduced across processes."""
+    ``depth_mean``/``depth_std``): averaged per batch (``'batch'``, the default: the paper's tables) or
+    pooled per pixel over the split (``'pooled'``), reduced across processes."""
 
     def __init__(self, step: RegressionStep, device: torch.device, amp: str = 'none',
                  depth_mean: float | None = None, depth_std: float | None = None, with_depth_metrics: bool = False,

@@ -2,7 +2,7 @@
 
 All losses take a prediction and a target of the same shape `(B, C, H, W)` and an optional boolean
 validity mask `(B, 1, H, W)` or `(B, C, H, W)` (True = pixel has ground truth). The mask is broadcast
-over channels, so the normaliser counts valid *elements* (pixels x channels), as published.
+over channels, so the normaliser counts valid *elements* (pixels x channels).
 
 Everything is computed with tensor ops only (no `.item()`), so the losses can sit in the training hot
 path without a host sync. A batch without a single valid pixel gives a loss of exactly 0 that still

@@ -71,7 +71,7 @@ def _pct(x: float) -> float:
 class SegmentationMetrics:
     """Confusion matrix of semantic segmentation over a split; mIoU / mean acc / pixel acc in percent.
 
-    Matches the published (MMSeg-style) numbers: ground-truth pixels equal to `ignore_index` are dropped,
+    MMSeg-style numbers (the convention of the paper's tables): ground-truth pixels equal to `ignore_index` are dropped,
     ground-truth void (== num_classes, the extra channel of `seg_use_void_label`) is ignored too, and
     class scores that are 0/0 (IoU of a class absent from both prediction and ground truth, accuracy of a
     class absent from the ground truth) are NaN and skipped by the means.
@@ -177,10 +177,10 @@ class DepthMetrics(_SummedMetric):
 
     delta{1,2,3}: fraction of pixels with max(p/t, t/p) < 1.25^k; abs_rel = mean|p-t|/t;
     sq_rel = mean (p-t)^2/t; rmse = sqrt(mean (p-t)^2); rmse_log = sqrt(mean (ln p - ln t)^2) (natural
-    log: the published code called it 'log10'). Values are de-standardised first (x * std + mean) when
+    log). Values are de-standardised first (x * std + mean) when
     mean/std are given (e.g. NYU_MEAN/NYU_STD) and clamped to >= `eps` for ratios and logs.
     ``mode='pooled'``: every pixel weighs the same, whatever batch it came from. ``mode='batch'`` (the
-    published evaluation, used for the paper's tables): each batch's metrics over its valid pixels, then the
+    evaluation of the paper's tables): each batch's metrics over its valid pixels, then the
     mean over batches with equal weight per batch (batches without a valid pixel are left out).
     """
 

@@ -1,9 +1,9 @@
 """Fine-tuning models: a MultiViT with registry input adapters, the dense heads, and ``--finetune`` weights.
 
 Dense heads for tiny encoders: :func:`dpt_hooks` / :func:`dpt_layer_dims` / :func:`dpt_feature_dim` derive
-the DPT taps and widths from the encoder depth and width (ViT-B gives the published ``[2, 5, 8, 11]`` /
-``[96, 192, 384, 768]`` / 256), read from the registered model on the meta device (:func:`encoder_info`),
-so no size table is duplicated.
+the DPT taps and widths from the encoder depth and width (ViT-B gives ``[2, 5, 8, 11]`` /
+``[96, 192, 384, 768]`` / 256, the head of the paper), read from the registered model on the meta device
+(:func:`encoder_info`), so no size table is duplicated.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def dpt_layer_dims(dim: int) -> list[int]:
 
 
 def dpt_feature_dim(dim: int) -> int:
-    """Fusion width of the DPT head: dim/3 capped at the published 256 (768 -> 256, 192 -> 64), so a tiny
+    """Fusion width of the DPT head: dim/3 capped at 256 (768 -> 256, 192 -> 64), so a tiny
     encoder does not carry a ViT-B-sized decoder."""
     return min(256, max(32, dim // 3))
 

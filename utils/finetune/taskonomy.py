@@ -1,7 +1,7 @@
 """Taskonomy fine-tuning in the published data layout (``run_finetuning_taskonomy.py``): the dense-regression
 job of :mod:`utils.finetune.depth` (model, masked-loss step, evaluation, pictures) reading one ``data_path``
-with split CSVs (:class:`utils.data.taskonomy.TaskonomyDataset`), the published per-task scaling and eroded
-valid mask (:class:`utils.data.finetune_transforms.DenseRegressionTransform`), and, as published, a final
+with split CSVs (:class:`utils.data.taskonomy.TaskonomyDataset`), the Taskonomy per-task scaling and eroded
+valid mask (:class:`utils.data.finetune_transforms.DenseRegressionTransform`), and a final
 test of the best checkpoint on the ``test`` split after training. Registered as ``('finetune', 'taskonomy')``.
 """
 from __future__ import annotations
