@@ -8,7 +8,7 @@ __all__ = ["split_list", "closest"]
 
 
 def split_list(value: str | Sequence[str] | None, sep: str = '-') -> list[str]:
-    """Published hyphen lists: ``'rgb-depth-semseg' -> ['rgb', 'depth', 'semseg']``; ``''``/None -> []."""
+    """Hyphen-separated lists: ``'rgb-depth-semseg' -> ['rgb', 'depth', 'semseg']``; ``''``/None -> []."""
     if value is None:
         return []
     if isinstance(value, str):

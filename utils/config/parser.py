@@ -1,6 +1,6 @@
 """Command-line + YAML configuration shared by every entry script.
 
-A script declares its published arguments with argparse, then calls :func:`parse_args`::
+A script declares its arguments with argparse, then calls :func:`parse_args`::
 
     parser = create_parser('MultiMAE pre-training')          # adds -c/--config, no abbreviations
     parser.add_argument('--batch_size', type=int, default=256)
@@ -32,10 +32,9 @@ Public API:
     closest(name, candidates) -> str | None                         # difflib suggestion
     ConfigError                                                     # raised when exit_on_error=False
 
-Published hyphen-separated list arguments (``in_domains: rgb-depth-semseg``) stay strings; use
-:func:`split_list` to read them. Every boolean is a ``--x/--no_x`` pair, including the published
-``store_true`` flags whose default is True (``--decoder_use_task_queries``...), which can now be
-turned off from the command line.
+Hyphen-separated list arguments (``in_domains: rgb-depth-semseg``) stay strings, as the configs write
+them; use :func:`split_list` to read them. Every boolean is a ``--x/--no_x`` pair, so a flag whose
+default is True (``--decoder_use_task_queries``...) can be turned off from the command line.
 """
 from __future__ import annotations
 
@@ -122,7 +121,7 @@ def add_bool_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name
                  help: str = '', no_name: str | None = None) -> None:
     """Declare ``--name`` (sets True) and ``--no_name`` (sets False), both writing ``args.name``.
 
-    ``no_name`` overrides the negative flag for published pairs such as
+    ``no_name`` overrides the negative flag for pairs named otherwise, such as
     ``--use_mask_valid/--no_mask_valid``.
     """
     neg = no_name or f'no_{name}'
@@ -155,7 +154,7 @@ def add_arg_group(parser: argparse.ArgumentParser, title: str, specs: dict[str, 
 
 
 def add_optim_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
-    """Optimizer and schedule arguments. Pass each script's published defaults as overrides.
+    """Optimizer and schedule arguments. Pass each script's defaults as overrides.
 
     Always declared: opt, opt_eps, opt_betas, clip_grad, skip_grad, momentum, weight_decay,
     weight_decay_end, decoder_decay, warmup_lr, min_lr, warmup_epochs, warmup_steps.
