@@ -39,7 +39,7 @@ class PretrainStep:
     per image on the device first when ``standardize_depth`` (it is then input and target). Losses are
     computed on ``pred.float()`` with the token masks (no mask when ``loss_on_unmasked`` or when the task
     is not an input), weighted by the task balancer and summed; the logged ``loss`` is the unweighted sum,
-    as published.
+    comparable across task balancers.
     """
 
     def __init__(self, in_domains: Sequence[str], losses: dict[str, nn.Module], balancer: nn.Module,
@@ -82,8 +82,8 @@ class PretrainStep:
 class PerSampleSeed(Dataset):
     """Dataset wrapper: the random augmentation of sample ``i`` in epoch ``e`` depends only on ``(seed, e,
     i)``, not on the process, the worker or what was drawn before. Runs with any number of data-loader
-    workers or processes therefore see the same crops and flips (the per-process RNG of the published code
-    does not), and the training RNG stream is left untouched. Call :meth:`set_epoch` every epoch."""
+    workers or processes therefore see the same crops and flips, and the training RNG stream is left
+    untouched. Call :meth:`set_epoch` every epoch."""
 
     seeded_per_sample = True  # tells the Trainer that a mid-epoch resume may skip batches without loading them
 
@@ -156,7 +156,7 @@ def validate_pretrain_args(cfg: PretrainConfig) -> list[str]:
 
 def build_pretrain_model(cfg: PretrainConfig) -> nn.Module:
     """MultiMAE with input adapters for ``in_domains`` and decoders for ``out_domains`` (+ norm_rgb),
-    adapters built for ``input_size`` (published: always 224), in the deterministic domain order.
+    adapters built for ``input_size``, in the deterministic domain order.
     ``encoder_depth/encoder_dim/encoder_num_heads`` (when set) override the size preset of ``model``."""
     from multimae import create_model
 
@@ -232,7 +232,7 @@ def build_pretrain_step(cfg: PretrainConfig, losses: dict[str, nn.Module], balan
 
 @register_job("pretrain", "multimae")
 class MultiMAEPretraining(Job):
-    """Masked multi-modal multi-task pre-training: data over every domain, MultiMAE, published optimizer
+    """Masked multi-modal multi-task pre-training: data over every domain, MultiMAE, the pre-training optimizer
     grouping (``lr = blr * batch * update_freq * world / 256``), reconstruction pictures."""
     config_class = PretrainConfig
 

@@ -4,7 +4,7 @@ model / teacher / data construction and the step functions handed to the shared 
     python run_pretraining_multimae.py -c cfgs/pretrain/rgbd_contrastive_stage1_tiny.yaml
     python run_pretraining_multimae.py -c cfgs/pretrain/rgbd_contrastive_stage2_tiny.yaml
 
-``--method multimae`` (default) is the published MultiMAE (:mod:`utils.pretrain.multimae`); ``rgbd_stage1`` and
+``--method multimae`` (default) is MultiMAE pre-training (:mod:`utils.pretrain.multimae`); ``rgbd_stage1`` and
 ``rgbd_stage2`` are the two stages of :mod:`multimae.rgbd_contrastive`. :func:`pretrain_method` gives the
 script the builders of the chosen method.
 """
@@ -47,7 +47,7 @@ _ENCODER_PREFIXES = ("encoder.", "depth_encoder.", "input_adapters.", "global_to
 def add_rgbd_args(parser: argparse.ArgumentParser) -> None:
     """``--method`` and the arguments of the two-stage RGB-D method (ignored by ``--method multimae``)."""
     parser.add_argument("--method", type=str, default="multimae", choices=METHODS,
-                        help="multimae (published) or a stage of the two-stage RGB-D method (PRETRAINING.md); the "
+                        help="multimae (default) or a stage of the two-stage RGB-D method (PRETRAINING.md); the "
                              "RGB-D stages do not use num_encoded_tokens, alphas (except --mask_sampler dirichlet), "
                              "out_domains, extra_norm_pix_loss, loss_on_unmasked, fp32_output_adapters")
     g = parser.add_argument_group("two-stage RGB-D method (--method rgbd_stage1 / rgbd_stage2)")

@@ -25,7 +25,8 @@ class NoWeightingStrategy(nn.Module):
 class UncertaintyWeightingStrategy(nn.Module):
     """Homoscedastic uncertainty weighting (Kendall et al. 2018): ``w_t = exp(-s_t) * L_t + s_t`` with a
     learned log-variance ``s_t`` per task (initialised to 0). A task whose raw loss is exactly 0 (e.g. a
-    batch where nothing of it was hidden) contributes 0, as published.
+    batch where nothing of it was hidden) contributes 0, log-variance term included, so that batch does
+    not move ``s_t``.
 
     ``tasks`` must name every loss that will be passed in (with ``extra_norm_pix_loss`` that includes
     ``norm_rgb``). Losses are matched to their log-variance by name, so the dict order does not matter.
