@@ -310,7 +310,7 @@ _CUBLAS_DETERMINISTIC = (':4096:8', ':16:8')  # the workspace sizes cuBLAS is re
 
 def set_deterministic(enabled: bool) -> None:
     """Deterministic kernels when ``enabled`` (bit-exact resume); otherwise cudnn autotuning
-    (``benchmark=True``) as in the published scripts.
+    (``benchmark=True``), the faster choice when a resume need not be bit-exact.
 
     With CUDA, a kernel without a deterministic implementation raises (it would break the promise of
     a bit-identical resume); without CUDA it only warns, as the CPU kernels concerned are few and slow

@@ -140,8 +140,8 @@ def reconstruction_grid(inputs: Dict[str, torch.Tensor], preds: Dict[str, torch.
                         tile_size: Optional[int] = None, labels: bool = True) -> np.ndarray:
     """Grid picture of reconstructions: one row per sample, three columns per modality.
 
-    Columns: masked input (hidden patches grey), prediction with the visible patches pasted back (as in
-    the published demo; labels are argmax'ed), target. Depth uses ``colorize_depth`` with the target's
+    Columns: masked input (hidden patches grey), prediction with the visible patches pasted back (labels
+    argmax'ed), target. Depth uses ``colorize_depth`` with the target's
     range (invalid pixels black when ``inputs['mask_valid']`` exists), semseg the class palette.
 
     Args:

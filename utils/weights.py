@@ -5,8 +5,8 @@ Formats understood by `load_finetune_weights`:
   'state_dict' / 'module', with or without a DDP `module.` prefix, `.pth`/`.pt` or `.safetensors`;
 - timm ViT state dicts (`cls_token`, `pos_embed`, `patch_embed.*`, `blocks.*`), converted on the fly.
 
-Unlike the published loader (strict=False and a printed message), an encoder weight that cannot be
-loaded is an error: silently fine-tuning from a half-random encoder is the worst failure mode.
+An encoder weight that cannot be loaded is an error, not a printed message: silently fine-tuning from a
+half-random encoder is the worst failure mode.
 """
 from __future__ import annotations
 
