@@ -115,7 +115,7 @@ def _add_cls_model_args(p: argparse.ArgumentParser) -> None:
                    help="--head_init scaled: scale of the head's trunc-normal(0.02) initial weights")
     g.add_argument("--head_init", type=str, default="published", choices=["published", "scaled"],
                    help="fine-tuning head init: 'published' = the model's Xavier-uniform init (init_scale has no "
-                        "effect, as published); 'scaled' = trunc-normal(0.02) x init_scale, zero bias")
+                        "effect); 'scaled' = trunc-normal(0.02) x init_scale, zero bias")
     add_bool_arg(g, "disable_eval_during_finetuning", False, "no evaluation after each epoch")
     add_bool_arg(g, "model_ema", False, "keep an exponential moving average of the weights (evaluated too)")
     g.add_argument("--model_ema_decay", type=float, default=0.9999)
