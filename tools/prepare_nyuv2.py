@@ -23,15 +23,15 @@ Writes, for the standard split (795 train / 654 test images, `trainNdxs` / `test
 
 NNNN is the 0-based index of the image in the 1449-image .mat file.
 
-Depth units. The published script stored metres x 6553.6 (2^16 / 10 m), but the depth fine-tuning
-normalises raw PNG values with NYU_MEAN = 2070.78 and NYU_STD = 777.57 (utils/data/constants.py). Those
-can only be millimetre statistics: in 6553.6-per-metre units the mean would be 0.32 m, closer than the
-Kinect's ~0.5 m minimum range, whereas in millimetres it is 2.07 m (std 0.78 m), which fits indoor NYU
-scenes. Depth is nevertheless written like the published files by default (`--depth_scale 6553.6`), so
-that the published configs and their normalisation reproduce the published numbers; `--depth_scale 1000`
-writes millimetres (then the same constants describe the data; see FINETUNING.md, differences). The published script also wrote no `mask_valid`, which the depth fine-tuning
-config needs; it is written here. With the default `--depth_key depths` (the in-painted depth of the
-labelled release) almost every pixel is valid; `--depth_key rawDepths` keeps the sensor holes.
+Depth units. The depth fine-tuning normalises raw PNG values with NYU_MEAN = 2070.78 and NYU_STD = 777.57
+(utils/data/constants.py). Those can only be millimetre statistics: in 6553.6-per-metre units the mean
+would be 0.32 m, closer than the Kinect's ~0.5 m minimum range, whereas in millimetres it is 2.07 m (std
+0.78 m), which fits indoor NYU scenes. Depth is nevertheless written in metres x 6553.6 (2^16 / 10 m) by
+default (`--depth_scale 6553.6`), the unit the published configs and their normalisation were tuned on, so
+they reproduce the published numbers; `--depth_scale 1000` writes millimetres (then the same constants
+describe the data). `mask_valid`, which the depth fine-tuning config needs, is written too. With the
+default `--depth_key depths` (the in-painted depth of the labelled release) almost every pixel is valid;
+`--depth_key rawDepths` keeps the sensor holes.
 
 Inputs: nyu_depth_v2_labeled.mat is MATLAB v7.3 (HDF5, read with h5py: arrays come in reversed axis
 order and are transposed back); splits.mat and classMapping40.mat are MATLAB v5 (scipy.io.loadmat).

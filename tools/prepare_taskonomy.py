@@ -20,8 +20,8 @@ view) present in `rgb`::
     save_path/{train,val,test}/<task>/<building>/point_<p>_view_<v>.png
 
 The files are unchanged (16-bit depth in 1/512 m, 8-bit normals, ...): the Taskonomy configs' `taskonomy`
-augmentation scales each task as the published code did. A `mask_valid` file may carry the domain name
-`mask_valid` or `depth_zbuffer` in its name; both are accepted.
+augmentation scales each task (`TASKONOMY_SCALING` in utils/data/finetune_transforms.py). A `mask_valid`
+file may carry the domain name `mask_valid` or `depth_zbuffer` in its name; both are accepted.
 
 Nothing is written before every input is checked: every domain folder of every building of the selected
 splits and every file of every sample must exist, else the tool stops naming what is missing, so `--link`

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The published interactive MultiMAE demos as a command-line tool: PNG figures from a pre-trained model.
+"""Demo figures of a pre-trained MultiMAE from the command line: masked reconstruction, cross-modal
+prediction and a colour edit, as PNGs.
 
     python tools/visualize.py --checkpoint output/demo/checkpoint-last.pth \
         --data_path data/synthetic/val --num_images 4 --output_dir output/vis
@@ -14,13 +15,12 @@ Figures (one row per image; hidden patches grey; depth colour-mapped near = brig
 * hue_edit.png    -- full depth + `--hue_num_visible` RGB patches; the hue of one visible RGB patch (the most
                      saturated one, or `--hue_patch X Y`) is shifted by each of `--hue_shifts` and the RGB
                      prediction follows the edit over the surface that depth says belongs to it.
-Predictions show the visible input patches pasted back (as the published demo does; `--no_paste` to
-see the raw output). Modalities without a given file are fed as fully hidden placeholders, so they are
-predicted but have no reference.
+Predictions show the visible input patches pasted back (`--no_paste` to see the raw output). Modalities
+without a given file are fed as fully hidden placeholders, so they are predicted but have no reference.
 
 The model is rebuilt from the checkpoint's stored config (`run_pretraining_multimae.py` checkpoints) or,
 for a bare state dict / .safetensors file, inferred from the weight shapes (then pass
-`--decoder_num_heads` if the decoders did not use the published 8 heads: head counts leave no trace in
+`--decoder_num_heads` if the decoders did not use the default 8 heads: head counts leave no trace in
 the shapes).
 """
 import argparse

@@ -147,7 +147,7 @@ def _build_runners(variants: List[Variant], model: nn.Module, step: Callable, ba
 
 def _make_optimizer(model: nn.Module, groups_fn: Callable, fused: bool) -> torch.optim.Optimizer:
     """The project's AdamW over ``groups_fn(model)``: torch's single-kernel AdamW (``fused``, the training
-    default) or the plain per-parameter loop (as published)."""
+    default) or the plain per-parameter loop."""
     from utils.engine.optim import create_optimizer
     opt_args = Namespace(opt="adamw", lr=1.5e-4, weight_decay=0.05, opt_eps=1e-8, opt_betas=[0.9, 0.95], momentum=0.9)
     return create_optimizer(opt_args, groups_fn(model), fused=fused)
