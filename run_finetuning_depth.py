@@ -38,7 +38,7 @@ def get_args_parser():
     g.add_argument("--depth_mean", type=float, default=NYU_MEAN, help="nyu-augs: depth mean (file units)")
     g.add_argument("--depth_std", type=float, default=NYU_STD, help="nyu-augs: depth std (file units)")
     g.add_argument("--depth_metrics", type=str, default="batch", choices=["batch", "pooled"],
-                   help="NYU depth metrics: 'batch' = mean of per-batch values (published, the paper's tables); "
+                   help="NYU depth metrics: 'batch' = mean of per-batch values (default, the paper's tables); "
                         "'pooled' = per valid pixel over the whole split")
     g.add_argument("--max_train_images", type=int, default=None, help="train on a fixed random subset")
     g.add_argument("--max_test_images", type=int, default=None, help="test on a fixed random subset")
@@ -53,7 +53,7 @@ def get_args_parser():
 
 
 def apply_tmp(args):
-    """``--tmp``: the only output_dir rewrite, and an explicit one (published: always rewritten)."""
+    """``--tmp``: the only output_dir rewrite (``-tmp`` suffix), made only when asked for."""
     if args.tmp:
         args.output_dir = f"{args.output_dir}-tmp" if args.output_dir else ""
         args.wandb_run_name = f"tmp-{args.wandb_run_name}" if args.wandb_run_name else "tmp"

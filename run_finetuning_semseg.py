@@ -28,7 +28,7 @@ def get_args_parser():
     add_bool_arg(g, "seg_reduce_zero_label", False, "label 0 is 'unlabelled': ignore it and shift 1..K to 0..K-1")
     add_bool_arg(g, "seg_use_void_label", False, "train padded pixels as an extra void class")
     add_bool_arg(g, "depth_stats_valid_only", False, "with --use_mask_valid: leave invalid depth pixels out of the "
-                 "standardisation statistics too (published: only padding is left out)")
+                 "standardisation statistics too (default: only padding is left out)")
     g.add_argument("--max_train_images", type=int, default=None, help="train on a fixed random subset (new)")
     add_finetune_args(p, input_size=512)
     add_optim_args(p, opt_betas=[0.9, 0.999], lr=1e-4, weight_decay=0.05, layer_decay=0.75, warmup_epochs=1,

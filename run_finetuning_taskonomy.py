@@ -33,7 +33,7 @@ def get_args_parser():
                    help="folder of tiny_{train,val,test}.csv (columns building, point, view); default: data_path")
     g.add_argument("--loss", type=str, default="l1", choices=["l1", "berhu", "l2"], help="masked pixel loss")
     g.add_argument("--aug_name", type=str, default="taskonomy", choices=["taskonomy"],
-                   help="resize + the published per-task scaling (no augmentation)")
+                   help="resize + the Taskonomy per-task scaling (no augmentation)")
     add_bool_arg(g, "freeze_transformer", False, "train only the input adapters and the heads")
     g.add_argument("--max_train_images", type=int, default=1000, help="first N rows of the train split")
     g.add_argument("--max_test_images", type=int, default=54514, help="first N rows of the test split")

@@ -51,7 +51,7 @@ def get_args_parser():
     add_bool_arg(g, "loss_on_unmasked", False, "loss over all pixels, not only the hidden ones")
     add_optim_args(p, opt_betas=[0.9, 0.95], blr=1e-4, warmup_epochs=40, weight_decay=0.05)
     g = p.add_argument_group("pre-training optimisation")
-    add_bool_arg(g, "decay_filter", False, "no weight decay on biases/norms/tokens (published: decay everything)")
+    add_bool_arg(g, "decay_filter", False, "no weight decay on biases/norms/tokens (default: decay everything)")
     g.add_argument("--task_balancer", type=str, default="none", choices=["none", "uncertainty"])
     g.add_argument("--balancer_lr_scale", type=float, default=1.0)
     g.add_argument("--fp32_output_adapters", type=str, default="", help="hyphen list of decoders run in fp32")
