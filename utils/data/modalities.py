@@ -41,7 +41,7 @@ def patched_input_adapter(m: 'Modality', patch_size: int, image_size, **kw) -> n
 
 
 def semseg_input_adapter(m: 'Modality', patch_size: int, image_size, **kw) -> nn.Module:
-    """``SemSegInputAdapter`` (class embedding of size 64, no interpolation: the layout of the released checkpoints)."""
+    """``SemSegInputAdapter`` (class embedding of size 64, no interpolation: the released checkpoints' layout)."""
     from multimae.input_adapters import SemSegInputAdapter
     kw = {'dim_class_emb': 64, 'interpolate_class_emb': False, **kw}
     return SemSegInputAdapter(num_classes=m.num_classes, stride_level=m.stride_level,

@@ -71,10 +71,10 @@ def _pct(x: float) -> float:
 class SegmentationMetrics:
     """Confusion matrix of semantic segmentation over a split; mIoU / mean acc / pixel acc in percent.
 
-    MMSeg-style numbers (the convention of the paper's tables): ground-truth pixels equal to `ignore_index` are dropped,
-    ground-truth void (== num_classes, the extra channel of `seg_use_void_label`) is ignored too, and
-    class scores that are 0/0 (IoU of a class absent from both prediction and ground truth, accuracy of a
-    class absent from the ground truth) are NaN and skipped by the means.
+    MMSeg-style numbers (the convention of the paper's tables): ground-truth pixels equal to `ignore_index`
+    are dropped, ground-truth void (== num_classes, the extra channel of `seg_use_void_label`) is ignored
+    too, and class scores that are 0/0 (IoU of a class absent from both prediction and ground truth,
+    accuracy of a class absent from the ground truth) are NaN and skipped by the means.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None):
