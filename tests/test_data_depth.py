@@ -10,7 +10,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'public_pretrain.p
 
 
 def _reference(depth, valid, trim=0.1, eps=1e-6):
-    """Per-image loop written straight from the spec (5.1 step 3 / 5.3)."""
+    """Per-image loop: sort the valid pixels, drop the lowest/highest ``trim``, standardise with their mean/var."""
     out = torch.zeros_like(depth)
     for b in range(depth.shape[0]):
         vals = depth[b][valid[b]].sort().values
