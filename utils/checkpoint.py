@@ -8,7 +8,11 @@ Public API:
                                               writes output_dir/checkpoint-<tag>.pth (rank 0 only) and
                                               points checkpoint-last.pth at it; keeps the K newest numbered
     find_resume_checkpoint(output_dir) -> Path | None   checkpoint-last.pth, else largest checkpoint-N.pth
+    pick_resume_checkpoint(output_dir) -> Path | None   the newest *loadable* one of those (a corrupt
+                                              checkpoint-last.pth falls back to the newest intact checkpoint-N.pth)
     resolve_resume(ck) -> str | None          ck.resume if set, else auto-resume (ck.auto_resume)
+    peek_checkpoint(path) -> dict             the small entries (args, epoch, ...) without reading the tensors
+    remove_stale_temporaries(output_dir) -> list[Path]   the temporary files of killed writes (start-up)
     load_checkpoint(path, map_location='cpu') -> dict   .pth via torch.load(weights_only=True),
                                               .safetensors via safetensors (flat state dict), https URLs
     load_model_state(model, state_dict, strict=True) -> (missing, unexpected)
@@ -42,7 +46,7 @@ from utils.io import atomic_open, fsync_dir
 __all__ = [
     'CheckpointError', 'atomic_open', 'atomic_save', 'save_checkpoint', 'find_resume_checkpoint',
     'resolve_resume', 'auto_resume', 'load_checkpoint', 'load_model_state', 'state_dict_mismatch_report',
-    'LAST_NAME',
+    'LAST_NAME', 'pick_resume_checkpoint', 'peek_checkpoint', 'remove_stale_temporaries',
 ]
 
 LAST_NAME = 'checkpoint-last.pth'
@@ -167,15 +171,87 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return numbered[-1][1] if numbered else None
 
 
+def _describe(ck: Mapping[str, Any]) -> str:
+    where = ck.get('data_position')
+    if where:
+        return f"epoch {where.get('epoch')}, step {where.get('step')}, global step {ck.get('global_step')}"
+    return f"end of epoch {ck.get('epoch')}, global step {ck.get('global_step')}"
+
+
+def pick_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Like :func:`find_resume_checkpoint`, but the newest checkpoint that can be read: when
+    ``checkpoint-last.pth`` is corrupt (a truncated copy, a bad disk), the newest intact ``checkpoint-N.pth``
+    is used instead, and a warning names the corrupt file, the one used and the training that is lost.
+    Raises CheckpointError listing every file when none can be read."""
+    first = find_resume_checkpoint(output_dir)
+    if first is None:
+        return None
+    tried: list[Path] = []
+    failed: list[str] = []
+    for path in [first, *(p for _, p in reversed(_numbered_checkpoints(Path(output_dir))))]:
+        if any(path.resolve() == t.resolve() for t in tried):
+            continue
+        tried.append(path)
+        try:
+            ck = peek_checkpoint(path)
+        except CheckpointError as exc:
+            failed.append(str(exc))
+            continue
+        if failed:
+            print(f"WARNING: auto-resume: {'; '.join(failed)}.\nResuming from {path} instead ({_describe(ck)}): "
+                  f"the training saved after that point in the unreadable file(s) is lost and is done again.",
+                  flush=True)
+        return path
+    raise CheckpointError(f"auto-resume: no checkpoint in {output_dir} can be read:\n  " + '\n  '.join(failed)
+                          + '\nMove them away to start from scratch, or give --resume <file>')
+
+
 def resolve_resume(ck: Any) -> str | None:
     """``ck.resume`` when given (path or URL), else the auto-resume checkpoint of ``ck.output_dir`` when
-    ``ck.auto_resume``; None to start from scratch. ``ck``: a :class:`utils.config.job.CheckpointConfig`."""
+    ``ck.auto_resume`` (:func:`pick_resume_checkpoint`); None to start from scratch.
+    ``ck``: a :class:`utils.config.job.CheckpointConfig`."""
     if getattr(ck, 'resume', ''):
         return str(ck.resume)
-    if getattr(ck, 'auto_resume', False):
-        found = find_resume_checkpoint(getattr(ck, 'output_dir', ''))
+    if getattr(ck, 'auto_resume', False) and getattr(ck, 'output_dir', ''):
+        found = pick_resume_checkpoint(ck.output_dir)
         return str(found) if found is not None else None
     return None
+
+
+# Temporary names of this project's writers in an output folder (utils.io.atomic_open: ``.<name>.<random>.tmp``;
+# point_last_at: ``.checkpoint-last.pth.<pid>.tmp|.hardlink``; utils.engine.dcp: ``.<name>.tmp/``, ``.<name>.old/``,
+# ``.checkpoint-last.pth.copy/``), for the files a run writes there: checkpoints, log.txt, config.yaml.
+_STALE = re.compile(r'^\.(checkpoint-[\w.-]+?\.pth\.(\w+\.tmp|\d+\.hardlink|tmp|old|copy)'
+                    r'|(log\.txt|config\.yaml)\.\w+\.tmp)$')
+
+
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete what killed writes left in ``output_dir`` (only the names above, nothing else) and print each
+    one; returns them. Call it at start-up on the main process, before anything is written."""
+    folder = Path(output_dir)
+    if not output_dir or not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if not _STALE.match(p.name):
+            continue
+        size = _size(p)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        print(f"Removed {p.name} ({size / 2**20:.1f} MiB), left in {folder} by an interrupted write")
+        removed.append(p)
+    return removed
+
+
+def _size(p: Path) -> int:
+    if p.is_symlink():
+        return 0
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob('*') if f.is_file())
+    return p.stat().st_size
 
 
 auto_resume = resolve_resume
@@ -215,14 +291,24 @@ def _load_error(p: Path, exc: Exception) -> CheckpointError:
                            f'torch.save or a .safetensors file')
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> dict:
+def peek_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint at ``path`` with its tensors memory-mapped, not read (cheap even at ViT-L): for
+    its ``args``, ``epoch``, ``global_step``, ... A sharded (DCP) directory gives its trainer state. Raises
+    CheckpointError like :func:`load_checkpoint` when the file cannot be read."""
+    p = Path(path)
+    if p.is_dir():
+        return load_checkpoint(p / 'trainer_state.pth', mmap=True)
+    return load_checkpoint(p, mmap=True)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu', mmap: bool = False) -> dict:
     """Load a checkpoint without ever executing code from it.
 
     ``.safetensors`` files return their flat ``{name: tensor}`` dict; ``.pth``/``.pt`` files go through
     ``torch.load(weights_only=True)`` (a pickled ``argparse.Namespace`` under ``'args'`` is accepted
     and returned as a dict). https URLs are downloaded to the torch hub cache first.
     Raises CheckpointError naming the file when it is missing, unreadable or would need unpickling
-    arbitrary objects.
+    arbitrary objects. ``mmap``: map the tensors of a ``.pth`` file instead of reading them.
     """
     path_str = os.fspath(path)
     if path_str.startswith(('http://', 'https://')):
@@ -239,7 +325,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             raise CheckpointError(f'cannot read safetensors checkpoint {p}: {exc}') from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(p, map_location=map_location, weights_only=True)
+            obj = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 -- random bytes raise anything from KeyError to UnicodeDecodeError
         raise _load_error(p, exc) from None
     if isinstance(obj, dict) and isinstance(obj.get('args'), argparse.Namespace):

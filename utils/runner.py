@@ -3,21 +3,28 @@
 ``run`` sets up the process (group, seeds, determinism, precision), writes ``config.yaml``, lets the job
 build its data and model, then either evaluates only or trains: the job's :class:`TrainingPlan` becomes a
 Trainer through :func:`utils.engine.factory.build_trainer`, which resumes (explicit ``--resume`` or the
-newest checkpoint of ``output_dir``) and fits with the job's callbacks.
+newest readable checkpoint of ``output_dir``) and fits with the job's callbacks.
+
+Before anything is written, the main process removes the temporary files that killed writes left in
+``output_dir``, and an automatic resume is checked against the checkpoint's configuration: a change that
+alters the run (see :mod:`utils.config.changes`) stops with exit code 2, naming each key, unless
+``--allow_config_change`` is given; then the change is printed and appended to ``config_changes.txt``.
 """
 from __future__ import annotations
 
+import sys
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from utils.checkpoint import resolve_resume
+from utils.checkpoint import peek_checkpoint, remove_stale_temporaries, resolve_resume
 from utils.config import parse_args, save_config
+from utils.config.changes import config_changes, format_changes
 from utils.config.job import JobConfig
 from utils.dist import destroy_distributed, init_distributed, seed_everything, set_deterministic
 from utils.engine.factory import build_trainer
 from utils.engine.progress import RunProgress, console_copy
 from utils.jobs import Job, get_job
-from utils.logger import WandbLogger
+from utils.logger import WandbLogger, append_log_txt
 
 __all__ = ["run", "entry_point"]
 
@@ -37,6 +44,11 @@ def run(cfg: JobConfig, job: Job) -> Any:
 def _run(cfg: JobConfig, job: Job, ctx: Any) -> Any:
     wandb = None
     try:
+        if cfg.checkpoint.output_dir and ctx.is_main:
+            remove_stale_temporaries(cfg.checkpoint.output_dir)
+        resume = resolve_resume(cfg.checkpoint)
+        if resume and not cfg.checkpoint.resume:  # auto-resume: this output_dir's own run
+            check_config_change(cfg, ctx, resume)
         if cfg.checkpoint.output_dir and ctx.is_main and job.saves_config(cfg):
             save_config(cfg, cfg.checkpoint.output_dir)
         parts = job.build(cfg, ctx)
@@ -48,7 +60,7 @@ def _run(cfg: JobConfig, job: Job, ctx: Any) -> Any:
         trainer = build_trainer(cfg, ctx, parts.model, parts.train_loader, job.plan(cfg, ctx, parts), wandb)
         callbacks = job.callbacks(cfg, ctx, parts, trainer, wandb)
         trainer.start_epoch = cfg.checkpoint.start_epoch
-        trainer.resume(resolve_resume(cfg.checkpoint))  # last: restores the RNG states
+        trainer.resume(resume)  # last: restores the RNG states
         epochs = cfg.get('epochs')
         if trainer.start_epoch >= epochs:
             print(f"Nothing to train: {cfg.checkpoint.output_dir or cfg.checkpoint.resume} holds a finished run "
@@ -63,6 +75,35 @@ def _run(cfg: JobConfig, job: Job, ctx: Any) -> Any:
         if wandb is not None:
             wandb.finish()
         destroy_distributed()
+
+
+def check_config_change(cfg: JobConfig, ctx: Any, path: str) -> None:
+    """Compare ``cfg`` with the ``args`` of the checkpoint ``path`` an auto-resume is about to continue.
+    A change outside :data:`utils.config.changes.HARMLESS_KEYS` exits with code 2 naming each key (old ->
+    new), unless ``--allow_config_change``: then it is printed and recorded in ``config_changes.txt``."""
+    ck = peek_checkpoint(path)
+    old = ck.get("args")
+    if not isinstance(old, Mapping):
+        return
+    new = {**cfg.to_dict(), "amp": ctx.amp}  # checkpoints store the resolved precision and peak lr
+    if cfg.get("lr") is None:
+        new.pop("lr", None)
+    changes = config_changes(old, new)
+    if not changes:
+        return
+    listing = format_changes(changes)
+    if not cfg.checkpoint.allow_config_change:
+        if ctx.is_main:
+            print(f"ERROR: {path} was written with another configuration than this run's; resuming it would "
+                  f"continue that run under settings it was not trained with:\n{listing}\nUse another "
+                  f"--output_dir for a new run, or --allow_config_change to continue it with these changes "
+                  f"(they are then recorded in config_changes.txt). Nothing was written.", file=sys.stderr,
+                  flush=True)
+        raise SystemExit(2)
+    print(f"Resuming {path} with a changed configuration (--allow_config_change):\n{listing}", flush=True)
+    append_log_txt(cfg.checkpoint.output_dir, {
+        "resumed_from": str(path), "epoch": ck.get("epoch"), "global_step": ck.get("global_step"),
+        "changes": {k: [a, b] for k, (a, b) in changes.items()}}, filename="config_changes.txt")
 
 
 def show_own_warnings(show_all: bool) -> None:

@@ -66,6 +66,7 @@ class CheckpointConfig:
     save_ckpt: bool = True
     keep_last: int | None = None
     save_every_steps: int = 0
+    allow_config_change: bool = False
 
 
 @dataclass(frozen=True)

@@ -186,8 +186,8 @@ def add_optim_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
 
 def add_checkpoint_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
     """Output/checkpoint arguments: output_dir, resume, auto_resume (bool), start_epoch, save_ckpt_freq,
-    keep_last (None = keep all numbered checkpoints), save_every_steps (0 = only at epoch ends);
-    optional: save_ckpt (bool, fine-tuning)."""
+    keep_last (None = keep all numbered checkpoints), save_every_steps (0 = only at epoch ends),
+    allow_config_change (bool: auto-resume accepts a changed configuration, see utils.config.changes); optional: save_ckpt (bool, fine-tuning)."""
     specs = {
         'output_dir': ('', dict(type=str, help='where checkpoints, logs and config.yaml go')),
         'resume': ('', dict(type=str, help='checkpoint to resume from (path or https URL)')),
@@ -197,6 +197,8 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, **overrides: Any) -> No
         'save_ckpt': (OMIT, dict(bool=True, help='save checkpoints')),
         'keep_last': (None, dict(type=int, help='keep only the K newest numbered checkpoints')),
         'save_every_steps': (0, dict(type=int, help='also save checkpoint-last.pth every N steps (0: off)')),
+        'allow_config_change': (False, dict(bool=True, help='let auto-resume continue a run whose checkpoint was '
+                                                            'written with other settings (logged)')),
     }
     add_arg_group(parser, 'checkpointing', specs, overrides)
 

@@ -64,6 +64,7 @@ class CheckpointPolicy:
         self.best_metric, self.best_mode, self.best_value = best_metric, best_mode, None
         self.save_every_steps = max(0, int(save_every_steps or 0))
         self.config = dict(config or {})
+        self.log_record: dict | None = None  # the newest epoch's log.txt line, kept in every checkpoint
 
     @property
     def enabled(self) -> bool:
@@ -95,6 +96,8 @@ class CheckpointPolicy:
         }
         if self.best_value is not None:
             state["best_value"] = self.best_value
+        if self.log_record is not None:
+            state["log_record"] = self.log_record
         if position is not None:
             e, s = position
             state["data_position"] = {"epoch": e, "step": s, "steps_per_epoch": t.steps_per_epoch,
@@ -109,9 +112,13 @@ class CheckpointPolicy:
         return state
 
     def save_epoch(self, trainer: "Trainer", epoch: int, record: Mapping[str, Any] | None = None) -> None:
-        """Save after ``epoch`` (numbered / last / best, see the module docstring). Collective."""
+        """Save after ``epoch`` (numbered / last / best, see the module docstring); the checkpoint keeps
+        ``record`` (the epoch's log.txt line), so a kill before log.txt is appended loses no record.
+        Collective."""
         if not self.enabled:
             return
+        if record is not None:
+            self.log_record = dict(record)
         better = False
         if self.best_metric and record is not None and self.best_metric in record:
             value = float(record[self.best_metric])
@@ -121,9 +128,12 @@ class CheckpointPolicy:
                 self.best_value = value
         state = self.state(trainer, epoch)
         numbered = (epoch + 1) % self.save_ckpt_freq == 0 or epoch + 1 == trainer.epochs
-        self.write(trainer, epoch if numbered else "last", state, keep_last=self.keep_last)
         if better:
+            # Best first: a kill between the two writes then resumes from the previous epoch (whose best value
+            # is lower, so this epoch writes best again); the other order resumed from this epoch, believing
+            # its best saved, and checkpoint-best.pth kept an older epoch for good.
             self.write(trainer, "best", state)
+        self.write(trainer, epoch if numbered else "last", state, keep_last=self.keep_last)
 
     def write(self, trainer: "Trainer", tag: int | str, state: dict, keep_last: int | None = None) -> Any:
         """``checkpoint-<tag>.pth``: the single file on rank 0, or the sharded directory written by every
@@ -197,6 +207,7 @@ class CheckpointPolicy:
         self._load_modules(t, ckpt, source)
         if "best_value" in ckpt:
             self.best_value = ckpt["best_value"]
+        self.log_record = ckpt.get("log_record")
         t.faults.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
         rng = ckpt.get("rng")
         same_world = isinstance(rng, list) and len(rng) == get_world_size()

@@ -7,14 +7,16 @@ and are converted in one batch at the print interval. That is also where non-fin
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from utils.engine.faults import FaultPolicy
-from utils.logger import MetricLogger, append_log_txt
+from utils.logger import MetricLogger, _jsonable, append_log_txt
 
 __all__ = ["StepLog"]
 
@@ -72,11 +74,36 @@ class StepLog:
         """The epoch's train statistics under :attr:`log_prefix`."""
         return {f"{self.log_prefix}{k}": v for k, v in stats.items()}
 
-    def write_epoch(self, record: dict, epoch: int, global_step: int) -> None:
-        """Add the constant entries and ``'epoch'`` to ``record`` (in place), append it as one JSON line to
-        ``output_dir/log.txt`` and send it to W&B at ``global_step``."""
+    def complete(self, record: dict, epoch: int) -> dict:
+        """Add the constant entries and ``'epoch'`` to ``record`` (in place): the line log.txt gets. Returns a
+        plain copy (numbers, strings, lists) that a checkpoint can hold."""
         record.update(self.extra_log)
         record["epoch"] = epoch
+        return _jsonable(record)
+
+    def write_epoch(self, record: dict, epoch: int, global_step: int) -> None:
+        """:meth:`complete` ``record``, append it as one JSON line to ``output_dir/log.txt`` and send it to
+        W&B at ``global_step``."""
+        self.complete(record, epoch)
         append_log_txt(self.output_dir, record)
         if self.wandb is not None:
             self.wandb.log(record, step=global_step)
+
+    def restore_epoch(self, record: Mapping[str, Any] | None) -> bool:
+        """Append ``record`` (the epoch record kept in the checkpoint a run resumes from) to log.txt when
+        log.txt has no record of that epoch: the run was killed between writing the checkpoint and the log.
+        Returns whether it did."""
+        if not record or not self.output_dir or "epoch" not in record:
+            return False
+        path = Path(self.output_dir) / "log.txt"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        for line in lines:
+            try:
+                if json.loads(line).get("epoch") == record["epoch"]:
+                    return False
+            except (ValueError, AttributeError):
+                continue  # a line of another format: not this epoch's record
+        if append_log_txt(self.output_dir, dict(record)) is not None:
+            print(f"Restored the record of epoch {record['epoch']} in {path} from the checkpoint (the previous "
+                  f"run stopped before appending it)")
+        return True

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -379,7 +380,7 @@ class Trainer:
                         extra = cb(self, epoch, stats)
                         if extra:
                             record.update(extra)
-                    self.save_epoch(epoch, record)
+                    self.save_epoch(epoch, self.log.complete(record, epoch))  # the checkpoint keeps the line
                     self.log.write_epoch(record, epoch, self.global_step)
                     if epoch + 1 < self.epochs and stop.agreed():
                         self.checkpointing.exit_preempted(f"the end of epoch {epoch}", None, stop)
@@ -418,8 +419,14 @@ class Trainer:
 
     def resume(self, path: str | None) -> bool:
         """Load ``path`` (from :func:`utils.checkpoint.resolve_resume`) if given: a checkpoint file, or the
-        sharded directory of an ``--fsdp`` run (on any number of ranks); returns whether it did."""
+        sharded directory of an ``--fsdp`` run (on any number of ranks); returns whether it did. A checkpoint
+        of this ``output_dir`` whose epoch record is missing from log.txt (a kill between the two writes) puts
+        it back."""
         if not path:
             return False
-        self.load_state(self.checkpointing.read(self, path), source=str(path))
+        ckpt = self.checkpointing.read(self, path)
+        self.load_state(ckpt, source=str(path))
+        if self.output_dir and os.path.realpath(os.path.dirname(os.path.realpath(path))) == \
+                os.path.realpath(self.output_dir):  # this run's own log.txt
+            self.log.restore_epoch(ckpt.get("log_record"))
         return True
