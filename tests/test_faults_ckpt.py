@@ -238,3 +238,22 @@ def test_changed_seed_refused_unless_allowed(data, tmp_path, capsys):  # noqa: F
     record = json.loads((out / "config_changes.txt").read_text())
     assert record["changes"] == {"epochs": [1, 2], "seed": [0, 1]} and record["epoch"] == 0
     assert [r["epoch"] for r in epoch_log(out)] == [0, 1]
+
+
+def test_fallback_and_peek_with_sharded_checkpoint_folders(tmp_path, capsys):
+    """``--fsdp`` checkpoints are folders: their trainer state is what is peeked at and checked."""
+    from utils.checkpoint import peek_checkpoint
+
+    for step, body in ((6, None), (9, b"torn")):
+        folder = tmp_path / f"checkpoint-{'1' if step == 6 else 'step9'}.pth"
+        folder.mkdir()
+        (folder / ".metadata").write_bytes(b"m")
+        if body is None:
+            torch.save({"epoch": 1, "global_step": step, "args": {"seed": 3}}, folder / "trainer_state.pth")
+        else:
+            (folder / "trainer_state.pth").write_bytes(body)
+    os.symlink("checkpoint-step9.pth", tmp_path / "checkpoint-last.pth", target_is_directory=True)
+    assert pick_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-1.pth"
+    assert "Resuming from" in capsys.readouterr().out and "checkpoint-step9.pth" not in str(
+        pick_resume_checkpoint(tmp_path))
+    assert peek_checkpoint(tmp_path / "checkpoint-1.pth")["args"] == {"seed": 3}

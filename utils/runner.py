@@ -97,8 +97,8 @@ def check_config_change(cfg: JobConfig, ctx: Any, path: str) -> None:
             print(f"ERROR: {path} was written with another configuration than this run's; resuming it would "
                   f"continue that run under settings it was not trained with:\n{listing}\nUse another "
                   f"--output_dir for a new run, or --allow_config_change to continue it with these changes "
-                  f"(they are then recorded in config_changes.txt). Nothing was written.", file=sys.stderr,
-                  flush=True)
+                  f"(they are then recorded in config_changes.txt). config.yaml and the checkpoints are "
+                  f"unchanged.", file=sys.stderr, flush=True)
         raise SystemExit(2)
     print(f"Resuming {path} with a changed configuration (--allow_config_change):\n{listing}", flush=True)
     append_log_txt(cfg.checkpoint.output_dir, {
