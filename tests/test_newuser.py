@@ -98,8 +98,8 @@ def test_tiny_pretraining_run_messages_console_copy_and_finished_rerun(synthetic
     assert "Training epochs 0..0" in console and "Run: epoch 1/1 done" in console
     script.main(script.parse_config(argv, exit_on_error=False))
     printed = capsys.readouterr().out
-    assert (f"Nothing to train: {out} holds a finished run (epoch 1 of 1). Raise --epochs to continue, or use "
-            "another --output_dir") in printed
+    assert (f"Nothing to train: {out} holds a finished run (epoch 1 of 1). To continue it, raise --epochs and add "
+            "--allow_config_change; or use another --output_dir") in printed
     assert "Training epochs" not in printed
     assert console in (out / "console.txt").read_text()  # appended, not replaced
 

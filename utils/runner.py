@@ -64,8 +64,8 @@ def _run(cfg: JobConfig, job: Job, ctx: Any) -> Any:
         epochs = cfg.get('epochs')
         if trainer.start_epoch >= epochs:
             print(f"Nothing to train: {cfg.checkpoint.output_dir or cfg.checkpoint.resume} holds a finished run "
-                  f"(epoch {trainer.start_epoch} of {epochs}). Raise --epochs to continue, or use another "
-                  "--output_dir")
+                  f"(epoch {trainer.start_epoch} of {epochs}). To continue it, raise --epochs and add "
+                  "--allow_config_change; or use another --output_dir")
         else:
             print(f"Training epochs {trainer.start_epoch}..{epochs - 1} on {ctx.device} (amp: {ctx.amp})")
         callbacks = [*callbacks, RunProgress(epochs, trainer.start_epoch)]
