@@ -19,6 +19,7 @@ import os
 import sys
 import tarfile
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -32,7 +33,8 @@ from utils.data.shard_format import (ENCODINGS, FAST_ENCODINGS, FORMAT, MANIFEST
                                      encode_array, member_suffix, sample_key)
 from utils.io import atomic_open, atomic_write
 
-__all__ = ['ShardPlan', 'resolve_encodings', 'plan_shards', 'write_shard', 'make_shards', 'file_sha256']
+__all__ = ['ShardPlan', 'resolve_encodings', 'plan_shards', 'write_shard', 'make_shards', 'file_sha256',
+           'file_checksums', 'verify_shards']
 
 PARTIAL_NAME = 'manifest.partial.json'
 
@@ -76,12 +78,18 @@ def plan_shards(num_samples: int, shard_size: int, seed: int) -> List[List[int]]
     return [order[i:i + shard_size] for i in range(0, num_samples, shard_size)]
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
+def file_checksums(path: str) -> Dict[str, str]:
+    """``{'sha256': 64 hex digits, 'crc32': 8 hex digits}`` of the file, in one read."""
+    h, crc = hashlib.sha256(), 0
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
             h.update(block)
-    return h.hexdigest()
+            crc = zlib.crc32(block, crc)
+    return {'sha256': h.hexdigest(), 'crc32': f'{crc:08x}'}
+
+
+def file_sha256(path: str) -> str:
+    return file_checksums(path)['sha256']
 
 
 def _sample_members(plan: ShardPlan, folder: MultiModalImageFolder, index: int) -> Dict[str, bytes]:
@@ -140,7 +148,7 @@ def write_shard(plan: ShardPlan, shard_id: int, indices: Sequence[int],
                 for suffix, data in members.items():
                     _tar_member(tar, f'{sample_key(index)}.{suffix}', data)
                 written.append(int(index))
-    return {'name': name, 'indices': written, 'sha256': file_sha256(path), 'bytes': os.path.getsize(path),
+    return {'name': name, 'indices': written, **file_checksums(path), 'bytes': os.path.getsize(path),
             'skipped': skipped}
 
 
@@ -230,3 +238,24 @@ def make_shards(plan: ShardPlan, num_workers: int = 0, log: Callable[[str], None
     log(f"manifest: {path} ({sum(r['bytes'] for r in records.values()) / 2 ** 30:.2f} GiB, "
         f"{skipped} bad sample(s) left out)")
     return path
+
+
+def verify_shards(manifest_path: str, log: Callable[[str], None] = print) -> List[str]:
+    """Check every shard of a finished manifest (local files) against its size, sha256 and CRC-32; the
+    problems found, one line per shard ('' list: all good)."""
+    with open(manifest_path) as f:
+        meta = json.load(f)
+    problems = []
+    for rec in meta['shards']:
+        path = os.path.join(os.path.dirname(os.path.abspath(manifest_path)), rec['name'])
+        if not os.path.exists(path):
+            problems.append(f"{rec['name']}: missing ('{path}')")
+            continue
+        got = {'bytes': os.path.getsize(path), **file_checksums(path)}
+        bad = [f"{k} {got[k]} (manifest: {rec[k]})" for k in ('bytes', 'sha256', 'crc32') if k in rec
+               and got[k] != rec[k]]
+        if bad:
+            problems.append(f"{rec['name']}: " + ', '.join(bad))
+    log(f"{len(meta['shards']) - len(problems)} of {len(meta['shards'])} shards match '{manifest_path}'"
+        + ''.join(f'\n  {p}' for p in problems))
+    return problems

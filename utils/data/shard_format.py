@@ -10,7 +10,9 @@ sorted multi-modal folder (``MultiModalImageFolder`` order), zero-padded to 9 di
     000001234.semseg.npy.zlib  encoding 'zlib': the same .npy file deflated (zlib level 1)
 
 The manifest (``manifest.json`` beside the shards) lists every shard with its sample count, its sample
-indices and its sha256, plus the modalities, their encodings and the class names.
+indices, its size, its CRC-32 (checked by the loader while it streams the shard: ~10 GB/s, where sha256 runs
+at ~1 GB/s and cost 0.15 ms per 320 px sample) and its sha256 (checked by ``tools/make_shards.py --verify``
+and when an interrupted run resumes), plus the modalities, their encodings and the class names.
 
 Public API: ENCODINGS, FAST_ENCODINGS, encode_array, decode_member, member_suffix, is_shard_source,
 load_manifest -> Manifest, sibling_url, ShardError.
@@ -90,10 +92,29 @@ def _decode_orig(data: bytes, colour: bool) -> torch.Tensor:
             raise ImageDecodeError(f'torchvision: {tv_err}; PIL: {pil_err}') from pil_err
 
 
+# The header np.save writes for a C-ordered array; parsing it with a regular expression instead of
+# np.load's ast.literal_eval saves ~0.1 ms per sample of two arrays. Anything else goes through np.load.
+_NPY_HEADER = re.compile(rb"\{'descr': '([<|][uif][1248])', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}")
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    """The array of a ``.npy`` file's bytes (a writable copy)."""
+    if data[:8] == b'\x93NUMPY\x01\x00' and len(data) >= 10:
+        end = 10 + int.from_bytes(data[8:10], 'little')
+        match = _NPY_HEADER.match(data, 10, end)
+        if match is not None:
+            shape = tuple(int(d) for d in match.group(2).split(b',') if d.strip())
+            dtype = np.dtype(match.group(1).decode())
+            count = int(np.prod(shape)) if shape else 1
+            if len(data) - end == count * dtype.itemsize:
+                return np.frombuffer(bytearray(memoryview(data)[end:]), dtype=dtype).reshape(shape)
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def _decode_array(data: bytes, encoding: str) -> torch.Tensor:
     if encoding == 'zlib':
         data = zlib.decompress(data)
-    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    arr = _load_npy(data)
     if arr.ndim != 3:
         raise ValueError(f'expected a (C, H, W) array, got shape {arr.shape}')
     return torch.from_numpy(arr)
@@ -145,12 +166,14 @@ def sibling_url(url: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard: where it is, how many samples it holds (their folder indices, in order) and its sha256."""
+    """One shard: where it is, how many samples it holds (their folder indices, in order), its sha256 and
+    its CRC-32 (8 hex digits; '' in manifests written before it was recorded: then the loader checks sha256)."""
     url: str
     name: str
     indices: tuple
     sha256: str
     bytes: int
+    crc32: str = ''
 
     @property
     def num_samples(self) -> int:
@@ -206,7 +229,8 @@ def load_manifest(data_path: str) -> Manifest:
         names = [_shard_name(u, by_name) for u in selected]
     shards = [ShardInfo(url=sibling_url(manifest_url, n) if selected is None else selected[i], name=n,
                         indices=tuple(by_name[n]['indices']), sha256=by_name[n]['sha256'],
-                        bytes=int(by_name[n]['bytes'])) for i, n in enumerate(names)]
+                        bytes=int(by_name[n]['bytes']), crc32=by_name[n].get('crc32', ''))
+              for i, n in enumerate(names)]
     return Manifest(manifest_url, shards, list(meta['modalities']), dict(meta['encodings']), list(meta['classes']))
 
 
