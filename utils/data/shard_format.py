@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import zlib
@@ -105,7 +106,7 @@ def _load_npy(data: bytes) -> np.ndarray:
         if match is not None:
             shape = tuple(int(d) for d in match.group(2).split(b',') if d.strip())
             dtype = np.dtype(match.group(1).decode())
-            count = int(np.prod(shape)) if shape else 1
+            count = math.prod(shape)
             if len(data) - end == count * dtype.itemsize:
                 return np.frombuffer(bytearray(memoryview(data)[end:]), dtype=dtype).reshape(shape)
     return np.load(io.BytesIO(data), allow_pickle=False)

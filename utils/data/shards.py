@@ -54,8 +54,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 class _HashingReader:
     """A read-only stream that checksums what passes through it, checked at the end of the shard: CRC-32
-    (``zlib.crc32``, ~10 GB/s) when the manifest has one, else sha256 (~1 GB/s: 0.15 ms of a 320 px
-    fast-encoded sample). ``kind=''``: a plain pass-through."""
+    (``zlib.crc32``, ~3 GB/s) when the manifest has one, else sha256 (~1.4 GB/s: 0.17 ms of a 320 px
+    fast-encoded sample of 230 KB). ``kind=''``: no checksum."""
 
     def __init__(self, stream: Any, kind: str = 'crc32'):
         self.stream, self.kind = stream, kind
