@@ -8,6 +8,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -303,3 +304,45 @@ def test_failing_pipe_command_names_the_shard(shards, tmp_path):
     with pytest.raises(BadSampleError, match=r"shard 'pipe:cat .*/train-\d{6}\.tar' is missing, truncated or "
                                              r"corrupt \(before its first sample.*exit 1"):  # cat's exit status
         list(ShardStream(f"pipe:cat {tmp_path / 'manifest.json'}", MODS, None, 4, shuffle_buffer=0))
+
+
+def test_cls_finetuning_trains_from_shards(synthetic_root, shards):
+    """run_finetuning_cls.py's training split from shards: batches (images, labels) of the folder's
+    transform (timm, on PIL images), labels and pixels as from the ImageFolder, the same every pass."""
+    import random
+
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    from run_finetuning_cls import get_args_parser
+    from utils.config import parse_args
+    from utils.config.job import RuntimeConfig
+    from utils.data.shards import sample_seed
+    from utils.finetune.cls_data import ShardRgbTransform, build_cls_dataset, build_cls_transform_from_args
+    from utils.finetune.common import build_train_loader
+
+    classes = load_manifest(shards['orig']).classes
+    argv = ['--data_path', shards['orig'], '--data_set', 'image_folder', '--nb_classes', str(len(classes)),
+            '--input_size', '16', '--batch_size', '8', '--num_workers', '0', '--device', 'cpu', '--seed', '5']
+    cfg = parse_args(get_args_parser(), argv, exit_on_error=False)
+    ds = build_cls_dataset(cfg, True)
+    loader = build_train_loader(ds, 8, RuntimeConfig(seed=5, num_workers=0, pin_mem=False))
+    state = random.getstate()
+    first, again = list(loader), list(loader)
+    assert random.getstate() == state  # the global RNGs the augmentations use are put back
+    assert len(first) == N // 8 and sorted(i for b in first for i in b.indices) == list(range(N))
+    folder = ImageFolder(str(synthetic_root / 'train' / 'rgb'))
+    assert folder.classes == classes
+    x, y = first[0].data
+    assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32 and torch.equal(x, again[0].data[0])
+    wrap = ShardRgbTransform(build_cls_transform_from_args(cfg, True))
+    for j, i in enumerate(first[0].indices[:3]):
+        path, label = folder.samples[i]
+        assert int(y[j]) == label
+        with Image.open(path) as im:
+            pixels = torch.from_numpy(np.asarray(im.convert('RGB')).copy()).permute(2, 0, 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(5, 0, i))
+            assert torch.equal(wrap({'rgb': pixels}), x[j])  # the folder's image through the same transform
+    with pytest.raises(ValueError, match='--data_set CIFAR reads the CIFAR-100 files'):
+        build_cls_dataset(parse_args(get_args_parser(), argv + ['--data_set', 'CIFAR'], exit_on_error=False), True)

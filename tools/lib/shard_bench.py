@@ -4,11 +4,12 @@ label maps, JPEG) or everything array-like deflated (``shard-zlib``: depth too).
 from __future__ import annotations
 
 import os
+import shutil
 from argparse import Namespace
 from typing import Any, Callable, Optional, Tuple
 
 from tools.lib.shard_writer import ShardPlan, make_shards, resolve_encodings
-from utils.data.shard_format import MANIFEST_NAME
+from utils.data.shard_format import MANIFEST_NAME, load_manifest
 
 __all__ = ['SHARD_PIPELINES', 'write_benchmark_shards', 'shard_loader']
 
@@ -20,6 +21,8 @@ def write_benchmark_shards(root: str, encoding: str, shard_size: int = 64) -> st
     """Shards of the benchmark folder ``root`` beside it (``<root>_shards_<encoding>/``), written once."""
     out = f'{os.path.normpath(root)}_shards_{encoding}'
     manifest = os.path.join(out, MANIFEST_NAME)
+    if os.path.exists(manifest) and not all(s.crc32 for s in load_manifest(manifest).shards):
+        shutil.rmtree(out)  # written before the manifest recorded CRC-32s: the loader would check sha256
     if not os.path.exists(manifest):
         encodings = resolve_encodings(MODALITIES, 'fast', {'depth': 'zlib'}) if encoding == 'zlib' else \
             resolve_encodings(MODALITIES, encoding, {})

@@ -362,7 +362,7 @@ class ClsJob(Job):
         train_ds = build_cls_dataset(cfg, is_train=True)
         check_same_classes(train_ds, val_ds)
         loader = build_train_loader(train_ds, cfg.batch_size, cfg.runtime, ctx)
-        print(f"Data: {len(train_ds)} train images from {train_ds.root}"
+        print(f"Data: {len(train_ds)} train images from {getattr(train_ds, 'root', cfg.data_path)}"
               + (f", {len(val_ds)} eval images from {val_ds.root}" if val_ds is not None else ""))
         return Parts(model, loader, extra)
 

@@ -1,9 +1,11 @@
-"""Classification data: ImageNet-style folders (a multi-modal split folder is read from its ``rgb/``) and
+"""Classification data: ImageNet-style folders (a multi-modal split folder is read from its ``rgb/``), tar
+shards of a split for training (``--data_path`` naming a shard manifest or pattern, tools/make_shards.py) and
 CIFAR-100 from local files, with the fine-tuning (timm ``create_transform``) or linear-probe transforms,
 and the prediction pictures of fixed validation images."""
 from __future__ import annotations
 
 import os
+import random
 import sys
 from functools import partial
 from typing import Any, Callable, Sequence
@@ -19,8 +21,8 @@ from utils.dist import DistContext
 from utils.finetune.common import PredictionPictures
 from utils.finetune.config import ClsConfig
 
-__all__ = ["CLS", "RGB", "cls_mean_std", "build_cls_transform_from_args", "build_cls_dataset", "check_same_classes",
-           "render_cls_predictions", "build_cls_pictures"]
+__all__ = ["CLS", "RGB", "cls_mean_std", "build_cls_transform_from_args", "ShardRgbTransform", "build_cls_dataset",
+           "check_same_classes", "render_cls_predictions", "build_cls_pictures"]
 
 CLS = "cls"
 RGB = "rgb"
@@ -65,19 +67,61 @@ def build_cls_transform_from_args(cfg: ClsConfig, is_train: bool) -> Callable:
                                mean=mean, std=std)
 
 
+class ShardRgbTransform:
+    """The folder pipeline's classification transform on a shard sample: ``{'rgb': uint8 (3, H, W)} ->
+    transform(PIL RGB image)``, e.g. a float (3, S, S) tensor.
+
+    timm's and torchvision's PIL augmentations draw from Python's and NumPy's global RNGs; they are seeded
+    from the torch RNG (which the shard stream seeds per sample, epoch and seed) and put back afterwards, so a
+    sample's augmentation does not depend on the worker that reads it and a resumed epoch repeats it."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, sample: dict[str, Tensor]) -> Any:
+        from PIL import Image
+
+        pixels = sample[RGB].permute(1, 2, 0).contiguous().numpy()  # (H, W, 3) uint8
+        seed = int(torch.randint(0, 2 ** 31 - 1, ()))
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return self.transform(Image.fromarray(pixels, "RGB"))
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _shard_train_split(cfg: ClsConfig, transform: Callable) -> Dataset:
+    from utils.data.shards import bad_sample_policy, train_split_stream
+
+    if cfg.data_set == "CIFAR":
+        raise ValueError(f"--data_path '{cfg.data_path}' names shards; --data_set CIFAR reads the CIFAR-100 files "
+                         "(use --data_set IMNET or image_folder for shards)")
+    return train_split_stream(cfg.data_path, "train", [RGB], ShardRgbTransform(transform), cfg.batch_size,
+                              cfg.seed, on_bad_sample=bad_sample_policy(cfg))
+
+
 def build_cls_dataset(cfg: ClsConfig, is_train: bool) -> Dataset:
     """The train (``data_path``) or eval (``eval_data_path``) split with its transform.
 
     ``IMNET`` / ``image_folder``: a torchvision ``ImageFolder`` (a multi-modal split folder is read from its
     ``rgb/``). ``image_folder`` needs exactly ``nb_classes`` classes; ``IMNET`` at most (fewer is allowed
     with a warning, so ImageNet configs run on small folders). ``CIFAR``: CIFAR-100 files already under
-    ``data_path`` (``cifar-100-python/``); nothing is downloaded.
+    ``data_path`` (``cifar-100-python/``); nothing is downloaded. A training ``data_path`` naming tar shards
+    (with ``rgb``) is streamed (:class:`utils.data.shards.ShardStream`, batches of the same augmentations).
     """
     from torchvision import datasets
 
+    from utils.data.shards import is_shard_source
+
     transform = build_cls_transform_from_args(cfg, is_train)
     path = cfg.data_path if is_train else cfg.eval_data_path
-    if cfg.data_set == "CIFAR":
+    if is_train and is_shard_source(path):
+        ds = _shard_train_split(cfg, transform)
+        found = len(ds.classes)
+    elif cfg.data_set == "CIFAR":
         try:
             ds = datasets.CIFAR100(cfg.data_path, train=is_train, transform=transform, download=False)
         except RuntimeError as e:
@@ -103,7 +147,8 @@ def check_same_classes(train: Dataset, val: Dataset | None) -> None:
     a, b = getattr(train, "classes", None), getattr(val, "classes", None)
     if val is not None and a is not None and b is not None and list(a) != list(b):
         diff = sorted(set(a) ^ set(b))[:5]
-        raise ValueError(f"train split '{train.root}' and eval split '{val.root}' have different classes "
+        raise ValueError(f"train split '{getattr(train, 'root', '(shards)')}' and eval split '{val.root}' have "
+                         f"different classes "
                          f"({len(a)} vs {len(b)}; e.g. {diff}): class indices would not match")
 
 
