@@ -184,3 +184,23 @@ def test_compact_output_finished_per_batch_equals_the_default_output(imagenet):
     import pickle
     clone = pickle.loads(pickle.dumps(compact))
     assert '_mean_std_cache' not in vars(clone) and torch.equal(clone.finish(shipped)[0]['rgb'], expected[0]['rgb'])
+
+
+def test_direct_resize_equals_torchvision_resize():
+    """_resize4d (interpolate without F.resize's dispatch) gives F.resize's values and memory format."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    from utils.data.transforms import _resize4d
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (1, 3, 37, 29), dtype=torch.uint8, generator=g)
+    cases = [(rgb.contiguous(memory_format=torch.channels_last), InterpolationMode.BICUBIC, (16, 16)),
+             (rgb, InterpolationMode.BICUBIC, (40, 21)),
+             (torch.rand(1, 1, 37, 29, generator=g), InterpolationMode.BICUBIC, (16, 20)),
+             (torch.rand(1, 2, 37, 29, generator=g), InterpolationMode.BILINEAR, (50, 9)),
+             (rgb, InterpolationMode.BILINEAR, (16, 16)),  # uint8 bilinear: through F.resize
+             (rgb, InterpolationMode.BICUBIC, (37, 29))]  # same size: unchanged
+    for x, mode, size in cases:
+        got, want = _resize4d(x, size, mode), F.resize(x, list(size), interpolation=mode, antialias=True)
+        assert got.dtype == want.dtype and torch.equal(got, want), (mode, size)
+        assert got.stride()[1:] == want.stride()[1:], (mode, size)  # the batch stride of a size-1 dim is moot

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -225,6 +226,29 @@ def test_missing_modality_and_checksum(shards, tmp_path):
     assert int(first_key(shards)) not in {i for b in batches for i in b.indices}
     with pytest.raises(BadSampleError, match=r"train-000000\.tar': crc32 .* does not match"):
         list(ShardStream(manifest, ['rgb'], None, 4, shuffle_buffer=0))  # rgb alone decodes; the hash does not match
+
+
+def test_verify_tool_and_sha256_fallback(shards, tmp_path, capsys):
+    """make_shards --verify checks size, sha256 and CRC-32 of every shard; a manifest without CRC-32s (written
+    before they were recorded) makes the loader check sha256 while streaming."""
+    from tools.make_shards import main
+    assert main(['--verify', shards['fast']]) == shards['fast']
+    assert '7 of 7 shards match' in capsys.readouterr().out
+    manifest, first = _broken_copy(shards, tmp_path, truncate=0.9)
+    with pytest.raises(SystemExit) as exc:
+        main(['--verify', manifest])
+    out = capsys.readouterr().out
+    assert exc.value.code == 1 and '6 of 7 shards match' in out and f"{first['name']}: bytes " in out
+    meta = json.loads(Path(manifest).read_text())
+    for rec in meta['shards']:
+        rec.pop('crc32')
+    Path(manifest).write_text(json.dumps(meta))
+    shutil.copyfile(Path(shards['fast']).parent / first['name'], tmp_path / first['name'])
+    with open(tmp_path / first['name'], 'r+b') as f:  # one byte of the tar padding: every sample still decodes
+        f.seek(-1, os.SEEK_END)
+        f.write(b'\x01')
+    with pytest.raises(BadSampleError, match=r"train-000000\.tar': sha256 .* does not match"):
+        list(ShardStream(manifest, MODS, None, 4, shuffle_buffer=0))
 
 
 def first_key(shards):
