@@ -224,14 +224,16 @@ def test_missing_modality_and_checksum(shards, tmp_path):
     batches = list(ShardStream(manifest, MODS, None, 4, shuffle_buffer=0, on_bad_sample='skip', verify=False))
     assert sum(len(b.bad) for b in batches) == 1
     assert int(first_key(shards)) not in {i for b in batches for i in b.indices}
-    with pytest.raises(BadSampleError, match=r"train-000000\.tar': crc32 .* does not match"):
+    with pytest.raises(BadSampleError, match=r"train-000000\.tar': (xxh3|crc32) .* does not match"):
         list(ShardStream(manifest, ['rgb'], None, 4, shuffle_buffer=0))  # rgb alone decodes; the hash does not match
 
 
-def test_verify_tool_and_sha256_fallback(shards, tmp_path, capsys):
-    """make_shards --verify checks size, sha256 and CRC-32 of every shard; a manifest without CRC-32s (written
-    before they were recorded) makes the loader check sha256 while streaming."""
+def test_verify_tool_and_checksum_fallbacks(shards, tmp_path, capsys, monkeypatch):
+    """make_shards --verify checks size and checksums of every shard; the loader checks xxh3, else CRC-32 (no
+    xxhash package), else sha256 (a manifest written before the others were recorded)."""
+    import utils.data.shards as shards_module
     from tools.make_shards import main
+    from utils.data.shards import stream_checksum
     assert main(['--verify', shards['fast']]) == shards['fast']
     assert '7 of 7 shards match' in capsys.readouterr().out
     manifest, first = _broken_copy(shards, tmp_path, truncate=0.9)
@@ -240,6 +242,9 @@ def test_verify_tool_and_sha256_fallback(shards, tmp_path, capsys):
     out = capsys.readouterr().out
     assert exc.value.code == 1 and '6 of 7 shards match' in out and f"{first['name']}: bytes " in out
     meta = json.loads(Path(manifest).read_text())
+    assert all(stream_checksum(s)[0] == 'xxh3' for s in load_manifest(shards['fast']).shards)
+    monkeypatch.setattr(shards_module, 'xxhash', None)
+    assert all(stream_checksum(s)[0] == 'crc32' for s in load_manifest(shards['fast']).shards)
     for rec in meta['shards']:
         rec.pop('crc32')
     Path(manifest).write_text(json.dumps(meta))

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Tuple
 
 from tools.lib.shard_writer import ShardPlan, make_shards, resolve_encodings
 from utils.data.shard_format import MANIFEST_NAME, load_manifest
+from utils.data.shards import stream_checksum
 
 __all__ = ['SHARD_PIPELINES', 'write_benchmark_shards', 'shard_loader']
 
@@ -21,8 +22,8 @@ def write_benchmark_shards(root: str, encoding: str, shard_size: int = 64) -> st
     """Shards of the benchmark folder ``root`` beside it (``<root>_shards_<encoding>/``), written once."""
     out = f'{os.path.normpath(root)}_shards_{encoding}'
     manifest = os.path.join(out, MANIFEST_NAME)
-    if os.path.exists(manifest) and not all(s.crc32 for s in load_manifest(manifest).shards):
-        shutil.rmtree(out)  # written before the manifest recorded CRC-32s: the loader would check sha256
+    if os.path.exists(manifest) and stream_checksum(load_manifest(manifest).shards[0])[0] == 'sha256':
+        shutil.rmtree(out)  # written before the manifest recorded fast checksums: the loader would check sha256
     if not os.path.exists(manifest):
         encodings = resolve_encodings(MODALITIES, 'fast', {'depth': 'zlib'}) if encoding == 'zlib' else \
             resolve_encodings(MODALITIES, encoding, {})
