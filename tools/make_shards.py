@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a multi-modal split folder (``<split>/<modality>/<class>/<name>.<ext>``, e.g. the output of
-tools/pseudo_label.py) as tar shards for streaming, with a manifest of sample counts and checksums (sha256 and
-CRC-32; the loader checks the CRC-32 while streaming).
+tools/pseudo_label.py) as tar shards for streaming, with a manifest of sample counts and checksums (sha256,
+CRC-32 and xxh3; the loader checks the xxh3 while streaming).
 
     python tools/make_shards.py --data_path /data/imagenet_pl/train --output_dir /data/shards/train \
         --modalities rgb-depth-semseg --encoding fast --shard_size 1000 --num_workers 16
@@ -11,7 +11,7 @@ Then train with ``--data_path /data/shards/train/manifest.json`` (or a brace pat
 does); ``fast`` stores 16-bit depth as a raw .npy and label maps as deflated .npy (see utils/data/shard_format.py
 for what each costs). Interrupted? Run the same command again: shards whose checksums match are kept.
 
-    python tools/make_shards.py --verify /data/shards/train/manifest.json   # re-check every shard's sha256
+    python tools/make_shards.py --verify /data/shards/train/manifest.json   # re-check every shard's size and checksums
 """
 import argparse
 import sys
@@ -33,7 +33,7 @@ def _pairs(text: str, option: str) -> dict:
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--verify', default='', metavar='MANIFEST',
-                   help='only check the shards of this manifest (size, sha256, CRC-32); exit status 1 on a mismatch')
+                   help='only check the shards of this manifest (size and checksums); exit status 1 on a mismatch')
     p.add_argument('--data_path', help='split folder holding <modality>/<class>/<files>')
     p.add_argument('--output_dir', help='folder for the shards and manifest.json')
     p.add_argument('--modalities', default='rgb-depth-semseg', help="e.g. 'rgb-depth-semseg'")

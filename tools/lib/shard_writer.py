@@ -246,7 +246,7 @@ def make_shards(plan: ShardPlan, num_workers: int = 0, log: Callable[[str], None
 
 
 def verify_shards(manifest_path: str, log: Callable[[str], None] = print) -> List[str]:
-    """Check every shard of a finished manifest (local files) against its size, sha256 and CRC-32; the
+    """Check every shard of a finished manifest (local files) against its size and checksums; the
     problems found, one line per shard ('' list: all good)."""
     with open(manifest_path) as f:
         meta = json.load(f)

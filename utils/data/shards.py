@@ -14,13 +14,13 @@ sample's folder index, so a sample gets the same tensors as from the folder it w
 
 Bad data: a missing modality or an undecodable member (naming shard and key), a shard that is missing,
 truncated or corrupt (naming the shard and the last key read) and a checksum mismatch (checked while
-streaming: :func:`stream_checksum`) raise :class:`ShardError`/``BadSampleError`` under ``on_bad_sample='error'``;
-under ``'skip'`` each lost sample is logged, counted in the batch's ``TrackedBatch.bad`` (the trainer counts them per epoch)
-and its slot is filled by a copy of the previous good sample, so every process still yields ``len(self)``
-batches.
+streaming: :func:`stream_checksum`) raise :class:`ShardError`/``BadSampleError`` under
+``on_bad_sample='error'``; under ``'skip'`` each lost sample is logged, counted in the batch's
+``TrackedBatch.bad`` (the trainer counts them per epoch) and its slot is filled by a copy of the previous good
+sample, so every process still yields ``len(self)`` batches.
 
-Public API: ShardStream, ShardLoader, build_shard_loader, bad_sample_policy, shard_samples, train_split_stream, is_shard_source,
-sample_seed.
+Public API: ShardStream, ShardLoader, build_shard_loader, bad_sample_policy, shard_samples, train_split_stream,
+is_shard_source, sample_seed, stream_checksum.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ from utils.data.modalities import get_modality
 from utils.data.shard_format import (Manifest, ShardError, ShardInfo, check_modalities, decode_member,
                                      is_shard_source, load_manifest, sample_key)
 
-__all__ = ['stream_checksum', 'ShardStream', 'ShardLoader', 'build_shard_loader', 'bad_sample_policy', 'shard_samples', 'train_split_stream', 'is_shard_source',
-           'sample_seed']
+__all__ = ['ShardStream', 'ShardLoader', 'build_shard_loader', 'bad_sample_policy', 'shard_samples', 'train_split_stream',
+           'is_shard_source', 'sample_seed', 'stream_checksum']
 
 Segment = Tuple[int, int, int]  # (shard number in the manifest, first position, end position) in that shard
 
