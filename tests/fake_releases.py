@@ -94,17 +94,18 @@ TASKONOMY_FILES = {
 
 
 def make_taskonomy(root: Path, buildings: dict[str, str], samples: tuple[str, ...] = ("point_0_view_0", "point_3_view_1"),
-                   domains=tuple(TASKONOMY_FILES), seed: int = 0) -> Path:
+                   domains=tuple(TASKONOMY_FILES), seed: int = 0, size: tuple[int, int] = (H, W)) -> Path:
     """``<domain>/taskonomy/<building>/<sample>_domain_<domain>.png`` for every building (-> its split) and
     domain, ``mask_valid`` files named with domain depth_zbuffer as the Omnidata tool writes them, and the
-    split CSV (id, train, val, test) listing ``buildings``. Returns the CSV path."""
+    split CSV (id, train, val, test) listing ``buildings``; images of ``size`` (height, width). Returns the CSV
+    path."""
     rng = np.random.default_rng(seed)
     for building in buildings:
         for domain in domains:
             channels, dtype = TASKONOMY_FILES[domain]
             file_domain = "depth_zbuffer" if domain == "mask_valid" else domain
             for sample in samples:
-                shape = (H, W, channels) if channels > 1 else (H, W)
+                shape = (*size, channels) if channels > 1 else size
                 if domain == "mask_valid":
                     array = np.where(rng.random(shape) < 0.8, 255, 0).astype(np.uint8)
                 else:

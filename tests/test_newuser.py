@@ -194,3 +194,13 @@ def test_visualize_flags_read_plainly_and_a_doc_runs_it():
     assert args.paste is False
     docs = "".join(p.read_text() for p in Path(__file__).resolve().parents[1].glob("*.md"))
     assert "python tools/visualize.py --checkpoint output/demo/checkpoint-last.pth" in docs  # run by test_docs.py
+
+
+def test_a_shard_data_path_passes_the_start_up_checks(tmp_path):
+    import run_pretraining_multimae as script
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    for source in (str(manifest), f"{tmp_path}/train-{{000000..000003}}.tar", "pipe:cat manifest.json"):
+        assert script.parse_config(["--data_path", source], exit_on_error=False).data_path == source
+    with pytest.raises(ConfigError, match=r"--data_path: .*nothing.* \(expected <data_path>/<modality>/<class>/<image>\)"):
+        script.parse_config(["--data_path", str(tmp_path / "nothing")], exit_on_error=False)
