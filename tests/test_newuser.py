@@ -106,7 +106,7 @@ def test_tiny_pretraining_run_messages_console_copy_and_finished_rerun(synthetic
     with pytest.warns(UserWarning, match=r"checkpoint-last\.pth comes from a run of 1 epochs, this run has --epochs "
                                          r"2: the learning-rate and weight-decay schedules are those of 2 epochs, so "
                                          r"from epoch 1 on .* pass --epochs 1 to continue its schedule unchanged"):
-        script.main(script.parse_config([*argv, "--epochs", "2"], exit_on_error=False))
+        script.main(script.parse_config([*argv, "--epochs", "2", "--allow_config_change"], exit_on_error=False))
     assert "Training epochs 1..1" in capsys.readouterr().out
 
 
