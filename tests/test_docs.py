@@ -22,7 +22,10 @@ by the convention that SETUP.md states ("The docs' commands in the test suite"):
   written by SETUP.md's blocks. ``/shared/output/`` -> ``output/``; ``/tmp/published_multimae`` -> a
   stand-in package (tests/test_gpu_benchmark.py).
 
-The canonical synthetic set (SETUP.md) is generated first, shrunk the same way.
+Each block starts with an empty ``output/`` apart from ``output/demo`` (the demo checkpoint the fine-tuning
+blocks start from), as if it were run on its own after ``make demo``: blocks of different sections reuse a
+config's default ``output_dir`` with other data or weights, and resuming such a run is refused. The
+canonical synthetic set (SETUP.md) is generated first, shrunk the same way.
 """
 from __future__ import annotations
 
@@ -186,6 +189,9 @@ def test_block_conventions():
 def test_doc_block_runs(block, workspace):
     if block.reason is not None:
         pytest.skip(f"{block.doc}:{block.line}: marked not run: {block.reason}")
+    for old in (workspace / "output").glob("*"):  # each block on its own, after `make demo`
+        if old.name != "demo":
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     _bash(shrink(block.text), workspace)
 
 
