@@ -1,6 +1,9 @@
 # Convenience targets. `make test` and `make demo` create .venv on first use.
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
+# Index for the torch/torchvision pins, installed before the rest (CPU only:
+# make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu). Empty: PyPI, like everything else.
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -12,6 +15,8 @@ DEMO_OUT ?= output/demo
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
+	$(if $(TORCH_INDEX),$(PY) -m pip install $$(grep -E '^(torch|torchvision)==' requirements.txt) \
+		--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install --no-deps -e .
 	touch $(STAMP)

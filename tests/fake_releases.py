@@ -1,4 +1,4 @@
-"""Tiny fake copies of official data-set releases (ADE20K, Hypersim, Taskonomy) in their published folder
+"""Tiny fake copies of official data-set releases (NYUv2, ADE20K, Hypersim, Taskonomy) in their published folder
 layouts and file formats, for the tests of tools/prepare_*.py. Images are a few pixels, values are seeded
 random, and every builder returns what it wrote so that tests can compare the prepared output with it."""
 from __future__ import annotations
@@ -94,17 +94,18 @@ TASKONOMY_FILES = {
 
 
 def make_taskonomy(root: Path, buildings: dict[str, str], samples: tuple[str, ...] = ("point_0_view_0", "point_3_view_1"),
-                   domains=tuple(TASKONOMY_FILES), seed: int = 0) -> Path:
+                   domains=tuple(TASKONOMY_FILES), seed: int = 0, size: tuple[int, int] = (H, W)) -> Path:
     """``<domain>/taskonomy/<building>/<sample>_domain_<domain>.png`` for every building (-> its split) and
     domain, ``mask_valid`` files named with domain depth_zbuffer as the Omnidata tool writes them, and the
-    split CSV (id, train, val, test) listing ``buildings``. Returns the CSV path."""
+    split CSV (id, train, val, test) listing ``buildings``; images of ``size`` (height, width). Returns the CSV
+    path."""
     rng = np.random.default_rng(seed)
     for building in buildings:
         for domain in domains:
             channels, dtype = TASKONOMY_FILES[domain]
             file_domain = "depth_zbuffer" if domain == "mask_valid" else domain
             for sample in samples:
-                shape = (H, W, channels) if channels > 1 else (H, W)
+                shape = (*size, channels) if channels > 1 else size
                 if domain == "mask_valid":
                     array = np.where(rng.random(shape) < 0.8, 255, 0).astype(np.uint8)
                 else:
@@ -112,3 +113,28 @@ def make_taskonomy(root: Path, buildings: dict[str, str], samples: tuple[str, ..
                 _png(root / domain / "taskonomy" / building / f"{sample}_domain_{file_domain}.png", array)
     rows = [[b, int(s == "train"), int(s == "val"), int(s == "test")] for b, s in buildings.items()]
     return _csv(root / "train_val_test_tiny.csv", ["id", "train", "val", "test"], rows)
+
+
+def make_nyuv2(root: Path, n: int = 5, h: int = 24, w: int = 32, k: int = 7, seed: int = 0) -> dict[str, np.ndarray]:
+    """The three NYUv2 files ``tools/prepare_nyuv2.py`` reads, in ``root``: ``nyu_depth_v2_labeled.mat``
+    (MATLAB v7.3 / HDF5: images, depths with holes, rawDepths, labels of ``k`` classes), ``splits.mat``
+    (1-based train 1, 3, 5 and test 2, 4 of ``n`` = 5) and ``classMapping40.mat``. Returns the arrays: rgb
+    (n, h, w, 3), depth (n, h, w) metres, labels (n, h, w) and lut (k + 1,) original class -> NYU-40."""
+    import h5py
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    depth = rng.uniform(0.5, 9.5, (n, h, w)).astype(np.float32)
+    depth[:, :3, :4] = 0.0  # holes
+    labels = rng.integers(0, k + 1, (n, h, w)).astype(np.uint16)
+    root.mkdir(parents=True, exist_ok=True)
+    with h5py.File(root / "nyu_depth_v2_labeled.mat", "w") as f:  # column-major: h5py sees the axes reversed
+        f["images"] = rgb.transpose(0, 3, 2, 1)
+        f["depths"] = depth.transpose(0, 2, 1)
+        f["rawDepths"] = (depth * (depth > 2)).transpose(0, 2, 1)
+        f["labels"] = labels.transpose(0, 2, 1)
+    scipy.io.savemat(root / "splits.mat", {"trainNdxs": np.array([[1], [3], [5]]), "testNdxs": np.array([[2], [4]])})
+    map_class = np.array([[5, 40, 1, 0, 12, 7, 40]])[:, :k]  # original class c (1-based) -> NYU-40
+    scipy.io.savemat(root / "classMapping40.mat", {"mapClass": map_class})
+    return {"rgb": rgb, "depth": depth, "labels": labels, "lut": np.concatenate([[0], map_class[0]])}

@@ -102,6 +102,12 @@ def test_tiny_pretraining_run_messages_console_copy_and_finished_rerun(synthetic
             "--allow_config_change; or use another --output_dir") in printed
     assert "Training epochs" not in printed
     assert console in (out / "console.txt").read_text()  # appended, not replaced
+    # a resume with another --epochs says that the schedules change, and how to keep them
+    with pytest.warns(UserWarning, match=r"checkpoint-last\.pth comes from a run of 1 epochs, this run has --epochs "
+                                         r"2: the learning-rate and weight-decay schedules are those of 2 epochs, so "
+                                         r"from epoch 1 on .* pass --epochs 1 to continue its schedule unchanged"):
+        script.main(script.parse_config([*argv, "--epochs", "2", "--allow_config_change"], exit_on_error=False))
+    assert "Training epochs 1..1" in capsys.readouterr().out
 
 
 def test_own_warnings_shown_others_only_on_request():
@@ -158,3 +164,43 @@ def test_finetune_prediction_pictures_have_column_titles():
     x = {'rgb': torch.zeros(1, 3, 16, 16), 'depth': torch.rand(1, 1, 16, 16)}
     picture = _RegressionRender(['depth'])(x, {'depth': torch.rand(1, 1, 16, 16)})
     assert picture.shape[0] == 14 + 128 + 2 and (picture[:14, 2 * 130:] < 128).any()
+
+
+# ------------------------------------------------------------------------------------------ item 5: the semseg grid
+def test_full_resolution_semseg_says_semseg_is_given_at_a_quarter():
+    import torch
+
+    from multimae import MultiMAE, PatchedInputAdapter, SemSegInputAdapter, SpatialOutputAdapter
+    ins = {"rgb": PatchedInputAdapter(3, 1, 16, image_size=64), "semseg": SemSegInputAdapter(5, 4, 16, image_size=64)}
+    outs = {"rgb": SpatialOutputAdapter(3, 1, 16, dim_tokens=16, num_heads=2, image_size=64, task="rgb",
+                                        context_tasks=["rgb", "semseg"])}
+    model = MultiMAE(ins, outs, dim_tokens=16, depth=1, num_heads=2)
+    x = {"rgb": torch.randn(1, 3, 64, 64), "semseg": torch.randint(0, 5, (1, 16, 16))}
+    model(x, num_encoded_tokens=8)  # semseg at 1/4 of the image: fine
+    x["semseg"] = torch.randint(0, 5, (1, 64, 64))
+    with pytest.raises(ValueError, match=r"input task 'semseg' has 256 tokens but the decoder grid \(4, 4\) has 16; "
+                                         r".*stride level s is given at 1/s of the image size: semseg maps at 1/4"):
+        model(x, num_encoded_tokens=8)
+
+
+# ------------------------------------------------------------------------------------------ item 6: tools/visualize.py
+def test_visualize_flags_read_plainly_and_a_doc_runs_it():
+    from pathlib import Path
+
+    from tools import visualize
+    text = _help_of(visualize.get_args_parser())
+    assert "--paste " in text and "--no_paste " in text and "no_no_paste" not in text
+    args = visualize.get_args_parser().parse_args(["--checkpoint", "c.pth", "--no_paste"])
+    assert args.paste is False
+    docs = "".join(p.read_text() for p in Path(__file__).resolve().parents[1].glob("*.md"))
+    assert "python tools/visualize.py --checkpoint output/demo/checkpoint-last.pth" in docs  # run by test_docs.py
+
+
+def test_a_shard_data_path_passes_the_start_up_checks(tmp_path):
+    import run_pretraining_multimae as script
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    for source in (str(manifest), f"{tmp_path}/train-{{000000..000003}}.tar", "pipe:cat manifest.json"):
+        assert script.parse_config(["--data_path", source], exit_on_error=False).data_path == source
+    with pytest.raises(ConfigError, match=r"--data_path: .*nothing.* \(expected <data_path>/<modality>/<class>/<image>\)"):
+        script.parse_config(["--data_path", str(tmp_path / "nothing")], exit_on_error=False)

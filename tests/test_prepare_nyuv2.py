@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.fake_releases import make_nyuv2
 from tools import prepare_nyuv2
 from utils.data.datasets import MultiModalImageFolder
 
@@ -14,24 +15,10 @@ N, H, W, K = 5, 24, 32, 7  # images, height, width, original classes
 
 @pytest.fixture()
 def nyu_files(tmp_path):
-    rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 256, (N, H, W, 3), dtype=np.uint8)
-    depth = rng.uniform(0.5, 9.5, (N, H, W)).astype(np.float32)
-    depth[:, :3, :4] = 0.0  # holes
-    labels = rng.integers(0, K + 1, (N, H, W)).astype(np.uint16)
-    mat = tmp_path / "nyu_depth_v2_labeled.mat"
-    with h5py.File(mat, "w") as f:  # MATLAB v7.3 stores column-major: h5py sees the axes reversed
-        f["images"] = rgb.transpose(0, 3, 2, 1)
-        f["depths"] = depth.transpose(0, 2, 1)
-        f["rawDepths"] = (depth * (depth > 2)).transpose(0, 2, 1)
-        f["labels"] = labels.transpose(0, 2, 1)
-    splits = {"trainNdxs": np.array([[1], [3], [5]]), "testNdxs": np.array([[2], [4]])}
-    scipy_io.savemat(tmp_path / "splits.mat", splits)
-    map_class = np.array([[5, 40, 1, 0, 12, 7, 40]])  # original class c (1-based) -> NYU-40
-    scipy_io.savemat(tmp_path / "classMapping40.mat", {"mapClass": map_class})
-    args = ["--dataset_path", str(mat), "--splits_path", str(tmp_path / "splits.mat"),
+    fake = make_nyuv2(tmp_path, N, H, W, K)
+    args = ["--dataset_path", str(tmp_path / "nyu_depth_v2_labeled.mat"), "--splits_path", str(tmp_path / "splits.mat"),
             "--class_mapping_path", str(tmp_path / "classMapping40.mat")]
-    return args, rgb, depth, labels, np.concatenate([[0], map_class[0]])
+    return args, fake["rgb"], fake["depth"], fake["labels"], fake["lut"]
 
 
 def test_layout_units_mask_valid_and_labels(tmp_path, nyu_files):

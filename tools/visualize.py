@@ -288,7 +288,7 @@ class Demo:
         self.outputs = [o for o in model.output_adapters if o != "norm_rgb"]
         self.n_tokens = (cfg.input_size // cfg.patch_size) ** 2
         side = cfg.input_size
-        self.painter = Painter(cfg, args.tile_size or side * max(1, math.ceil(128 / side)), not args.no_paste)
+        self.painter = Painter(cfg, args.tile_size or side * max(1, math.ceil(128 / side)), args.paste)
         self.rng = np.random.default_rng(args.seed)
 
     @torch.no_grad()
@@ -436,7 +436,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--hue_shifts", type=float, nargs="+", default=[0.0, 0.33, -0.33], help="in [-0.5, 0.5]")
     p.add_argument("--hue_patch", type=int, nargs=2, default=None, metavar=("X", "Y"), help="patch to recolour")
     p.add_argument("--tile_size", type=int, default=None)
-    add_bool_arg(p, "no_paste", False, "show raw predictions (no visible patches pasted back)")
+    add_bool_arg(p, "paste", True, "paste the visible input patches back into the predictions (--no_paste: raw)")
     p.add_argument("--standardize_depth", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                    help="override the checkpoint's depth standardisation (true/false)")
     p.add_argument("--decoder_num_heads", type=int, default=None, help="for checkpoints without a stored config")

@@ -104,6 +104,7 @@ def check_pretrain_args(args: argparse.Namespace) -> list[str]:
     ranges. Unknown modality names are left to ``validate_pretrain_args`` (one line per problem)."""
     from multimae import is_model, list_models
     from utils.data.modalities import MODALITIES, ordered_domains
+    from utils.data.shard_format import is_shard_source
 
     errors = []
     model = _get(args, 'model')
@@ -133,6 +134,8 @@ def check_pretrain_args(args: argparse.Namespace) -> list[str]:
     if alphas is not None and alphas <= 0:
         errors.append(f'--alphas (Dirichlet concentration) must be > 0, got {alphas}')
     data = _get(args, 'data_path')
+    if is_shard_source(data):  # a manifest, .tar files, a brace pattern or pipe: command: utils/data/shards.py
+        return errors
     err = require_data_path('data_path', data) or check_path_exists('data_path', data, 'folder')
     if err:
         errors.append(err if not data else err + ' (expected <data_path>/<modality>/<class>/<image>)')

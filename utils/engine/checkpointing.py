@@ -201,6 +201,7 @@ class CheckpointPolicy:
             return
         load_optimizer_state(t.optimizer, ckpt["optimizer"], source)  # maps a saved group layout onto this one
         t.start_epoch, t.start_step = ckpt["epoch"] + 1, 0
+        self._warn_other_length(t, ckpt, source)
         t.global_step = t.start_epoch * t.steps_per_epoch
         if t.scaler is not None and ckpt.get("scaler"):
             t.scaler.load_state_dict(ckpt["scaler"])
@@ -220,6 +221,17 @@ class CheckpointPolicy:
             elif rng is not None:
                 print(f"RNG states in {source} are for {len(rng)} process(es), not {get_world_size()}: not restored")
         print(f"Resumed from {source}: continuing at {where} (global step {t.global_step})")
+
+    @staticmethod
+    def _warn_other_length(t: "Trainer", ckpt: Mapping[str, Any], source: str) -> None:
+        """A resume with another ``--epochs`` is allowed (it extends or shortens the run) but changes the
+        schedules, which are computed over the new length: say so instead of doing it silently."""
+        saved = (ckpt.get("args") or {}).get("epochs")
+        if isinstance(saved, int) and saved != t.epochs:
+            warnings.warn(f"{source} comes from a run of {saved} epochs, this run has --epochs {t.epochs}: the "
+                          f"learning-rate and weight-decay schedules are those of {t.epochs} epochs, so from epoch "
+                          f"{t.start_epoch} on they differ from the first run's; pass --epochs {saved} to continue "
+                          f"its schedule unchanged")
 
     @staticmethod
     def _load_modules(t: "Trainer", ckpt: Mapping[str, Any], source: str) -> None:
