@@ -134,7 +134,7 @@ def _pil_loader(root: str, args: Namespace, workers: int):
 def _persistent(loader):
     """The training loader with persistent workers, so that timed epochs measure throughput, not the
     start-up of the worker processes (a training epoch has thousands of batches; these have 16). Training
-    itself restarts them every epoch: ``PerSampleSeed.set_epoch`` must reach the workers."""
+    restarts them every epoch; ``PerSampleSeed.set_epoch`` reaches persistent workers (the epoch is in shared memory)."""
     from torch.utils.data import DataLoader
     if loader.num_workers == 0:
         return loader

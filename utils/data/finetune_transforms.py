@@ -5,7 +5,9 @@ uint16 tensors in CHW layout (label maps may be (H, W)), and return a dict of te
 (flip, resize, pad, crop) is sampled once per sample and applied to every modality with torchvision
 v2 joint transforms: `rgb` is a `tv_tensors.Image` (bilinear, colour augmentation), every other
 modality a `tv_tensors.Mask` (nearest, untouched by colour augmentation), so label maps and depth are
-never blended or jittered. Randomness comes from torch's RNG (seeded per DataLoader worker).
+never blended or jittered. Randomness comes from torch's RNG (the classification transforms of timm also
+draw from Python's ``random``); the training loaders seed both per sample from ``(seed, epoch, index)``
+(``utils.data.seeding.PerSampleSeed``), so no worker's stream state matters.
 """
 from __future__ import annotations
 

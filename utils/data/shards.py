@@ -9,7 +9,7 @@ loader batch ``i`` is batch ``i // W`` of worker ``i % W``. That arithmetic make
 exact: :meth:`ShardStream.skip_next` makes each worker drop the samples of its batches already trained on
 without decoding them.
 
-Augmentation is seeded per sample with the formula of ``utils.pretrain.multimae.PerSampleSeed`` and the
+Augmentation is seeded per sample with the formula of ``utils.data.seeding.PerSampleSeed`` and the
 sample's folder index, so a sample gets the same tensors as from the folder it was sharded from.
 
 Bad data: a missing modality or an undecodable member (naming shard and key), a shard that is missing,
@@ -38,6 +38,7 @@ from torch.utils.data._utils.collate import default_collate
 from utils.data.datasets import BadSampleError, check_label_range
 from utils.data.loader import ResumableBatchSampler, TrackedBatch
 from utils.data.modalities import get_modality
+from utils.data.seeding import sample_seed
 from utils.data.shard_format import (Manifest, ShardError, ShardInfo, check_modalities, decode_member,
                                      is_shard_source, load_manifest, sample_key)
 
@@ -45,11 +46,6 @@ __all__ = ['ShardStream', 'ShardLoader', 'build_shard_loader', 'bad_sample_polic
            'is_shard_source', 'sample_seed', 'stream_checksum']
 
 Segment = Tuple[int, int, int]  # (shard number in the manifest, first position, end position) in that shard
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The CPU RNG seed of sample ``index`` in ``epoch`` (the formula of ``PerSampleSeed``)."""
-    return ((int(seed) * 1_000_003 + int(epoch)) * 1_000_003 + int(index)) % (2 ** 63)
 
 
 try:  # optional (requirements.txt): the fast checksum; without it the loader checks the CRC-32

@@ -45,7 +45,7 @@ Faults (see :mod:`utils.engine.preemption` and :mod:`utils.data.loader`):
   exits with code 75; ``resume`` continues from that very step.
 * ``save_every_steps=N``: the same mid-epoch checkpoint every N optimizer steps (SIGKILL loses < N steps).
 * Mid-epoch resume skips the batches already used without loading them when augmentation is seeded per
-  sample (dataset attribute ``seeded_per_sample``, e.g. ``utils.pretrain.multimae.PerSampleSeed``) or the loader has
+  sample (dataset attribute ``seeded_per_sample``, e.g. ``utils.data.seeding.PerSampleSeed``) or the loader has
   no workers, and replays them otherwise; either way, with ``--deterministic``, the parameters end
   bit-identical to an uninterrupted run (persistent workers with worker-side randomness excepted).
 * ``on_bad_sample='skip'``: unreadable samples are replaced by the next index and counted per epoch.

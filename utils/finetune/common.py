@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from utils.config.job import RuntimeConfig
+from utils.data.seeding import PerSampleSeed
 from utils.data.shards import ShardLoader, ShardStream
 from utils.dist import DistContext, get_rank, get_world_size, is_main_process
 from utils.engine.trainer import Trainer, autocast, move_to_device, unwrap_model
@@ -65,16 +66,28 @@ def _loader_kwargs(runtime: RuntimeConfig) -> dict:
                 persistent_workers=workers > 0)
 
 
+class _SeededEpochSampler(DistributedSampler):
+    """A ``DistributedSampler`` over a :class:`PerSampleSeed` dataset whose ``set_epoch`` (called by the
+    Trainer every epoch) sets the augmentation epoch too."""
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+
+
 def build_train_loader(dataset: Dataset, batch_size: int, runtime: RuntimeConfig, ctx: DistContext | None = None
                        ) -> DataLoader:
     """Shuffled, drop-last loader over a ``DistributedSampler`` (one replica without a process group; the
-    Trainer calls ``set_epoch`` every epoch, so single-process runs reshuffle too), seeded by ``runtime.seed``."""
+    Trainer calls ``set_epoch`` every epoch, so single-process runs reshuffle too), seeded by ``runtime.seed``.
+    The augmentation of each sample is seeded by ``(runtime.seed, epoch, index)`` (:class:`PerSampleSeed`):
+    the same with any number of workers, and a mid-epoch resume skips the batches already trained on."""
     if isinstance(dataset, ShardStream):  # tar shards: the stream splits and shuffles itself
         return ShardLoader(dataset, **_loader_kwargs(runtime))
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (get_rank(), get_world_size())
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, drop_last=True,
-                                 seed=runtime.seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **_loader_kwargs(runtime))
+    seeded = PerSampleSeed(dataset, runtime.seed)
+    sampler = _SeededEpochSampler(seeded, num_replicas=world, rank=rank, shuffle=True, drop_last=True,
+                                  seed=runtime.seed)
+    return DataLoader(seeded, batch_size=batch_size, sampler=sampler, drop_last=True, **_loader_kwargs(runtime))
 
 
 def build_eval_loader(dataset: Dataset, batch_size: int, runtime: RuntimeConfig) -> DataLoader:

@@ -10,11 +10,12 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from utils.config import split_list
 from utils.data.datasets import MultiModalImageFolder
 from utils.data.depth import robust_standardize
+from utils.data.seeding import PerSampleSeed
 from utils.data.shards import bad_sample_policy, build_shard_loader, is_shard_source, shard_samples
 from utils.dist import DistContext, get_rank, get_world_size, is_main_process
 from utils.engine.factory import TrainingPlan, ddp_wrap, peak_lr
@@ -77,40 +78,6 @@ class PretrainStep:
         if self.log_weighted:
             logs.update({f"{t}_loss_weighted": v.detach() for t, v in weighted.items()})
         return loss, logs
-
-
-class PerSampleSeed(Dataset):
-    """Dataset wrapper: the random augmentation of sample ``i`` in epoch ``e`` depends only on ``(seed, e,
-    i)``, not on the process, the worker or what was drawn before. Runs with any number of data-loader
-    workers or processes therefore see the same crops and flips, and the training RNG stream is left
-    untouched. Call :meth:`set_epoch` every epoch."""
-
-    seeded_per_sample = True  # tells the Trainer that a mid-epoch resume may skip batches without loading them
-
-    def __init__(self, dataset: Dataset, seed: int = 0):
-        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> Any:
-        # Only the CPU generator is seeded: the transforms draw from it alone (a data-loader worker has no
-        # CUDA RNG to seed). torch.manual_seed would also (lazily) reseed the CUDA generators, which
-        # fork_rng(devices=[]) does not restore, so with 0 workers on a GPU it would clobber the training
-        # process's CUDA stream; its lazy-seeding bookkeeping also records a stack trace per call
-        # (~0.36 ms/sample on CPU). The CPU random stream is identical.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(
-                ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % (2 ** 63))
-            return self.dataset[index]
-
-    def __getattr__(self, name: str) -> Any:  # classes, modalities, samples_paths(), ...
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
 
 # ----------------------------------------------------------------------------------------------
