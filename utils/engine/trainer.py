@@ -46,8 +46,9 @@ Faults (see :mod:`utils.engine.preemption` and :mod:`utils.data.loader`):
 * ``save_every_steps=N``: the same mid-epoch checkpoint every N optimizer steps (SIGKILL loses < N steps).
 * Mid-epoch resume skips the batches already used without loading them when augmentation is seeded per
   sample (dataset attribute ``seeded_per_sample``, e.g. ``utils.data.seeding.PerSampleSeed``) or the loader has
-  no workers, and replays them otherwise; either way, with ``--deterministic``, the parameters end
-  bit-identical to an uninterrupted run (persistent workers with worker-side randomness excepted).
+  no workers, and replays them otherwise; with ``--deterministic`` the parameters then end bit-identical to
+  an uninterrupted run (a replay is exact only with workers that are re-forked every epoch, not persistent
+  ones). Every training loader of this project is seeded per sample, fine-tuning ones included.
 * ``on_bad_sample='skip'``: unreadable samples are replaced by the next index and counted per epoch.
 """
 from __future__ import annotations

@@ -24,6 +24,7 @@ from utils.config.job import RuntimeConfig
 from utils.data.seeding import PerSampleSeed
 from utils.data.shards import ShardLoader, ShardStream
 from utils.dist import DistContext, get_rank, get_world_size, is_main_process
+from utils.engine.preemption import ignore_stop_signals
 from utils.engine.trainer import Trainer, autocast, move_to_device, unwrap_model
 from utils.logger import append_log_txt
 
@@ -60,10 +61,16 @@ class EvalShardSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.world_size))
 
 
+def _worker_init(worker_id: int) -> None:
+    # Persistent evaluation workers live on through the training epochs: a SIGTERM to the process group
+    # must not kill them (torch would then fail the main process before it can save).
+    ignore_stop_signals()
+
+
 def _loader_kwargs(runtime: RuntimeConfig) -> dict:
     workers = int(runtime.num_workers)
     return dict(num_workers=workers, pin_memory=bool(runtime.pin_mem) and torch.cuda.is_available(),
-                persistent_workers=workers > 0)
+                persistent_workers=workers > 0, worker_init_fn=_worker_init if workers > 0 else None)
 
 
 class _SeededEpochSampler(DistributedSampler):
