@@ -31,8 +31,8 @@ def test_markdown_marks_hangs_and_inexact_resumes():
     assert rows.splitlines()[2] == "| sigterm | 2 | 2 | hang | hang, killed after 60 s | 60.0 | 0 | **no** | 3 |"
 
 
-def test_steps_done_reads_the_last_progress_line():
-    assert steps_done("Epoch: [0] [3/4] loss\nEpoch: [1] [1/4] loss\n") == 6
+def test_steps_done_reads_the_furthest_progress_line():
+    assert steps_done("Epoch: [0] [3/4] loss\nEpoch: [1] [1/4] loss\nEpoch: [0] [3/4] loss\n") == 6
     assert steps_done("no progress yet") == 0
 
 

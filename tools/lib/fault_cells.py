@@ -151,12 +151,10 @@ def reference_run(setting: Setting, data: Path, out: Path, timeout: float) -> Pa
 
 # ---------------------------------------------------------------------------------------------- measuring
 def steps_done(text: str) -> int:
-    """Optimizer steps finished according to the last progress line ``Epoch: [e] [s/N]`` (printed after step s)."""
+    """Optimizer steps finished according to the furthest progress line ``Epoch: [e] [s/N]`` (printed after
+    step s; with several processes the lines of a lagging rank may come last)."""
     found = re.findall(r"Epoch: \[(\d+)\] \[(\d+)/(\d+)\]", text)
-    if not found:
-        return 0
-    e, s, n = (int(v) for v in found[-1])
-    return e * n + s + 1
+    return max((int(e) * int(n) + int(s) + 1 for e, s, n in found), default=0)
 
 
 def resumed_from(text: str) -> int:
