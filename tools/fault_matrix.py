@@ -2,11 +2,11 @@
 """The fault matrix: each fault x setting (loader workers, processes) on the tiny synthetic pre-training run,
 measured on real processes.
 
-Faults: ``sigterm`` (to the process group mid-epoch, then the same command again), ``sigkill`` (mid-epoch,
-then again), ``truncated_image`` (a cut PNG in the data), ``nan_loss`` (one NaN batch, injected), ``full_disk``
-(ENOSPC half-way through a checkpoint write, injected), ``corrupt_last`` (the mid-epoch ``checkpoint-last.pth``
-of the ``sigterm`` cell cut to half, ``checkpoint-0.pth`` intact beside it), ``ctrl_c`` (SIGINT to the group,
-as a terminal sends it). Per cell: the exit code, what happened, the seconds from the fault to the exit, and
+Faults: ``sigterm`` (to every process of the run mid-epoch, as SLURM sends it, then the same command again),
+``sigkill`` (the same with SIGKILL), ``truncated_image`` (a cut PNG in the data), ``nan_loss`` (one NaN batch,
+injected), ``full_disk`` (ENOSPC half-way through a checkpoint write, injected), ``corrupt_last`` (the
+mid-epoch ``checkpoint-last.pth`` of the ``sigterm`` cell cut to half, ``checkpoint-0.pth`` intact beside it),
+``ctrl_c`` (SIGINT to the process group, as a terminal sends it). Per cell: the exit code, what happened, the seconds from the fault to the exit, and
 for the faults that can be resumed the resumed run's exit code, whether its final weights and optimizer state
 equal an uninterrupted run's bit for bit (``--deterministic``), and the optimizer steps done before the fault
 that had to be done again. Two processes run under ``torch.distributed.run`` (gloo) with half the batch each.

@@ -2,8 +2,8 @@
 synthetic configuration, with a number of loader workers and processes, and what came of it.
 
 Each fault starts the unchanged script (under ``torch.distributed.run`` for 2 processes, gloo on the CPU),
-injects the fault as a cluster or a user would (signals to the whole process group, a truncated file, a corrupt
-checkpoint) or through ``tests/fault_inject.py`` (a NaN batch, a full disk during a save), and measures the exit
+injects the fault as a cluster or a user would (SIGTERM and SIGKILL to every process of the run as SLURM sends
+them, Ctrl-C to the process group as a terminal sends it, a truncated file, a corrupt checkpoint) or through ``tests/fault_inject.py`` (a NaN batch, a full disk during a save), and measures the exit
 code, the seconds from the fault to the exit, and, where a resume makes sense, runs the same command again and
 compares its final weights and optimizer state with an uninterrupted run's (``--deterministic``).
 
@@ -106,11 +106,20 @@ class Proc:
                     return None
                 self._new.wait(0.2)
 
-    def signal(self, sig: int) -> float:
+    def signal(self, sig: int, every_process: bool = False) -> float:
+        """``sig`` to the process group (workers included, as a terminal sends Ctrl-C) and, with
+        ``every_process``, to every descendant too, as SLURM signals (and kills) every process of a job step:
+        ``torch.distributed.run`` starts its ranks in process groups of their own."""
+        targets = _descendants(self.p.pid) if every_process else []
         try:
-            os.killpg(self.p.pid, sig)  # the whole group, workers included, as SLURM or a terminal does
+            os.killpg(self.p.pid, sig)
         except ProcessLookupError:
             pass
+        for pid in targets:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         return time.monotonic()
 
     def finish(self, timeout: float) -> tuple[int | None, float]:
@@ -118,7 +127,7 @@ class Proc:
         try:
             code: int | None = self.p.wait(timeout=max(1.0, timeout - (time.monotonic() - self.start)))
         except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
+            self.signal(signal.SIGKILL, every_process=True)
             self.p.wait()
             code = None
         end = time.monotonic()
@@ -128,6 +137,23 @@ class Proc:
     @property
     def text(self) -> str:
         return "".join(line for _, line in self.lines)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def make_data(root: Path) -> Path:
@@ -197,7 +223,7 @@ def _signal_mid_epoch(cell: Cell, setting: Setting, data: Path, out: Path, sig: 
         cell.exit_code, _ = proc.finish(1)
         cell.outcome = "never reached the fault point"
         return proc, 0
-    sent = proc.signal(sig)
+    sent = proc.signal(sig, every_process=sig != signal.SIGINT)  # Ctrl-C reaches the terminal's group only
     cell.exit_code, end = proc.finish(timeout)
     cell.seconds = end - sent
     return proc, steps_done(proc.text)
