@@ -11,23 +11,44 @@ The epoch lives in a one-element shared-memory tensor, so :meth:`PerSampleSeed.s
 process also reaches *persistent* data-loader workers (forked or spawned before the epoch began): the main
 process sets it before it creates the epoch's iterator, which is before any index of that epoch is sent.
 
-Public API: PerSampleSeed, sample_seed(seed, epoch, index) -> int.
+Public API: PerSampleSeed, sample_seed(seed, epoch, index) -> int, seeded(seed) (a context manager).
 """
 from __future__ import annotations
 
+import contextlib
 import random
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["PerSampleSeed", "sample_seed"]
+__all__ = ["PerSampleSeed", "sample_seed", "seeded"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The generator seed of sample ``index`` in ``epoch`` of a run seeded ``seed`` (< 2**63)."""
     return ((int(seed) * 1_000_003 + int(epoch)) * 1_000_003 + int(index)) % (2 ** 63)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Inside: torch's CPU generator, Python's ``random`` and numpy's global generator seeded from ``seed``;
+    afterwards all three continue where they were."""
+    # Only the CPU torch generator is forked and seeded: a data-loader worker has no CUDA RNG, and
+    # torch.manual_seed would also (lazily) reseed the CUDA generators, which fork_rng(devices=[]) does
+    # not restore (with 0 workers on a GPU that would clobber the training stream); its lazy-seeding
+    # bookkeeping also costs ~0.36 ms a sample. The CPU stream is the same.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % (2 ** 32))
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 class PerSampleSeed(Dataset):
@@ -52,21 +73,8 @@ class PerSampleSeed(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
-        s = sample_seed(self.seed, self.epoch, index)
-        # Only the CPU torch generator is forked and seeded: a data-loader worker has no CUDA RNG, and
-        # torch.manual_seed would also (lazily) reseed the CUDA generators, which fork_rng(devices=[]) does
-        # not restore (with 0 workers on a GPU that would clobber the training stream); its lazy-seeding
-        # bookkeeping also costs ~0.36 ms a sample. The CPU stream is the same.
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(s)
-                random.seed(s)
-                np.random.seed(s % (2 ** 32))
-                return self.dataset[index]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        with seeded(sample_seed(self.seed, self.epoch, index)):
+            return self.dataset[index]
 
     def __getattr__(self, name: str) -> Any:  # classes, modalities, samples_paths(), ...
         if name in ("dataset", "_epoch"):

@@ -38,7 +38,7 @@ from torch.utils.data._utils.collate import default_collate
 from utils.data.datasets import BadSampleError, check_label_range
 from utils.data.loader import ResumableBatchSampler, TrackedBatch
 from utils.data.modalities import get_modality
-from utils.data.seeding import sample_seed
+from utils.data.seeding import sample_seed, seeded
 from utils.data.shard_format import (Manifest, ShardError, ShardInfo, check_modalities, decode_member,
                                      is_shard_source, load_manifest, sample_key)
 
@@ -288,8 +288,7 @@ class ShardStream(IterableDataset):
     def _load(self, raw: Dict[str, Any]) -> Tuple[Tuple[Dict[str, torch.Tensor], int], int]:
         sample, label, index = self.decode(raw)
         if self.transform is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
+            with seeded(sample_seed(self.seed, self.epoch, index)):  # timm's cls transforms draw from random
                 sample = self.transform(sample)
         return (sample, label), index
 
