@@ -94,6 +94,20 @@ class _HashingReader:
         return self.hash.hexdigest() if self.hash is not None else ''
 
 
+def _with_exit_status(err: Exception, stream: Any) -> Exception | str:
+    """``err``, plus the exit status of a failed ``pipe:`` command. Whether the tar reader sees the command's
+    exit first or the end of its output first depends on timing, so the pipe is closed (waited for) here
+    and a non-zero status is always named."""
+    pipe = getattr(stream, 'stream', None)
+    if pipe is None or not hasattr(pipe, 'proc') or 'exit' in str(err):
+        return err
+    try:
+        pipe.close()
+    except Exception as status:  # webdataset's Pipe raises IOError('...: exit N ...') on a failed command
+        return f'{err}; {status}'
+    return err
+
+
 def _slices(total: int, parts: int) -> List[Tuple[int, int]]:
     """``[start, end)`` of ``parts`` contiguous blocks of ``total`` items, earlier ones larger by <= 1."""
     q, r = divmod(total, parts)
@@ -226,6 +240,7 @@ class ShardStream(IterableDataset):
             digest = stream.drain()  # the tar end blocks, then close: a pipe: command's exit status is checked
         except Exception as err:  # tarfile, gzip, OSError from gopen/pipe: all of them mean a broken shard
             where = f"after key '{key}'" if key is not None else 'before its first sample'
+            err = _with_exit_status(err, stream)
             for p in range(max(pos, lo), hi):
                 yield self._bad(f"shard '{shard.url}' is missing, truncated or corrupt ({where}, {pos} of "
                                 f"{shard.num_samples} samples read; position {p} lost): {err}")
