@@ -3,6 +3,7 @@
 Re-implements, from the paper's description (no code was released), Jamal & Mohareri, "Multi-Modal
 Contrastive Masked Autoencoders: A Two-Stage Progressive Pre-training Approach for RGBD Datasets"
 (CVPR 2025). PRETRAINING.md says which choices are the paper's and which are ours.
+The losses and metrics live in :mod:`multimae.rgbd_losses` (re-exported here).
 
 * Stage 1 (:class:`RGBDContrastStage1`): RGB and depth are encoded as two separate token streams, without
   masking, by one encoder per modality (or the shared MultiMAE encoder). Patch tokens go through a small
@@ -19,8 +20,11 @@ Contrastive Masked Autoencoders: A Two-Stage Progressive Pre-training Approach f
   are distilled from the layer-normed features of the frozen stage-1 model for the same tokens
   (:func:`max_pool_distill_loss`).
 
-The streams never mix inside the encoder, so the RGB stream sees exactly what RGB-only fine-tuning sees;
-the modalities meet in the stage-1 loss and in the stage-2 decoder. The encoder part keeps MultiMAE's
+In stage 1 the streams never mix inside the encoder, so the RGB stream sees exactly what RGB-only
+fine-tuning sees, and it may encode a random subset of the patches (the same positions in every image and
+both modalities, so the same-position negatives stay at one position) to make it cheaper. In stage 2 they
+either stay two streams that meet in the decoder, or (``joint``) form one sequence through one encoder,
+as in MultiMAE. The encoder part keeps MultiMAE's
 state-dict keys (``encoder.*``, ``global_tokens``, ``input_adapters.{rgb,depth}.*``), so checkpoints load
 with ``--finetune`` in the fine-tuning scripts; the other keys (``depth_encoder.*``,
 ``depth_global_tokens``, ``proj_heads.*``, ``logit_scale``, ``sigma_embed.*``, ``output_adapters.*``) are
@@ -37,6 +41,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from multimae import MultiMAE, SpatialOutputAdapter
+from multimae.rgbd_losses import (NEGATIVES, masked_patch_mse, masked_pixel_mse, max_pool_distill_loss,
+                                  max_pool_features, patch_info_nce, patch_retrieval_accuracy, stream_valid)
 
 __all__ = [
     "MODALITIES", "RGBDEncoder", "RGBDContrastStage1", "RGBDMaskedStage2", "ProjectionHead", "SigmaEmbedding",
@@ -48,7 +54,6 @@ __all__ = [
 ]
 
 MODALITIES = ("rgb", "depth")
-NEGATIVES = ("image", "batch", "position")
 
 
 def _init_linear(m: nn.Module) -> None:
@@ -143,6 +148,18 @@ class RGBDEncoder(nn.Module):
             return dict(zip(seqs, out.chunk(len(seqs), dim=0)))
         return {m: _run_blocks(self._stream(m)[0], s, self.grad_checkpointing) for m, s in seqs.items()}
 
+    def encode_joint(self, tokens: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """``{m: (B, n_m, D)}`` -> ``{m: (B, n_m + G, D)}`` with both modalities in ONE sequence through the
+        (shared) encoder, so every token attends to the other modality's visible tokens as in MultiMAE; each
+        stream gets the patch tokens of its modality and the shared global tokens."""
+        names = list(tokens)
+        lengths = [tokens[m].shape[1] for m in names]
+        B = tokens[names[0]].shape[0]
+        seq = torch.cat([tokens[m] for m in names] + [self.global_tokens.expand(B, -1, -1)], dim=1)
+        out = _run_blocks(self.encoder, seq, self.grad_checkpointing)
+        glob = out[:, sum(lengths):]
+        return {m: torch.cat([t, glob], dim=1) for m, t in zip(names, out[:, :sum(lengths)].split(lengths, dim=1))}
+
     def encode_visible(self, x: Mapping[str, Tensor], keep: Optional[Mapping[str, Tensor]] = None
                        ) -> Dict[str, Tensor]:
         """Tokenise, keep the patches ``keep[m] (B, k_m)`` of each stream (all if absent) and encode."""
@@ -182,8 +199,9 @@ class RGBDContrastStage1(RGBDEncoder):
         self.proj_heads = nn.ModuleDict({m: ProjectionHead(self.dim_tokens, hidden, proj_dim) for m in MODALITIES})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learn_temperature)
 
-    def forward(self, x: Mapping[str, Tensor]) -> Dict[str, Any]:
-        feats = self.encode_visible(x)
+    def forward(self, x: Mapping[str, Tensor], keep: Optional[Mapping[str, Tensor]] = None) -> Dict[str, Any]:
+        """``keep {m: (B, k)}``: encode and project only these patches (``z[m]`` is then ``(B, k, P)``)."""
+        feats = self.encode_visible(x, keep)
         z = {m: F.normalize(self.proj_heads[m](self.patch_tokens(f)).float(), dim=-1) for m, f in feats.items()}
         return {"z": z, "features": feats, "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp()}
 
@@ -277,11 +295,16 @@ class RGBDMaskedStage2(RGBDEncoder):
     p*p)}, 'features': {m: (B, k_m + G, D)}}``; ``x['depth']`` is the noisy depth. The sigma embedding is
     added to the depth tokens before the encoder, so every layer knows the noise level. Without a denoise
     head (``denoise_hidden_dim=0``) the depth decoder's output on the visible patches is the noise prediction.
+    ``joint=True``: the visible tokens of both modalities form one sequence through the shared encoder
+    (:meth:`RGBDEncoder.encode_joint`, cross-modal attention as in MultiMAE) instead of two streams.
     """
 
     def __init__(self, backbone: MultiMAE, depth_backbone: Optional[MultiMAE] = None, sigma_freq_dim: int = 256,
-                 sigma_scale: float = 1000.0, denoise_hidden_dim: int = 512):
+                 sigma_scale: float = 1000.0, denoise_hidden_dim: int = 512, joint: bool = False):
         super().__init__(backbone, depth_backbone)
+        if joint and depth_backbone is not None:
+            raise ValueError("joint encoding runs both modalities through one encoder: pass no depth_backbone")
+        self.joint = joint
         if backbone.output_adapters is None or "depth" not in backbone.output_adapters:
             raise ValueError("RGBDMaskedStage2 needs a 'depth' output adapter in the backbone")
         self.output_adapters = backbone.output_adapters
@@ -294,7 +317,8 @@ class RGBDMaskedStage2(RGBDEncoder):
         num_patches = next(iter(tokens.values())).shape[1]
         sigma_emb = self.sigma_embed(sigma)
         tokens["depth"] = tokens["depth"] + sigma_emb.unsqueeze(1).to(tokens["depth"].dtype)
-        feats = self.encode({m: gather_tokens(t, keep[m]) for m, t in tokens.items()})
+        visible = {m: gather_tokens(t, keep[m]) for m, t in tokens.items()}
+        feats = self.encode_joint(visible) if self.joint else self.encode(visible)
         image_size = tuple(x["rgb"].shape[-2:])
         context, info, ids_keep, ids_restore = decoder_inputs(feats, keep, num_patches, self.num_global_tokens,
                                                               image_size)
@@ -367,131 +391,3 @@ def decoder_inputs(feats: Mapping[str, Tensor], keep: Mapping[str, Tensor], num_
     info = {"tasks": tasks, "image_size": tuple(image_size), "num_task_tokens": len(MODALITIES) * num_patches,
             "num_global_tokens": len(MODALITIES) * num_global}
     return torch.cat(visible + glob, dim=1), info, torch.cat(kept, dim=1), ids_restore
-
-
-# ---------------------------------------------------------------------------------------------- losses
-def _similarities(z_a: Tensor, z_b: Tensor) -> Tensor:
-    """``(B, N, N)`` float32 dot products of ``z_a, z_b (B, N, P)``, also under fp16/bf16 autocast: autocast
-    would run the bmm in half precision, and half cannot hold the masked-logit fill value."""
-    with torch.autocast(device_type=z_a.device.type, enabled=False):
-        return torch.bmm(z_a.float(), z_b.float().transpose(1, 2))
-
-
-def _candidate_groups(z_a: Tensor, z_b: Tensor, valid: Tensor, negatives: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Regroup ``(B, N, P)`` patch embeddings so that each group of ``n`` holds an anchor's candidates at
-    the same index: the patches of one image (``'image'``, ``(B, N, P)``), of the batch (``'batch'``,
-    ``(1, B N, P)``) or the patches at one position across the images (``'position'``, ``(N, B, P)``)."""
-    if negatives not in NEGATIVES:
-        raise ValueError(f"negatives must be one of {list(NEGATIVES)}, got {negatives!r}")
-    if negatives == "batch":
-        return z_a.reshape(1, -1, z_a.shape[-1]), z_b.reshape(1, -1, z_b.shape[-1]), valid.reshape(1, -1)
-    if negatives == "position":
-        return z_a.transpose(0, 1), z_b.transpose(0, 1), valid.transpose(0, 1)
-    return z_a, z_b, valid
-
-
-def patch_info_nce(z_a: Tensor, z_b: Tensor, logit_scale: Tensor, valid: Optional[Tensor] = None,
-                   negatives: str = "image") -> Tensor:
-    """Symmetric InfoNCE between patch embeddings ``z_a, z_b (B, N, P)`` (L2-normalised): the positive of
-    patch ``i`` of image ``b`` in ``z_a`` is patch ``i`` of image ``b`` in ``z_b``; the negatives are the
-    other patches of the same image (``'image'``), of the whole batch (``'batch'``), or the patches at the
-    same position in the other images (``'position'``: the position embedding cannot tell them apart).
-    ``valid (B, N)`` bool removes patches as anchors and as negatives. Mean over valid anchors of
-    ``(CE(a -> b) + CE(b -> a)) / 2``; equals ``log(n)`` (n valid candidates) when all embeddings are equal.
-    """
-    z_a, z_b = z_a.float(), z_b.float()
-    if valid is None:
-        valid = torch.ones(z_a.shape[:2], dtype=torch.bool, device=z_a.device)
-    z_a, z_b, valid = _candidate_groups(z_a, z_b, valid, negatives)
-    G, n, _ = z_a.shape
-    logits = logit_scale.float() * _similarities(z_a, z_b)  # (G, n, n): a-patches x b-patches
-    # dtype-safe: exp() of the dtype's minimum minus the row maximum is exactly 0 in any float dtype
-    logits = logits.masked_fill(~(valid[:, :, None] & valid[:, None, :]), torch.finfo(logits.dtype).min)
-    target = torch.arange(n, device=z_a.device).repeat(G)
-    loss_ab = F.cross_entropy(logits.reshape(G * n, n), target, reduction="none")
-    loss_ba = F.cross_entropy(logits.transpose(1, 2).reshape(G * n, n), target, reduction="none")
-    w = valid.reshape(-1).float()
-    return ((loss_ab + loss_ba) * w).sum() / (2 * w.sum().clamp(min=1))
-
-
-@torch.no_grad()
-def patch_retrieval_accuracy(z_a: Tensor, z_b: Tensor, valid: Optional[Tensor] = None,
-                             candidates: str = "image") -> Tensor:
-    """Fraction of valid patches of ``z_a (B, N, P)`` whose most similar valid candidate in ``z_b`` is the
-    positive: candidates are the patches of the same image (``'image'``), of the batch (``'batch'``) or
-    at the same position in every image (``'position'``; chance ``1 / B``)."""
-    if valid is None:
-        valid = torch.ones(z_a.shape[:2], dtype=torch.bool, device=z_a.device)
-    z_a, z_b, valid = _candidate_groups(z_a.float(), z_b.float(), valid, candidates)
-    sim = _similarities(z_a, z_b)
-    sim = sim.masked_fill(~valid[:, None, :], torch.finfo(sim.dtype).min)
-    hit = (sim.argmax(dim=-1) == torch.arange(sim.shape[1], device=sim.device)).float()
-    return (hit * valid).sum() / valid.sum().clamp(min=1)
-
-
-def masked_pixel_mse(pred: Tensor, target: Tensor, patch_mask: Tensor, patch_size: int,
-                     valid: Optional[Tensor] = None) -> Tensor:
-    """Mean squared error over the pixels of the patches with ``patch_mask (B, N) == 1`` that are ``valid
-    (B, 1, H, W)``; per sample, then over the samples that have any such pixel (0 if none has).
-    ``pred, target (B, C, H, W)``."""
-    err = (pred.float() - target.float()).pow(2).mean(dim=1)  # (B, H, W)
-    B, H, W = err.shape
-    nh, nw = H // patch_size, W // patch_size
-    if patch_mask.shape[1] != nh * nw:
-        raise ValueError(f"patch_mask has {patch_mask.shape[1]} patches but a {H}x{W} map with patch size "
-                         f"{patch_size} has {nh * nw}")
-    w = patch_mask.reshape(B, nh, nw).to(err.dtype).repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
-    if valid is not None:
-        w = w * valid.reshape(B, H, W).to(err.dtype)
-    num, den = (err * w).flatten(1).sum(1), w.flatten(1).sum(1)
-    has = (den > 0).to(err.dtype)
-    return (num / den.clamp(min=1) * has).sum() / has.sum().clamp(min=1)
-
-
-def masked_patch_mse(pred: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-    """Mean squared error of patch predictions ``pred, target (B, k, Q)`` over the pixels with ``weight (B,
-    k, Q)`` (1 where scored; all if None); per sample, then over the samples that have any such pixel."""
-    err = (pred.float() - target.float()).pow(2)
-    w = torch.ones_like(err) if weight is None else weight.to(err.dtype)
-    num, den = (err * w).flatten(1).sum(1), w.flatten(1).sum(1)
-    has = (den > 0).to(err.dtype)
-    return (num / den.clamp(min=1) * has).sum() / has.sum().clamp(min=1)
-
-
-def max_pool_features(tokens: Tensor, valid: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Max over tokens ``(B, n, D)`` of the ``valid (B, n)`` ones -> ``((B, D), has_any (B,))`` (rows without a
-    valid token are 0)."""
-    if valid is None:
-        return tokens.amax(dim=1), torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    pooled = tokens.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=1)
-    has = valid.any(dim=1)
-    return torch.where(has.unsqueeze(-1), pooled, torch.zeros_like(pooled)), has
-
-
-def max_pool_distill_loss(student: Tensor, teacher: Tensor, student_valid: Optional[Tensor] = None,
-                          teacher_valid: Optional[Tensor] = None, beta: float = 1.0, normalize: str = "none"
-                          ) -> Tensor:
-    """Smooth-L1 between the max-pooled patch features of the student ``(B, n, D)`` and of the teacher
-    ``(B, m, D)`` (``valid`` masks drop tokens from the max), averaged over features and samples.
-    ``normalize``: layer-norm (no affine) every teacher token (``'target'``: unit-scale targets, so ``beta``
-    means the same at any feature scale, and the student's raw features are pulled to that scale), the
-    tokens of both (``'both'``: scale-free), or neither (``'none'``)."""
-    if normalize not in ("none", "target", "both"):
-        raise ValueError(f"normalize must be 'none', 'target' or 'both', got {normalize!r}")
-    student, teacher = student.float(), teacher.detach().float()
-    if normalize != "none":
-        teacher = F.layer_norm(teacher, teacher.shape[-1:])
-    if normalize == "both":
-        student = F.layer_norm(student, student.shape[-1:])
-    s, s_has = max_pool_features(student, student_valid)
-    t, t_has = max_pool_features(teacher, teacher_valid)
-    per_sample = F.smooth_l1_loss(s, t, reduction="none", beta=beta).mean(dim=1)
-    w = (s_has & t_has).to(per_sample.dtype)
-    return (per_sample * w).sum() / w.sum().clamp(min=1)
-
-
-def stream_valid(patch_valid: Optional[Tensor], keep: Optional[Tensor] = None) -> Optional[Tensor]:
-    """Validity ``(B, k)`` of the kept patches (all patches when ``keep`` is None)."""
-    if patch_valid is None or keep is None:
-        return patch_valid
-    return torch.gather(patch_valid, 1, keep)

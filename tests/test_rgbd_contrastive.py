@@ -521,3 +521,51 @@ def test_vit_b_configs_parse(name, synthetic_root, tmp_path):
     if name.endswith("stage2"):
         assert (args.mask_ratio, args.rgb_reconstruction, args.recon_weight, args.denoise_weight,
                 args.distill_weight) == (0.8, False, 1.0, 1.0, 1.0)
+
+
+# --------------------------------------------------------------------------------- joint stage 2, cheap stage 1
+def test_joint_stage2_attends_across_modalities_and_starts_from_the_rgb_encoder(tmp_path):
+    torch.manual_seed(0)
+    args1 = tiny_args(separate_encoders=True)
+    stage1 = build_rgbd_model(args1)
+    common = dict(method="rgbd_stage2", separate_encoders=True, teacher_checkpoint=save_stage1(tmp_path, args1, stage1))
+    joint, streams = (build_rgbd_model(tiny_args(joint_encoder=j, **common)).eval() for j in (True, False))
+    assert not hasattr(joint, "depth_encoder") and hasattr(streams, "depth_encoder")
+    for k, v in stage1.encoder.state_dict().items():  # the one joint encoder is stage 1's rgb encoder
+        assert torch.equal(joint.encoder.state_dict()[k], v), k
+    x, _ = batch()
+    N = (S // P) ** 2
+    keep = {m: random_keep(2, N, 5) for m in MODALITIES}
+    sigma = torch.zeros(2)
+    other = dict(x, depth=torch.rand_like(x["depth"]))
+    with torch.no_grad():
+        for model, mixes in ((joint, True), (streams, False)):
+            a, b = (model(inp, sigma, keep)["features"]["rgb"] for inp in (x, other))
+            assert a.shape == (2, 5 + 1, 32)
+            # rgb features depend on the depth input only when the modalities share one sequence
+            assert (not torch.allclose(a, b)) == mixes
+    loss, logs = build_rgbd_step(tiny_args(joint_encoder=True, **common), torch.device("cpu"))(joint.train(), batch())
+    assert torch.isfinite(loss) and logs["distill_loss"].item() > 0  # raw student vs layer-normed teacher
+
+
+def test_stage1_patch_fraction_contrasts_one_position_subset_per_batch():
+    torch.manual_seed(0)
+    model = build_rgbd_model(tiny_args())
+    seen = []
+
+    def spy(x, keep=None):
+        seen.append(keep)
+        return type(model).forward(model, x, keep)
+
+    model.forward = spy
+    N = (S // P) ** 2
+    loss, logs = RGBDStage1Step(P, "position", standardize_depth=False, patch_fraction=0.25)(model, batch(B=3))
+    keep = seen[-1]
+    assert keep["rgb"].shape == (3, N // 4) and torch.equal(keep["rgb"], keep["depth"])
+    assert (keep["rgb"] == keep["rgb"][:1]).all()  # the same positions in every image
+    z = model(batch(B=3)[0], keep)["z"]["rgb"]
+    assert z.shape == (3, N // 4, 16) and torch.isfinite(loss) and 0.0 <= logs["patch_acc_position"].item() <= 1.0
+    RGBDStage1Step(P, "position", patch_fraction=1.0)(model, batch(B=3))
+    assert seen[-1] is None  # all patches: no subset
+    with pytest.raises(ValueError, match="patch_fraction must be in"):
+        RGBDStage1Step(P, patch_fraction=0.0)

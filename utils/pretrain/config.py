@@ -66,11 +66,13 @@ class PretrainConfig(JobConfig):
     temperature: float = 0.07
     learn_temperature: bool = True
     contrast_negatives: str = 'position'
+    contrast_patch_fraction: float = 1.0
     proj_dim: int = 256
     proj_hidden_dim: int | None = None
     mask_ratio: float = 0.8
     mask_sampler: str = 'independent'
     sigma_max: float = 1.0
+    joint_encoder: bool = False
     rgb_reconstruction: bool = False
     decoder_xattn_residual: bool = True
     denoise_hidden_dim: int = 512

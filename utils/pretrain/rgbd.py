@@ -62,6 +62,9 @@ def add_rgbd_args(parser: argparse.ArgumentParser) -> None:
                    help="stage 1: negatives are the depth patches at the same position in the other images of "
                         "the batch (position), the other patches of the same image (image: the paper's, solvable "
                         "by the position embedding alone) or all patches of the batch (batch)")
+    g.add_argument("--contrast_patch_fraction", type=float, default=1.0,
+                   help="stage 1: encode and contrast this random fraction of the positions (one subset per batch, "
+                        "both modalities); costs about that fraction of a full step")
     g.add_argument("--proj_dim", type=int, default=256, help="stage 1: projection head output width")
     g.add_argument("--proj_hidden_dim", type=int, default=None, help="stage 1: head hidden width (default: encoder)")
     g.add_argument("--mask_ratio", type=float, default=0.8, help="stage 2: hidden fraction of each modality")
@@ -69,6 +72,8 @@ def add_rgbd_args(parser: argparse.ArgumentParser) -> None:
                    help="stage 2: fixed count per modality, or one Dirichlet(--alphas) split per batch")
     g.add_argument("--sigma_max", type=float, default=1.0,
                    help="stage 2: depth noise std drawn per sample from U[0, sigma_max] (standardised depth units)")
+    add_bool_arg(g, "joint_encoder", False, "stage 2: both modalities' visible tokens in one sequence through one "
+                 "encoder (cross-modal attention, as MultiMAE), initialised from stage 1's rgb encoder")
     add_bool_arg(g, "rgb_reconstruction", False, "stage 2: also reconstruct the hidden rgb patches")
     add_bool_arg(g, "decoder_xattn_residual", True, "stage 2: residual around the decoder's cross-attention "
                  "(MultiMAE's decoder has none; without it the noise on visible patches is not learned)")
@@ -107,6 +112,8 @@ def validate_rgbd_args(cfg: PretrainConfig) -> list[str]:
         errors.append(f"--mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
     if not 0.0 <= cfg.min_valid_fraction <= 1.0:
         errors.append(f"--min_valid_fraction must be in [0, 1], got {cfg.min_valid_fraction}")
+    if not 0.0 < cfg.contrast_patch_fraction <= 1.0:
+        errors.append(f"--contrast_patch_fraction must be in (0, 1], got {cfg.contrast_patch_fraction}")
     if cfg.temperature <= 0:
         errors.append(f"--temperature must be > 0, got {cfg.temperature}")
     if cfg.contrast_negatives in ("position", "batch") and cfg.method == "rgbd_stage1" and cfg.batch_size < 2:
@@ -172,19 +179,28 @@ class RGBDStage1Step:
     ``patch_acc_other_image`` (the same against the depth of another image of the batch: close to
     ``patch_acc`` when the features match patches by position instead of content) and
     ``patch_acc_position`` (retrieval among the depth patches at the same position in every image of the
-    batch, chance ``1 / B``: content only).
+    batch, chance ``1 / B``: content only). ``patch_fraction < 1``: only a random subset of the positions
+    (one per batch, both modalities) is encoded and contrasted, which costs about that fraction.
     """
 
     def __init__(self, patch_size: int, negatives: str = "position", standardize_depth: bool = True,
-                 use_mask_valid: bool = False, min_valid_fraction: float = 0.5):
-        self.patch_size, self.negatives = patch_size, negatives
+                 use_mask_valid: bool = False, min_valid_fraction: float = 0.5, patch_fraction: float = 1.0):
+        if not 0.0 < patch_fraction <= 1.0:
+            raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
+        self.patch_size, self.negatives, self.patch_fraction = patch_size, negatives, patch_fraction
         self.standardize_depth, self.use_mask_valid = standardize_depth, use_mask_valid
         self.min_valid_fraction = min_valid_fraction
 
     def __call__(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         rgb, depth, valid = prepare_rgbd(_batch_dict(batch), self.standardize_depth, self.use_mask_valid)
-        out = model({"rgb": rgb, "depth": depth})
+        keep = None
         pv = None if valid is None else patch_valid_fraction(valid, self.patch_size) >= self.min_valid_fraction
+        if self.patch_fraction < 1.0:  # one subset for the batch: negatives at one position stay at one position
+            B, N = rgb.shape[0], (rgb.shape[-2] // self.patch_size) * (rgb.shape[-1] // self.patch_size)
+            ids = random_keep(1, N, max(1, round(N * self.patch_fraction)), rgb.device).expand(B, -1)
+            keep = {m: ids for m in MODALITIES}
+            pv = stream_valid(pv, ids)
+        out = model({"rgb": rgb, "depth": depth}) if keep is None else model({"rgb": rgb, "depth": depth}, keep)
         z_rgb, z_depth = out["z"]["rgb"], out["z"]["depth"]
         loss = patch_info_nce(z_rgb, z_depth, out["logit_scale"], pv, self.negatives)
         z_rgb, z_depth = z_rgb.detach(), z_depth.detach()
@@ -331,8 +347,10 @@ def _stage2_model(cfg: PretrainConfig) -> RGBDMaskedStage2:
                        use_task_queries=cfg.decoder_use_task_queries, task=m, context_tasks=list(MODALITIES),
                        use_xattn=cfg.decoder_use_xattn)
                 for m in (MODALITIES if cfg.rgb_reconstruction else ("depth",))}
-    depth_backbone = _backbone(cfg) if cfg.separate_encoders else None
-    return RGBDMaskedStage2(_backbone(cfg, decoders), depth_backbone, denoise_hidden_dim=cfg.denoise_hidden_dim)
+    # joint: one encoder (stage 1's rgb one) for both modalities; a stage-1 depth encoder is then not used
+    depth_backbone = _backbone(cfg) if cfg.separate_encoders and not cfg.joint_encoder else None
+    return RGBDMaskedStage2(_backbone(cfg, decoders), depth_backbone, denoise_hidden_dim=cfg.denoise_hidden_dim,
+                            joint=cfg.joint_encoder)
 
 
 def _load_stage1(path: str) -> tuple[dict[str, Tensor], dict]:
@@ -396,7 +414,8 @@ def build_rgbd_step(cfg: PretrainConfig, device: torch.device) -> Callable:
     common = dict(standardize_depth=cfg.standardize_depth, use_mask_valid=cfg.use_mask_valid,
                   min_valid_fraction=cfg.min_valid_fraction)
     if cfg.method == "rgbd_stage1":
-        return RGBDStage1Step(cfg.patch_size, cfg.contrast_negatives, **common)
+        return RGBDStage1Step(cfg.patch_size, cfg.contrast_negatives, patch_fraction=cfg.contrast_patch_fraction,
+                              **common)
     teacher = build_rgbd_teacher(cfg)
     return RGBDStage2Step(teacher.to(device) if teacher is not None else None, cfg.patch_size, cfg.mask_ratio,
                           cfg.mask_sampler, cfg.alphas, cfg.sigma_max, cfg.recon_weight, cfg.denoise_weight,
