@@ -191,3 +191,24 @@ def test_channels_last_gives_the_same_run(data, tmp_path):
                                      "--max_steps_per_epoch", "2", "--no_save_ckpt", "--num_vis", "0", "--seed", "3"))
     assert recs["on"]["val/loss"] == pytest.approx(recs["off"]["val/loss"], rel=1e-4)
     assert recs["on"]["val/mean_iou"] == pytest.approx(recs["off"]["val/mean_iou"], abs=1e-3)
+
+
+def test_semseg_layer_decay_scales_the_input_adapters_too(tmp_path):
+    """run_finetuning_semseg.py has no --scale_input_lr: its input adapters and global tokens are layer 0 of
+    the decay, ``ld ** (L + 1)``, block i gets ``ld ** (L - i)``, the head 1 (a typed-config default once
+    left the input adapters at scale 1)."""
+    import run_finetuning_semseg as script
+    from utils.finetune.dense import dense_param_groups
+    from utils.jobs import get_job
+
+    cfg = script.parse_config(['-c', 'cfgs/finetune/semseg/synthetic_rgb.yaml', '--data_path', str(tmp_path),
+                               '--finetune', '', '--output_dir', str(tmp_path / 'out')], exit_on_error=False)
+    model = get_job('finetune', 'semseg').model(cfg)
+    scale = {n: g['lr_scale'] for g in dense_param_groups(cfg, model) for n, p in model.named_parameters()
+             if any(p is q for q in g['params'])}
+    ld, depth = cfg.optim.layer_decay, model.get_num_layers()
+    assert scale['input_adapters.rgb.proj.weight'] == pytest.approx(ld ** (depth + 1))
+    assert scale['global_tokens'] == pytest.approx(ld ** (depth + 1))
+    assert scale['encoder.0.attn.qkv.weight'] == pytest.approx(ld ** depth)
+    assert scale[f'encoder.{depth - 1}.mlp.fc2.weight'] == pytest.approx(ld)
+    assert all(v == 1.0 for n, v in scale.items() if n.startswith('output_adapters.'))

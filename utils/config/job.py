@@ -50,7 +50,7 @@ class OptimConfig:
     min_lr: float = 0.0
     layer_decay: float | None = None
     no_lr_scale_list: str | None = None
-    scale_input_lr: bool = False
+    scale_input_lr: bool = True  # scripts without the flag (semseg) decay the input adapters too
     warmup_epochs: int = 5
     warmup_steps: int = -1
 
