@@ -168,27 +168,40 @@ class SpatialOutputAdapter(nn.Module):
     def get_queries_and_context(self, context_tokens: torch.Tensor, input_info: InputInfo, ids_keep: torch.Tensor,
                                 ids_restore: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Build decoder queries ``(B, N_H*N_W, d)`` and context ``(B, n_vis + n_global, d)`` from the
-        projected encoder tokens ``(B, n_vis + n_global, d)``."""
+        projected encoder tokens ``(B, n_vis + n_global, d)``.
+
+        Conceptually every input position gets its visible token or ``mask_token`` (``ids_restore`` puts them
+        back in input order) plus its task + position embedding; queries are this task's positions and the
+        context the ``ids_keep`` positions of that sequence. Only those rows are gathered: the full
+        ``(B, N_total, d)`` sequence is never built (it is 3x the queries and 6x the context at the default
+        sizes, and its gather, embedding add and their backward were a visible share of the step).
+        """
         B, _, d = context_tokens.shape
         grid = self._grid(input_info["image_size"])
         n_global = input_info.get("num_global_tokens", 0)
-        n_total = input_info["num_task_tokens"]
-        visible = context_tokens[:, :context_tokens.shape[1] - n_global]
-        global_tokens = context_tokens[:, context_tokens.shape[1] - n_global:]
+        n_vis = context_tokens.shape[1] - n_global
+        visible = context_tokens[:, :n_vis]
+        global_tokens = context_tokens[:, n_vis:]
+        embeddings = self._context_embeddings(input_info, grid)  # (1, N_total, d)
+        # row n_vis stands for every hidden position: indices >= n_vis of ids_restore point at it
+        tokens_or_mask = torch.cat([visible, self.mask_token.expand(B, 1, d)], dim=1)
 
-        mask_tokens = self.mask_token.expand(B, n_total - visible.shape[1], d)
-        full = torch.cat([visible, mask_tokens], dim=1)
-        full = torch.gather(full, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
-        full = full + self._context_embeddings(input_info, grid)
+        def tokens_at(src: torch.Tensor) -> torch.Tensor:
+            """Rows ``src (B, n)`` of ``tokens_or_mask`` (hidden positions clamped onto the mask row)."""
+            src = src.clamp(max=n_vis).unsqueeze(-1).expand(-1, -1, d)
+            return torch.gather(tokens_or_mask, 1, src)
 
         tasks = input_info["tasks"]
         if self.use_task_queries and self.task in tasks:
-            queries = full[:, tasks[self.task]["start_idx"]:tasks[self.task]["end_idx"]]
+            start, end = tasks[self.task]["start_idx"], tasks[self.task]["end_idx"]
+            queries = tokens_at(ids_restore[:, start:end]) + embeddings[:, start:end]
         else:
             queries = self._with_task_embedding(self.mask_token + pos_emb_tokens(self.pos_emb, grid), self.task)
             queries = queries.expand(B, -1, -1)
 
-        context = torch.gather(full, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
+        # position ids_keep[b, j] holds visible token j whenever ids_keep and ids_restore come from one
+        # shuffle; composing the two indices keeps any other pair exact as well
+        context = tokens_at(torch.gather(ids_restore, 1, ids_keep)) + embeddings[0][ids_keep]
         if n_global > 0:
             context = torch.cat([context, global_tokens], dim=1)
         return queries, context

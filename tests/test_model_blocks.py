@@ -209,3 +209,43 @@ def test_multivit_global_tokens_are_last():
     tokens = model(torch.randn(2, 3, 32, 32))  # depth 0: the encoder is the identity
     assert tokens.shape == (2, 4 + 2, 32)
     torch.testing.assert_close(tokens[:, -2:], model.global_tokens.expand(2, -1, -1))
+
+
+def _queries_and_context_full_sequence(adapter, tokens, info, ids_keep, ids_restore):
+    """The decoder inputs built the long way: every input position (visible token or mask token, back in
+    input order, plus its embedding), then the task's positions and the ids_keep positions picked out."""
+    B, _, d = tokens.shape
+    n_global = info["num_global_tokens"]
+    visible, global_tokens = tokens[:, :-n_global], tokens[:, -n_global:]
+    mask = adapter.mask_token.expand(B, info["num_task_tokens"] - visible.shape[1], d)
+    full = torch.gather(torch.cat([visible, mask], 1), 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
+    full = full + adapter._context_embeddings(info, adapter._grid(info["image_size"]))
+    task = info["tasks"][adapter.task]
+    context = torch.gather(full, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
+    return full[:, task["start_idx"]:task["end_idx"]], torch.cat([context, global_tokens], 1)
+
+
+@pytest.mark.parametrize("same_shuffle", [True, False])
+def test_decoder_queries_and_context_match_the_full_sequence(same_shuffle):
+    """Gathering only the query and context rows gives the values and gradients of building the whole
+    (B, N_total, d) sequence first, also for an ids_keep that is not the head of ids_restore's shuffle."""
+    torch.manual_seed(0)
+    adapter = SpatialOutputAdapter(3, 1, 16, dim_tokens=16, depth=0, num_heads=2, image_size=32, task="depth",
+                                   context_tasks=["rgb", "depth"], dim_tokens_enc=16)
+    B, n_vis, n_total = 3, 5, 8
+    info = {"tasks": {"rgb": {"num_tokens": 4, "start_idx": 0, "end_idx": 4},
+                      "depth": {"num_tokens": 4, "start_idx": 4, "end_idx": 8}},
+            "image_size": (32, 32), "num_task_tokens": n_total, "num_global_tokens": 1}
+    shuffle = torch.argsort(torch.rand(B, n_total), dim=1)
+    ids_restore = torch.argsort(shuffle, dim=1)
+    ids_keep = shuffle[:, :n_vis] if same_shuffle else torch.argsort(torch.rand(B, n_total), dim=1)[:, :n_vis]
+    tokens = torch.randn(B, n_vis + 1, 16, requires_grad=True)
+    got = adapter.get_queries_and_context(tokens, info, ids_keep, ids_restore)
+    want = _queries_and_context_full_sequence(adapter, tokens, info, ids_keep, ids_restore)
+    params = [tokens, adapter.mask_token, *adapter.task_embeddings.values()]
+    weights = [torch.randn_like(t) for t in got]
+    grads_got = torch.autograd.grad(sum((g * w).sum() for g, w in zip(got, weights)), params)
+    grads_want = torch.autograd.grad(sum((g * w).sum() for g, w in zip(want, weights)), params)
+    for g, w in zip(got + grads_got, want + grads_want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    assert got[0].shape == (B, 4, 16) and got[1].shape == (B, n_vis + 1, 16)
