@@ -20,6 +20,8 @@ Public API:
     set_deterministic(enabled)                       deterministic algorithms / cudnn settings
     set_tf32(enabled)                                TF32 matmuls/convs (on for CUDA unless --no_tf32)
     ddp_find_unused_parameters(model, requested)     DDP's unused-parameter search only where needed
+    collective_timeout_s() -> float                  the process group's timeout (``--dist_timeout``)
+    describe_collective_failure(exc) -> CollectiveFailure | None   which ranks a failed collective waited for
 
 Launchers, in order of precedence:
     ``--dist_on_itp``: OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK}, MASTER_ADDR/MASTER_PORT from the env.
@@ -29,6 +31,11 @@ Launchers, in order of precedence:
         SLURM_JOB_ID.
 A world size of 1 never creates a process group. Backend: ``--dist_backend`` if set, else NCCL when
 the device is CUDA and gloo otherwise (CPU runs, tests).
+
+Timeouts: every collective of the process group gives up after ``--dist_timeout`` minutes (default 30,
+torch's own default for gloo; NCCL's watchdog uses the same value). A rank that is stopped, hung or dead
+then makes the others fail instead of blocking them; :func:`describe_collective_failure` asks the
+rendezvous store which ranks are still there and names the missing ones.
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ import builtins
 import os
 import random
 import sys
+import time
+from datetime import timedelta
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
@@ -47,9 +56,12 @@ __all__ = [
     'is_dist_avail_and_initialized', 'get_rank', 'get_world_size', 'is_main_process', 'barrier',
     'all_reduce_mean', 'all_reduce_sum', 'all_gather_object', 'seed_everything', 'set_deterministic',
     'LaunchEnv', 'detect_launch_env', 'local_device_index', 'set_tf32', 'ddp_find_unused_parameters',
+    'collective_timeout_s', 'CollectiveFailure', 'describe_collective_failure',
 ]
 
 _BUILTIN_PRINT = builtins.print
+DEFAULT_TIMEOUT_MIN = 30.0
+_timeout_s = DEFAULT_TIMEOUT_MIN * 60  # of the process group made by init_distributed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,9 +213,12 @@ def init_distributed(cfg: Any, device: str = 'cuda', tf32: bool = True) -> DistC
         torch.cuda.set_device(gpu)
         dev = torch.device('cuda', gpu)
     url = getattr(cfg, 'dist_url', 'env://') or 'env://'
+    global _timeout_s
+    _timeout_s = float(getattr(cfg, 'dist_timeout', DEFAULT_TIMEOUT_MIN)) * 60
     _BUILTIN_PRINT(f'| distributed init ({launch.launcher}): rank {launch.rank}/{launch.world_size}, '
-                   f'local rank {launch.local_rank}, backend {backend}, {url}', flush=True)
-    dist.init_process_group(backend=backend, init_method=url, world_size=launch.world_size, rank=launch.rank)
+                   f'local rank {launch.local_rank}, backend {backend}, {url}, timeout {_timeout_s:g} s', flush=True)
+    dist.init_process_group(backend=backend, init_method=url, world_size=launch.world_size, rank=launch.rank,
+                            timeout=timedelta(seconds=_timeout_s))
     barrier()
     setup_for_distributed(launch.rank == 0)
     return DistContext(launch.rank, launch.world_size, launch.local_rank, True, backend, dev)
@@ -341,3 +356,69 @@ def ddp_find_unused_parameters(model: torch.nn.Module, requested: bool = False) 
     from multimae import DPTOutputAdapter  # multimae is below utils: no cycle
 
     return any(isinstance(m, DPTOutputAdapter) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------
+# failed collectives
+
+# How gloo reports a peer that does not answer (timeout) or went away (closed socket).
+_GLOO_FAILURES = ('Timed out waiting', 'Connection closed by peer', 'Connection reset by peer', 'Socket Timeout')
+
+
+def collective_timeout_s() -> float:
+    """Seconds after which a collective of the process group gives up (``--dist_timeout`` x 60)."""
+    return _timeout_s
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective failed because other ranks did not take part; the message names them."""
+
+
+def _missing_ranks(store: Any, rank: int, world: int, wait_s: float) -> list[int]:
+    store.set_timeout(timedelta(seconds=wait_s))
+    store.set(f'collective_failure/{rank}', '1')
+    deadline = time.monotonic() + wait_s
+    keys = {r: f'collective_failure/{r}' for r in range(world)}
+    while True:
+        missing = [r for r, k in keys.items() if not store.check([k])]
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.2)
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of ``exc``'s traceback in this project's code ('utils/engine/trainer.py:255 in
+    _forward_backward'), or ''."""
+    tb, where = exc.__traceback__, ''
+    while tb is not None:
+        path = tb.tb_frame.f_code.co_filename.replace(os.sep, '/')
+        for top in ('/utils/', '/multimae/', '/tools/'):
+            if top in path:
+                where = f"{top[1:]}{path.rsplit(top, 1)[1]}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
+        tb = tb.tb_next
+    return where
+
+
+def describe_collective_failure(exc: BaseException, wait_s: float = 10.0) -> CollectiveFailure | None:
+    """When ``exc`` is a collective that failed for want of a peer (gloo timeout or closed connection),
+    the error to show instead: every rank that fails this way reports to the rendezvous store, and
+    those that have not reported within ``wait_s`` seconds are named (stopped, hung, dead, or blocked
+    elsewhere). None for any other error, or without a process group."""
+    text = str(exc)
+    if not is_dist_avail_and_initialized() or not any(m in text for m in _GLOO_FAILURES):
+        return None
+    rank, world = get_rank(), get_world_size()
+    wait_s = min(wait_s, _timeout_s)
+    where = _where(exc)
+    head = (f'rank {rank}: a collective {"at " + where + " " if where else ""}failed waiting for the other ranks '
+            f'(--dist_timeout {_timeout_s / 60:g} min)')
+    try:
+        missing = _missing_ranks(dist.distributed_c10d._get_default_store(), rank, world, wait_s)
+    except Exception:  # the store itself does not answer: it lives in rank 0 unless torchrun's agent holds it
+        return CollectiveFailure(f'{head}; the rendezvous store does not answer either (it runs in rank 0 '
+                                 f'unless torchrun hosts it): rank 0 is likely stopped, hung or dead. ({text})')
+    if not missing:
+        return CollectiveFailure(f'{head}; every rank is still there, the collective itself failed ({text})')
+    return CollectiveFailure(f'{head}: waited for rank(s) {", ".join(map(str, missing))}, which did not answer '
+                             f'within {wait_s:g} s more either (stopped, hung or dead); this rank stops without '
+                             f'saving, the checkpoints on disk are intact. ({text})')

@@ -9,6 +9,10 @@ Before anything is written, the main process removes the temporary files that ki
 ``output_dir``, and an automatic resume is checked against the checkpoint's configuration: a change that
 alters the run (see :mod:`utils.config.changes`) stops with exit code 2, naming each key, unless
 ``--allow_config_change`` is given; then the change is printed and appended to ``config_changes.txt``.
+
+Two ways out are rewritten here: a collective that failed for want of a peer becomes
+:class:`utils.dist.CollectiveFailure` naming the ranks that did not answer, and a second Ctrl-C
+(``KeyboardInterrupt``) becomes one line on stderr and exit code 130 instead of a traceback.
 """
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ from utils.checkpoint import peek_checkpoint, remove_stale_temporaries, resolve_
 from utils.config import parse_args, save_config
 from utils.config.changes import config_changes, format_changes
 from utils.config.job import JobConfig
-from utils.dist import destroy_distributed, init_distributed, seed_everything, set_deterministic
+from utils.dist import (CollectiveFailure, describe_collective_failure, destroy_distributed, init_distributed,
+                        seed_everything, set_deterministic)
 from utils.engine.factory import build_trainer
+from utils.engine.preemption import ABORTED_EXIT_CODE
 from utils.engine.progress import RunProgress, console_copy
 from utils.jobs import Job, get_job
 from utils.logger import WandbLogger, append_log_txt
@@ -37,8 +43,15 @@ def run(cfg: JobConfig, job: Job) -> Any:
     seed_everything(cfg.runtime.seed, ctx.rank)
     set_deterministic(cfg.runtime.deterministic)
     ctx = ctx._replace(amp=job.resolve_amp(cfg, ctx.device))
-    with console_copy(cfg.checkpoint.output_dir, ctx.is_main):
-        return _run(cfg, job, ctx)
+    try:
+        with console_copy(cfg.checkpoint.output_dir, ctx.is_main):
+            return _run(cfg, job, ctx)
+    except KeyboardInterrupt as exc:
+        sys.stderr.write(f"aborted ({exc or 'KeyboardInterrupt'}); the last checkpoint written, if any, is intact\n")
+        raise SystemExit(ABORTED_EXIT_CODE) from None
+    except CollectiveFailure as exc:  # one line: where this rank waited and for whom, not two tracebacks
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(1) from None
 
 
 def _run(cfg: JobConfig, job: Job, ctx: Any) -> Any:
@@ -71,6 +84,11 @@ def _run(cfg: JobConfig, job: Job, ctx: Any) -> Any:
         callbacks = [*callbacks, RunProgress(epochs, trainer.start_epoch)]
         record = trainer.fit(parts.train_loader, callbacks=callbacks)
         return job.finish(cfg, ctx, parts, trainer, record, wandb)
+    except RuntimeError as exc:
+        failure = describe_collective_failure(exc)  # before the group is torn down: it asks the other ranks
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         if wandb is not None:
             wandb.finish()

@@ -81,6 +81,9 @@ def check_shared_args(args: argparse.Namespace) -> list[str]:
         if value is not None and value <= 0:
             errors.append(f'--{name} must be > 0, got {value}' + (' (leave it unset to disable)'
                                                                   if name in ('clip_grad', 'skip_grad') else ''))
+    timeout = _get(args, 'dist_timeout')
+    if timeout is not None and timeout <= 0:
+        errors.append(f'--dist_timeout is in minutes and must be > 0, got {timeout}')
     betas = _get(args, 'opt_betas')
     if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
         errors.append(f'--opt_betas takes two values in [0, 1), got {betas}')

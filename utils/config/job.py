@@ -95,6 +95,7 @@ class DistConfig:
     dist_on_itp: bool = False
     dist_url: str = "env://"
     dist_backend: str | None = None
+    dist_timeout: float = 30.0  # minutes before a collective gives up (a stopped or hung rank)
     find_unused_params: bool = False
     fsdp: bool = False  # FSDP2 sharding instead of DDP (utils.engine.fsdp); DCP checkpoints (utils.engine.dcp)
 

@@ -231,13 +231,16 @@ def add_runtime_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
 
 def add_dist_args(parser: argparse.ArgumentParser, **overrides: Any) -> None:
     """Distributed arguments: world_size, local_rank (also --local-rank), dist_on_itp (bool),
-    dist_url, dist_backend (None = nccl on CUDA, gloo otherwise), find_unused_params (bool), fsdp (bool)."""
+    dist_url, dist_backend (None = nccl on CUDA, gloo otherwise), dist_timeout (minutes), find_unused_params
+    (bool), fsdp (bool)."""
     specs = {
         'world_size': (1, dict(type=int, help='number of processes (read from the launcher environment)')),
         'local_rank': (-1, dict(type=int, aliases=['--local-rank'], help='set by torch.distributed.launch')),
         'dist_on_itp': (False, dict(bool=True, help='read rank/world size from OpenMPI variables')),
         'dist_url': ('env://', dict(type=str, help='process-group init method')),
         'dist_backend': (None, dict(type=str, choices=['nccl', 'gloo'], help='default: nccl on CUDA, else gloo')),
+        'dist_timeout': (30.0, dict(type=float, help='minutes a collective waits for the other ranks before the '
+                                                     'run fails naming the missing ones (torch default: 30)')),
         'find_unused_params': (False, dict(bool=True, help='DDP find_unused_parameters (forced on for heads '
                                                            'that need it: DPT)')),
         'fsdp': (False, dict(bool=True, help='shard parameters, gradients and optimizer state (FSDP2) instead '

@@ -1,4 +1,4 @@
-"""Graceful stop on SIGTERM / SIGUSR1 (what SLURM and most schedulers send before killing a job).
+"""Graceful stop on SIGTERM / SIGUSR1 (what SLURM and most schedulers send before killing a job) and Ctrl-C.
 
 The signal handler only sets a flag; the training loop asks :meth:`StopRequest.agreed` at every optimizer
 step boundary, and when it says yes every rank leaves the loop at the same step, rank 0 writes a checkpoint
@@ -7,13 +7,23 @@ failure, try again"). Restarting with the same ``output_dir`` resumes from that 
 signal while saving is only reported: the save goes on (and is atomic, so even a SIGKILL in the middle
 leaves the previous checkpoint intact).
 
+Ctrl-C (SIGINT) once stops the same way (checkpoint, exit code 75: the run is resumable, exactly as after
+a SIGTERM; 130, the shell's "killed by SIGINT", would say the opposite). A second Ctrl-C aborts at once
+with ``KeyboardInterrupt``, even in the middle of a save (the write is atomic: the previous checkpoint
+stays); the entry runner turns it into one line and exit code 130. Data-loader workers ignore all three
+signals (:func:`ignore_stop_signals`), so a terminal's Ctrl-C, which reaches the whole foreground process
+group, prints no traceback from inside them.
+
 Agreement across ranks. SLURM signals every task, torchrun forwards the signal to every worker, but not
 necessarily at the same instant, so ranks could see the flag at different steps and deadlock in the next
 collective. Every ``check_every`` boundaries each rank contributes its flag to an asynchronous MAX
 all-reduce on a separate gloo group and reads the result launched at the previous check: no rank waits
 for the network inside a step (the reduction of a 4-byte CPU tensor finishes long before the next check),
 the CUDA stream is never synchronised (the tensor lives on the CPU, even with NCCL training), and all ranks
-reach the same decision at the same boundary. The price is a delay of ``check_every`` steps between the
+reach the same decision at the same boundary. The reduction has its own short timeout
+(:data:`AGREEMENT_TIMEOUT_S`, at most ``--dist_timeout``): a stopped or hung rank makes the others fail
+after it with a message naming that rank (:func:`utils.dist.describe_collective_failure`) instead of
+blocking a SIGTERM save until the scheduler's SIGKILL. The price is a delay of ``check_every`` steps between the
 signal and the stop, small next to the grace period of a scheduler (SLURM ``--signal=USR1@90``).
 
     with StopRequest() as stop:                 # installs the handlers (main thread), restores them after
@@ -23,7 +33,8 @@ signal and the stop, small next to the grace period of a scheduler (SLURM ``--si
                 save_checkpoint(...)
                 raise Preempted(...)            # SystemExit(75)
 
-Public API: PREEMPTED_EXIT_CODE, STOP_SIGNALS, Preempted, StopRequest, ignore_stop_signals.
+Public API: PREEMPTED_EXIT_CODE, ABORTED_EXIT_CODE, STOP_SIGNALS, AGREEMENT_TIMEOUT_S, Preempted, StopRequest,
+ignore_stop_signals.
 """
 from __future__ import annotations
 
@@ -31,18 +42,21 @@ import os
 import signal
 import sys
 import threading
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-from utils.dist import get_world_size, is_dist_avail_and_initialized
+from utils.dist import collective_timeout_s, get_world_size, is_dist_avail_and_initialized
 
-__all__ = ['PREEMPTED_EXIT_CODE', 'STOP_SIGNALS', 'Preempted', 'StopRequest', 'ignore_stop_signals']
+__all__ = ['PREEMPTED_EXIT_CODE', 'ABORTED_EXIT_CODE', 'STOP_SIGNALS', 'AGREEMENT_TIMEOUT_S', 'Preempted',
+           'StopRequest', 'ignore_stop_signals']
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was written, start again to resume
-STOP_SIGNALS: tuple[int, ...] = tuple(s for s in (getattr(signal, 'SIGTERM', None), getattr(signal, 'SIGUSR1', None))
-                                      if s is not None)
+ABORTED_EXIT_CODE = 130  # 128 + SIGINT: a second Ctrl-C aborted without saving
+STOP_SIGNALS: tuple[int, ...] = tuple(getattr(signal, n) for n in ('SIGTERM', 'SIGUSR1', 'SIGINT') if hasattr(signal, n))
+AGREEMENT_TIMEOUT_S = 60.0  # the stop-flag reduction; a step plus the ranks' skew is far shorter
 
 
 class Preempted(SystemExit):
@@ -58,7 +72,8 @@ class Preempted(SystemExit):
 
 def ignore_stop_signals(signals: Sequence[int] = STOP_SIGNALS) -> None:
     """Ignore the stop signals in this process (data-loader workers: the scheduler signals the whole
-    process group, and a worker that dies would crash the main process before it can save)."""
+    process group, a terminal's Ctrl-C too, and a worker that dies would crash the main process, with
+    a traceback of its own, before it can save)."""
     for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
 
@@ -67,13 +82,17 @@ class StopRequest:
     """Flag raised by the stop signals and agreed on by all ranks. See the module docstring.
 
     Args:
-        signals: signals to catch (default SIGTERM and SIGUSR1).
+        signals: signals to catch (default SIGTERM, SIGUSR1 and SIGINT).
         check_every: number of :meth:`agreed` calls between two reductions in multi-process runs.
+        timeout_s: the reduction's timeout (default :data:`AGREEMENT_TIMEOUT_S`, at most the process
+            group's ``--dist_timeout``).
     """
 
-    def __init__(self, signals: Sequence[int] = STOP_SIGNALS, check_every: int = 1):
+    def __init__(self, signals: Sequence[int] = STOP_SIGNALS, check_every: int = 1, timeout_s: float | None = None):
         self.signals = tuple(signals)
         self.check_every = max(1, int(check_every))
+        self.timeout_s = float(timeout_s if timeout_s is not None else min(AGREEMENT_TIMEOUT_S, collective_timeout_s()))
+        self.interrupts = 0
         self.count = 0
         self.signal_name: str | None = None
         self.saving = False
@@ -105,6 +124,10 @@ class StopRequest:
         self.count += 1
         name = signal.Signals(signum).name
         self.signal_name = self.signal_name or name
+        if signum == getattr(signal, 'SIGINT', None):
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt(f'second {name}: aborting without a checkpoint')
         if self.count == 1:
             msg = (f'received {self.signal_name}: finishing the current step, then saving a checkpoint and '
                    f'exiting with code {PREEMPTED_EXIT_CODE}')
@@ -113,6 +136,8 @@ class StopRequest:
                    f'please wait (the previous checkpoint stays intact whatever happens)')
         else:
             msg = f'received {name} again: already stopping at the next step boundary'
+        if self.interrupts == 1 and self.count == 1:
+            msg += ' (press Ctrl-C again to abort without saving)'
         sys.stderr.write(f'[stop] {msg}\n')
         sys.stderr.flush()
 
@@ -124,7 +149,7 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
         if get_world_size() > 1:
             # Collective: every rank enters at the same point (start of Trainer.fit).
-            self._group = dist.new_group(backend='gloo')
+            self._group = dist.new_group(backend='gloo', timeout=timedelta(seconds=self.timeout_s))
         return self
 
     def __exit__(self, *exc: Any) -> None:
