@@ -16,6 +16,12 @@ Public API:
     check_pretrain_args(args) -> list[str]     data folders of every domain exist, model registered,
                                                patch size vs. modality strides, decoder heads, ...
     check_path_exists(flag, path, kind) -> str | None
+    check_weights_file(flag, path) -> str | None  a local weights file exists, is readable, looks like one
+    check_split_folders(args, flags) -> list[str] the data split folders that are set exist
+
+The checks that read the disk only list folders and read a file's first bytes: a missing or unreadable
+file or folder ends the start-up with exit code 2 before a process group, a model or ``output_dir``
+exist, like any other configuration error.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ from typing import Any, Iterable
 
 from utils.config.names import closest, split_list
 
-__all__ = ['check_shared_args', 'check_pretrain_args', 'check_path_exists']
+__all__ = ['check_shared_args', 'check_pretrain_args', 'check_path_exists', 'check_weights_file',
+           'check_split_folders']
 
 _URL_PREFIXES = ('http://', 'https://')
 
@@ -61,6 +68,39 @@ def check_path_exists(flag: str, path: str | None, kind: str = 'file') -> str | 
     return f"--{flag}: {what} not found: '{path}'"
 
 
+# First bytes of the weight files the loaders read: torch.save's zip archive, its older pickle format
+# (protocol 2+), numpy's / timm's zip variants share the first; safetensors starts with an 8-byte header size.
+_ZIP, _PICKLE = b'PK\x03\x04', b'\x80'
+
+
+def check_weights_file(flag: str, path: str | None) -> str | None:
+    """An error line when the local weights file ``--<flag>`` is missing, unreadable or clearly not a
+    checkpoint (its first bytes are none of torch.save's zip or pickle formats nor a safetensors header);
+    URLs and unset values pass. Reads 16 bytes: the real load happens later."""
+    if path and os.path.isfile(os.path.join(str(path), '.metadata')):
+        return None  # a sharded (DCP) checkpoint directory of an --fsdp run
+    missing = check_path_exists(flag, path, 'file')
+    if missing or not path or str(path).startswith(_URL_PREFIXES):
+        return missing
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(16)
+    except OSError as exc:
+        return f"--{flag}: cannot read '{path}': {exc.strerror or exc}"
+    if head.startswith((_ZIP, _PICKLE)):
+        return None
+    if len(head) >= 9 and 2 <= int.from_bytes(head[:8], 'little') < 1 << 30 and head[8:9] == b'{':
+        return None  # safetensors: JSON header after its length
+    size = os.path.getsize(path)
+    return (f"--{flag}: '{path}' ({size} bytes) is not a checkpoint: expected a file written by torch.save "
+            f"(zip or pickle) or a .safetensors file" + (' (it is empty)' if size == 0 else ''))
+
+
+def check_split_folders(args: Any, flags: Iterable[str]) -> list[str]:
+    """One error line per data split folder ``--<flag>`` that is set but is not an existing folder."""
+    return [e for e in (check_path_exists(f, _get(args, f), 'folder') for f in flags) if e]
+
+
 def require_data_path(flag: str, path: str | None, demo: str = 'data/synthetic/train') -> str | None:
     """An error line when the split folder ``--<flag>`` is not given (no demo data is used behind a
     user's back: the demo's own configs name their folders), else None."""
@@ -72,7 +112,7 @@ def require_data_path(flag: str, path: str | None, demo: str = 'data/synthetic/t
 def check_shared_args(args: argparse.Namespace) -> list[str]:
     """Checks of the arguments declared by ``utils.config``'s shared groups (absent ones are skipped)."""
     errors = []
-    errors += _at_least(args, ['keep_last', 'save_ckpt_freq', 'print_freq', 'world_size'], 1)
+    errors += _at_least(args, ['keep_last', 'save_ckpt_freq', 'print_freq', 'world_size', 'batch_size'], 1)
     errors += _at_least(args, ['save_every_steps', 'skip_nonfinite', 'num_workers', 'start_epoch',
                                'warmup_epochs', 'weight_decay', 'weight_decay_end', 'min_lr', 'warmup_lr',
                                'opt_eps', 'momentum'], 0)
@@ -95,6 +135,16 @@ def check_shared_args(args: argparse.Namespace) -> list[str]:
     err = None if sharded else check_path_exists('resume', resume, 'file')
     if err:
         errors.append(err)
+    err = check_weights_file('finetune', _get(args, 'finetune'))
+    if err:
+        errors.append(err)
+    opt = _get(args, 'opt')
+    if opt is not None:
+        from utils.engine.optim import optimizer_name_error  # the engine is above the config layer
+
+        err = optimizer_name_error(opt)
+        if err:
+            errors.append(err)
     out = _get(args, 'output_dir')
     if out and os.path.exists(out) and not os.path.isdir(out):
         errors.append(f"--output_dir '{out}' exists and is not a folder")
@@ -148,4 +198,21 @@ def check_pretrain_args(args: argparse.Namespace) -> list[str]:
             present = sorted(e.name for e in os.scandir(data) if e.is_dir())
             errors.append(f"--data_path '{data}' has no folder for domain(s) {missing} "
                           f"(present: {present or 'nothing'})")
+        elif domains:
+            errors += _modality_file_errors(data, domains)
     return errors
+
+
+def _modality_file_errors(data: str, domains: list[str]) -> list[str]:
+    """The pairing of the domains' files under ``data`` (a folder of images, not shards), checked by the
+    dataset class the job reads them with: it lists the folders and opens no file."""
+    from utils.data.datasets import MultiModalImageFolder
+    from utils.data.shards import is_shard_source
+
+    if is_shard_source(data):
+        return []
+    try:
+        MultiModalImageFolder(data, domains)
+    except (FileNotFoundError, ValueError) as exc:
+        return [f'--data_path: {exc}']
+    return []

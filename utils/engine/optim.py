@@ -174,6 +174,21 @@ _PUBLISHED_NAMES = {"nesterov": "sgd", "momentum": "momentum", "sgd": "sgd", "ad
                     "adamw": "adamw", "lamb": "lamb", "lars": "lars"}
 
 
+def optimizer_name_error(opt: str) -> str | None:
+    """An error line when ``--opt`` names no optimizer :func:`create_optimizer` can build, else None."""
+    from timm.optim import list_optimizers
+
+    base = str(opt).lower().split("_")[-1]
+    known = set(list_optimizers()) | set(_PUBLISHED_NAMES)
+    if _PUBLISHED_NAMES.get(base, base) in known:
+        return None
+    from difflib import get_close_matches
+
+    hint = get_close_matches(base, sorted(known), n=1)
+    return (f"--opt '{opt}' is not an optimizer" + (f"; did you mean '{hint[0]}'?" if hint else "")
+            + f" (e.g. {', '.join(sorted(_PUBLISHED_NAMES))}, or any timm optimizer name)")
+
+
 def create_optimizer(optim: Any, param_groups: list[dict], lr: float | None = None,
                      fused: bool | None = None) -> torch.optim.Optimizer:
     """Build the optimizer named by ``optim.opt`` over ``param_groups`` with timm's ``create_optimizer_v2``.

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from utils.config import ConfigError, load_yaml_config
-from utils.config.checks import require_data_path
+from utils.config.checks import check_split_folders, require_data_path
 from utils.data.modalities import build_input_adapters
 from utils.dist import DistContext
 from utils.engine.factory import TrainingPlan, peak_lr
@@ -91,7 +91,7 @@ def validate_cls_args(cfg: ClsConfig) -> list[str]:
     errors = []
     if cfg.input_size % cfg.patch_size:
         errors.append(f"--input_size {cfg.input_size} is not a multiple of --patch_size {cfg.patch_size}")
-    for name in ("batch_size", "epochs", "update_freq"):
+    for name in ("epochs", "update_freq"):  # --batch_size: utils.config.checks
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if mixup_active(cfg) and cfg.batch_size % 2:
@@ -108,7 +108,7 @@ def validate_cls_args(cfg: ClsConfig) -> list[str]:
     errors += filter(None, [require_data_path("data_path", cfg.data_path)])
     if cfg.data_set != "CIFAR":  # CIFAR-100 reads both splits from --data_path
         errors += filter(None, [require_data_path("eval_data_path", cfg.eval_data_path, "data/synthetic/val")])
-    return errors
+    return errors + check_split_folders(cfg, ("data_path", "eval_data_path"))
 
 
 # ----------------------------------------------------------------------------------------------

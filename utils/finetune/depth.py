@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from utils.config import check_list_arg, split_list
+from utils.config.checks import check_split_folders
 from utils.data.depth import robust_standardize
 from utils.data.modalities import MODALITIES, get_modality, ordered_domains
 from utils.data.shards import bad_sample_policy, is_shard_source, train_split_stream
@@ -48,7 +49,7 @@ def validate_regression_args(cfg: DepthConfig) -> list[str]:
     if cfg.aug_name == 'nyu-augs' and outs != ['depth']:
         errors.append(f"--aug_name nyu-augs predicts NYU depth (--out_domains depth), got {cfg.out_domains!r}; "
                       "use --aug_name taskonomy for other targets")
-    return errors + head_errors(cfg)
+    return errors + head_errors(cfg) + check_split_folders(cfg, ('data_path', 'eval_data_path', 'test_data_path'))
 
 
 def build_regression_dataset(cfg: DepthConfig, split: str):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from utils.config import check_list_arg, split_list
+from utils.config.checks import check_split_folders
 from utils.data.constants import COCO_SEMSEG_NUM_CLASSES, SEG_IGNORE_INDEX
 from utils.data.modalities import MODALITIES, ordered_domains
 from utils.data.shards import bad_sample_policy, is_shard_source, train_split_stream
@@ -47,7 +48,7 @@ def validate_semseg_args(cfg: SemSegConfig) -> list[str]:
         errors.append(f"--num_classes must be >= 1, got {cfg.num_classes}")
     if cfg.aug_name != 'simple':
         errors.append(f"--aug_name {cfg.aug_name!r}: only 'simple' exists")
-    return errors + head_errors(cfg)
+    return errors + head_errors(cfg) + check_split_folders(cfg, ('data_path', 'eval_data_path', 'test_data_path'))
 
 
 def build_semseg_dataset(cfg: SemSegConfig, split: str):
