@@ -7,13 +7,13 @@ fp16 loss scaling, gradient norm) is not finite makes no update instead, up to N
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from torch import Tensor
 
 from utils.data.loader import describe_samples
-from utils.dist import all_reduce_sum, get_world_size
+from utils.dist import all_gather_object, all_reduce_sum, get_world_size
 
 __all__ = ["NonFiniteLossError", "FaultPolicy", "BAD_SAMPLE_MODES"]
 
@@ -100,11 +100,14 @@ class FaultPolicy:
                 f"(global step {step}); stopping without saving a checkpoint. Logged values: {shown}"
                 + ("\nsamples of this batch:\n  " + "\n  ".join(files) if files else "") + hint)
 
-    def epoch_stats(self, stats: dict, bad_samples: int, epoch: int) -> dict:
-        """Add the epoch's bad-sample count (summed over ranks, with ``'skip'``) and the run's skipped-step
-        count (with ``skip_nonfinite``) to ``stats``; returns it."""
+    def epoch_stats(self, stats: dict, bad_samples: Collection[str], epoch: int) -> dict:
+        """Add the epoch's bad-sample count (with ``'skip'``: the distinct bad files over all ranks, whose
+        messages are ``bad_samples``; a file met again through another index's replacement is the same
+        file) and the run's skipped-step count (with ``skip_nonfinite``) to ``stats``; returns it.
+        Collective with ``'skip'``."""
         if self.on_bad_sample == "skip":
-            stats["bad_samples"] = int(all_reduce_sum(torch.tensor(bad_samples)).item())
+            seen = set().union(*all_gather_object(sorted(bad_samples)))
+            stats["bad_samples"] = len(seen)
             if stats["bad_samples"]:
                 print(f"Epoch {epoch}: {stats['bad_samples']} bad sample(s) skipped (replaced by the next sample)")
         if self.skip_nonfinite:

@@ -303,7 +303,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         batches = itertools.islice(self._epoch_batches(loader, epoch, first), n_micro - first)
         hparams: dict[str, float] = {}
-        bad_samples, step_loss, seen = 0, None, first
+        bad_samples: set[str] = set()  # one message per bad file: a file met twice (a replacement chain) counts once
+        step_loss, seen = None, first
         for local, batch in enumerate(ml.log_every(batches, self.print_freq, f"Epoch: [{epoch}]",
                                                    batch_size=self.batch_size, total=n_micro, start=first)):
             i = first + local
@@ -313,7 +314,7 @@ class Trainer:
             meta: dict[str, Any] = {}
             if isinstance(batch, TrackedBatch):
                 meta["indices"] = batch.indices
-                bad_samples += len(batch.bad)
+                bad_samples.update(batch.bad)
                 batch = batch.data
             if i % self.update_freq == 0:
                 hparams = self.set_hparams(step)

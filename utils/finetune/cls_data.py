@@ -103,6 +103,23 @@ def _shard_train_split(cfg: ClsConfig, transform: Callable) -> Dataset:
                               cfg.seed, on_bad_sample=bad_sample_policy(cfg))
 
 
+def load_rgb_image(path: str) -> Any:
+    """``ImageFolder``'s loader, except that an unreadable file (empty, truncated, not an image) raises
+    :class:`utils.data.datasets.BadSampleError` naming it, which ``--on_bad_sample skip`` replaces."""
+    from PIL import Image
+
+    from utils.data.datasets import BadSampleError
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")  # decodes the whole file: truncation shows here
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError is an OSError
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        raise BadSampleError(f"rgb file '{path}' cannot be read as an image ({size} bytes): "
+                             f"{type(exc).__name__}: {exc}") from None
+
+
 def build_cls_dataset(cfg: ClsConfig, is_train: bool) -> Dataset:
     """The train (``data_path``) or eval (``eval_data_path``) split with its transform.
 
@@ -129,7 +146,7 @@ def build_cls_dataset(cfg: ClsConfig, is_train: bool) -> Dataset:
                                     f"cifar-100-python/ from the official archive; nothing is downloaded): {e}") from e
         found = 100
     else:
-        ds = datasets.ImageFolder(_image_folder_root(path), transform=transform)
+        ds = datasets.ImageFolder(_image_folder_root(path), transform=transform, loader=load_rgb_image)
         found = len(ds.classes)
     split = "train" if is_train else "eval"
     where = f"{split} split {getattr(ds, 'root', path)!r} (--data_set {cfg.data_set})"
