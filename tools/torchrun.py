@@ -6,8 +6,8 @@
 
 Same arguments as ``torchrun`` (``torch.distributed.run``), same workers; two things differ:
 
-* Exit code. When every worker that failed exited with 75 (a stop signal, checkpoint written) the
-  launcher exits 75 too, and 130 when they all aborted on a second Ctrl-C. Plain torchrun exits 1 in
+* Exit code. When the workers exited with 75 (a stop signal, checkpoint written; see
+  :func:`launcher_exit_code`) the launcher exits 75 too, and 130 when they all aborted on a second Ctrl-C. Plain torchrun exits 1 in
   both cases, so ``exit code 75 -> requeue`` never fires.
 * Stop signals (SIGTERM, SIGUSR1, SIGINT) are passed to the workers as they are and the launcher then
   waits for the workers to exit on their own. torchrun starts each worker in a session of its own, so
@@ -85,12 +85,18 @@ class _PassOn:
 
 
 def launcher_exit_code(failures: dict[int, Any]) -> int:
-    """75 when every failed worker exited 75 (preempted, checkpoint written), 130 when they all aborted
-    on Ctrl-C, else 1 (torchrun's own code). ``failures``: ``ChildFailedError.failures``."""
+    """75 when a worker exited 75 (preempted) and every other failed worker exited 75 too or was killed by
+    torchrun closing the group (SIGTERM, then SIGKILL, sent once the first worker is gone); 130 when they
+    all aborted on Ctrl-C; else 1 (torchrun's own code). ``failures``: ``ChildFailedError.failures``.
+
+    A worker exits 75 only after the barrier that follows rank 0's checkpoint write, so one 75 means the
+    checkpoint is complete; the others may already be tearing down when torchrun's SIGTERM reaches them.
+    """
     codes = {f.exitcode for f in failures.values()}
-    for code in (PREEMPTED_EXIT_CODE, ABORTED_EXIT_CODE):
-        if codes == {code}:
-            return code
+    if PREEMPTED_EXIT_CODE in codes and codes <= {PREEMPTED_EXIT_CODE, -signal.SIGTERM, -signal.SIGKILL}:
+        return PREEMPTED_EXIT_CODE
+    if codes == {ABORTED_EXIT_CODE}:
+        return ABORTED_EXIT_CODE
     return 1
 
 

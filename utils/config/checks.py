@@ -112,7 +112,7 @@ def require_data_path(flag: str, path: str | None, demo: str = 'data/synthetic/t
 def check_shared_args(args: argparse.Namespace) -> list[str]:
     """Checks of the arguments declared by ``utils.config``'s shared groups (absent ones are skipped)."""
     errors = []
-    errors += _at_least(args, ['keep_last', 'save_ckpt_freq', 'print_freq', 'world_size', 'batch_size'], 1)
+    errors += _at_least(args, ['keep_last', 'save_ckpt_freq', 'print_freq', 'world_size'], 1)
     errors += _at_least(args, ['save_every_steps', 'skip_nonfinite', 'num_workers', 'start_epoch',
                                'warmup_epochs', 'weight_decay', 'weight_decay_end', 'min_lr', 'warmup_lr',
                                'opt_eps', 'momentum'], 0)

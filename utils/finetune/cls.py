@@ -91,7 +91,7 @@ def validate_cls_args(cfg: ClsConfig) -> list[str]:
     errors = []
     if cfg.input_size % cfg.patch_size:
         errors.append(f"--input_size {cfg.input_size} is not a multiple of --patch_size {cfg.patch_size}")
-    for name in ("epochs", "update_freq"):  # --batch_size: utils.config.checks
+    for name in ("batch_size", "epochs", "update_freq"):
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if mixup_active(cfg) and cfg.batch_size % 2:

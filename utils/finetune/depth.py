@@ -49,6 +49,8 @@ def validate_regression_args(cfg: DepthConfig) -> list[str]:
     if cfg.aug_name == 'nyu-augs' and outs != ['depth']:
         errors.append(f"--aug_name nyu-augs predicts NYU depth (--out_domains depth), got {cfg.out_domains!r}; "
                       "use --aug_name taskonomy for other targets")
+    if cfg.batch_size < 1:
+        errors.append(f"--batch_size must be >= 1, got {cfg.batch_size}")
     return errors + head_errors(cfg) + check_split_folders(cfg, ('data_path', 'eval_data_path', 'test_data_path'))
 
 

@@ -48,6 +48,8 @@ def validate_semseg_args(cfg: SemSegConfig) -> list[str]:
         errors.append(f"--num_classes must be >= 1, got {cfg.num_classes}")
     if cfg.aug_name != 'simple':
         errors.append(f"--aug_name {cfg.aug_name!r}: only 'simple' exists")
+    if cfg.batch_size < 1:
+        errors.append(f"--batch_size must be >= 1, got {cfg.batch_size}")
     return errors + head_errors(cfg) + check_split_folders(cfg, ('data_path', 'eval_data_path', 'test_data_path'))
 
 
