@@ -101,9 +101,10 @@ def test_stopped_rank_makes_the_other_fail_in_time_naming_it(data, tmp_path):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-    assert procs[0].returncode == 1 and took < 45, (procs[0].returncode, took, out[-3000:])
+    assert procs[0].returncode == 1 and took < 60, (procs[0].returncode, took, out[-3000:])
     assert "[stop] received SIGTERM" in out
-    assert ("error: rank 0: a collective at utils/engine/trainer.py" in out
+    # waiting in the step's gradient all-reduce (trainer.py) or in the stop agreement (preemption.py)
+    assert (re.search(r"error: rank 0: a collective at utils/engine/(trainer|preemption)\.py:\d+ in \w+ failed", out)
             and "waited for rank(s) 1, which did not answer" in out and "--dist_timeout 0.1 min" in out), out[-3000:]
     assert not (tmp_path / "run" / "checkpoint-last.pth").exists()
 

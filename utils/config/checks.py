@@ -97,8 +97,12 @@ def check_weights_file(flag: str, path: str | None) -> str | None:
 
 
 def check_split_folders(args: Any, flags: Iterable[str]) -> list[str]:
-    """One error line per data split folder ``--<flag>`` that is set but is not an existing folder."""
-    return [e for e in (check_path_exists(f, _get(args, f), 'folder') for f in flags) if e]
+    """One error line per data split folder ``--<flag>`` that is set but is not an existing folder (tar
+    shards, a pattern, a manifest or a URL of them, are read as a stream and pass)."""
+    from utils.data.shard_format import is_shard_source
+
+    paths = {f: _get(args, f) for f in flags}
+    return [e for e in (check_path_exists(f, p, 'folder') for f, p in paths.items() if not is_shard_source(p)) if e]
 
 
 def require_data_path(flag: str, path: str | None, demo: str = 'data/synthetic/train') -> str | None:
@@ -207,7 +211,7 @@ def _modality_file_errors(data: str, domains: list[str]) -> list[str]:
     """The pairing of the domains' files under ``data`` (a folder of images, not shards), checked by the
     dataset class the job reads them with: it lists the folders and opens no file."""
     from utils.data.datasets import MultiModalImageFolder
-    from utils.data.shards import is_shard_source
+    from utils.data.shard_format import is_shard_source
 
     if is_shard_source(data):
         return []
