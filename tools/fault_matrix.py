@@ -9,7 +9,7 @@ mid-epoch ``checkpoint-last.pth`` of the ``sigterm`` cell cut to half, ``checkpo
 ``ctrl_c`` (SIGINT to the process group, as a terminal sends it). Per cell: the exit code, what happened, the seconds from the fault to the exit, and
 for the faults that can be resumed the resumed run's exit code, whether its final weights and optimizer state
 equal an uninterrupted run's bit for bit (``--deterministic``), and the optimizer steps done before the fault
-that had to be done again. Two processes run under ``torch.distributed.run`` (gloo) with half the batch each.
+that had to be done again. Two processes run under ``tools.torchrun`` (torchrun keeping exit code 75; gloo) with half the batch each.
 
     python -m tools.fault_matrix                                   # everything: 7 faults x 4 settings
     python -m tools.fault_matrix --faults sigterm,nan_loss --workers 2 --procs 1 --out /tmp/fm

@@ -1,7 +1,7 @@
 """One cell of the fault matrix: a fault injected into real runs of ``run_pretraining_multimae.py`` on the tiny
 synthetic configuration, with a number of loader workers and processes, and what came of it.
 
-Each fault starts the unchanged script (under ``torch.distributed.run`` for 2 processes, gloo on the CPU),
+Each fault starts the unchanged script (under ``tools.torchrun``, the launcher the docs give, for 2 processes, gloo on the CPU),
 injects the fault as a cluster or a user would (SIGTERM and SIGKILL to every process of the run as SLURM sends
 them, Ctrl-C to the process group as a terminal sends it, a truncated file, a corrupt checkpoint) or through ``tests/fault_inject.py`` (a NaN batch, a full disk during a save), and measures the exit
 code, the seconds from the fault to the exit, and, where a resume makes sense, runs the same command again and
@@ -70,7 +70,7 @@ class Proc:
     def __init__(self, setting: Setting, data: Path, out: Path, inject: list[str] | None = None):
         cmd = [sys.executable]
         if setting.procs > 1:
-            cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={setting.procs}"]
+            cmd += ["-m", "tools.torchrun", "--standalone", f"--nproc_per_node={setting.procs}"]
         if inject is not None:
             cmd += [str(INJECT), *inject, "--"]
         cmd += [SCRIPT, *TINY, "--batch_size", str(BATCH // setting.procs), "--num_workers", str(setting.workers),
