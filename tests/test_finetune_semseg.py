@@ -202,7 +202,7 @@ def test_semseg_layer_decay_scales_the_input_adapters_too(tmp_path):
     from utils.jobs import get_job
 
     cfg = script.parse_config(['-c', 'cfgs/finetune/semseg/synthetic_rgb.yaml', '--data_path', str(tmp_path),
-                               '--finetune', '', '--output_dir', str(tmp_path / 'out')], exit_on_error=False)
+                               '--eval_data_path', str(tmp_path), '--finetune', '', '--output_dir', str(tmp_path / 'out')], exit_on_error=False)
     model = get_job('finetune', 'semseg').model(cfg)
     scale = {n: g['lr_scale'] for g in dense_param_groups(cfg, model) for n, p in model.named_parameters()
              if any(p is q for q in g['params'])}

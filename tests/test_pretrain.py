@@ -188,8 +188,9 @@ def test_resume_gives_identical_parameters(synthetic_root, tmp_path, monkeypatch
         return original(self, loader, epoch)
 
     monkeypatch.setattr(Trainer, "train_one_epoch", killed_at_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as aborted:  # the runner turns an interrupt into exit 130
         run(synthetic_root, tmp_path / "split", *extra)
+    assert aborted.value.code == 130
     monkeypatch.setattr(Trainer, "train_one_epoch", original)
     assert not (tmp_path / "split" / "checkpoint-2.pth").exists()
     trainer = run(synthetic_root, tmp_path / "split", *extra)  # auto-resumes from checkpoint-last.pth
