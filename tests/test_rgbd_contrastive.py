@@ -406,6 +406,28 @@ def test_invalid_depth_changes_no_loss(tmp_path, standardize):
     assert set(a) >= {"recon_loss", "denoise_loss", "rgb_recon_loss", "distill_loss"} and a == b
 
 
+def test_stage2_starts_from_the_stage1_encoder_unless_told_not_to(tmp_path):
+    """--init_from_teacher (default) copies stage 1's encoder into the student; --no_init_from_teacher leaves it
+    random while the teacher still is the stage-1 model."""
+    args1 = tiny_args(separate_encoders=True)
+    torch.manual_seed(0)
+    stage1 = build_rgbd_model(args1)
+    ckpt = save_stage1(tmp_path, args1, stage1)
+    ref = stage1.state_dict()
+    for init in (True, False):
+        args2 = tiny_args(method="rgbd_stage2", separate_encoders=True, teacher_checkpoint=ckpt,
+                          init_from_teacher=init)
+        torch.manual_seed(1)
+        student = build_rgbd_model(args2).state_dict()
+        shared = [k for k in student if k.startswith(("encoder.", "input_adapters.")) and k.endswith("weight")
+                  and student[k].std() > 0]
+        assert shared and all(k in ref for k in shared)
+        equal = [torch.equal(student[k], ref[k]) for k in shared]
+        assert all(equal) if init else not any(equal)
+        teacher = build_rgbd_step(args2, torch.device("cpu")).teacher
+        assert all(torch.equal(v, ref[k]) for k, v in teacher.state_dict().items())
+
+
 def test_invalid_pixels_and_patches_are_left_out_of_the_losses():
     torch.manual_seed(0)
     pred, target = torch.randn(2, 1, S, S), torch.randn(2, 1, S, S)

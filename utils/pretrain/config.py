@@ -84,3 +84,4 @@ class PretrainConfig(JobConfig):
     distill_weight: float = 1.0
     teacher_checkpoint: str = ''
     teacher_input: str = 'full'
+    init_from_teacher: bool = True

@@ -90,9 +90,12 @@ def add_rgbd_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--denoise_weight", type=float, default=1.0, help="stage 2: weight of the noise prediction")
     g.add_argument("--distill_weight", type=float, default=1.0, help="stage 2: weight of the feature distillation")
     g.add_argument("--teacher_checkpoint", type=str, default="",
-                   help="stage 2: the stage-1 checkpoint (teacher and initialisation)")
+                   help="stage 2: the stage-1 checkpoint (teacher, and initialisation unless "
+                        "--no_init_from_teacher)")
     g.add_argument("--teacher_input", type=str, default="full", choices=["full", "same"],
                    help="stage 2: the teacher sees the full clean images, or the student's masked noisy input")
+    add_bool_arg(g, "init_from_teacher", True, "stage 2: start the student's encoder from the stage-1 checkpoint "
+                 "(paper); off: a random initialisation, stage 1 is then only the distillation teacher")
 
 
 def validate_rgbd_args(cfg: PretrainConfig) -> list[str]:
@@ -391,11 +394,11 @@ def build_rgbd_teacher(cfg: PretrainConfig) -> Optional[RGBDContrastStage1]:
 
 def build_rgbd_model(cfg: PretrainConfig) -> nn.Module:
     """The stage-1 model, or the stage-2 model with its encoder (input adapters, encoder(s), global tokens)
-    initialised from ``--teacher_checkpoint``."""
+    initialised from ``--teacher_checkpoint`` (randomly with ``--no_init_from_teacher``)."""
     if cfg.method == "rgbd_stage1":
         return _stage1_model(cfg)
     model = _stage2_model(cfg)
-    if cfg.teacher_checkpoint:
+    if cfg.teacher_checkpoint and cfg.init_from_teacher:
         state, stage1 = _load_stage1(cfg.teacher_checkpoint)
         _check_same_architecture(cfg, stage1, cfg.teacher_checkpoint)
         encoder_state = {k: v for k, v in state.items() if k.startswith(_ENCODER_PREFIXES)}
@@ -406,6 +409,9 @@ def build_rgbd_model(cfg: PretrainConfig) -> nn.Module:
                              f"{' ...' if len(missing) > 5 else ''} (--separate_encoders must match stage 1)")
         model.load_state_dict(encoder_state, strict=False)
         print(f"Stage 2 starts from the encoder of {cfg.teacher_checkpoint} ({len(wanted)} tensors)")
+    elif cfg.teacher_checkpoint:
+        print(f"Stage 2 starts from a random initialisation (--no_init_from_teacher); {cfg.teacher_checkpoint} "
+              f"is only its teacher")
     return model
 
 
