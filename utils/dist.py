@@ -362,7 +362,8 @@ def ddp_find_unused_parameters(model: torch.nn.Module, requested: bool = False) 
 # failed collectives
 
 # How gloo reports a peer that does not answer (timeout) or went away (closed socket).
-_GLOO_FAILURES = ('Timed out waiting', 'Connection closed by peer', 'Connection reset by peer', 'Socket Timeout')
+_GLOO_FAILURES = ('Timed out waiting', 'Connection closed by peer', 'Connection reset by peer', 'Socket Timeout',
+                  'Application timeout caused pair closure')
 
 
 def collective_timeout_s() -> float:

@@ -16,6 +16,7 @@ Two ways out are rewritten here: a collective that failed for want of a peer bec
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import Any, Callable, Mapping, Sequence
@@ -51,7 +52,12 @@ def run(cfg: JobConfig, job: Job) -> Any:
         raise SystemExit(ABORTED_EXIT_CODE) from None
     except CollectiveFailure as exc:  # one line: where this rank waited and for whom, not two tracebacks
         sys.stderr.write(f"error: {exc}\n")
-        raise SystemExit(1) from None
+        # Leave without interpreter teardown: gloo's threads may still wait on the dead peer, and destroying
+        # them then calls std::terminate (exit -6, seen under load) instead of this exit code. Nothing is
+        # lost: checkpoints are written atomically, the log file is closed, wandb finished above.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def _run(cfg: JobConfig, job: Job, ctx: Any) -> Any:
