@@ -4,6 +4,7 @@ checks of data and weights, skipped bad images in classification fine-tuning.
 * ``tools/torchrun.py`` under SIGTERM to its process group (2 gloo ranks) exits 75, not torchrun's 1.
 * One rank SIGSTOPped, the other SIGTERMed: it fails within ``--dist_timeout`` naming the stopped rank.
 * SIGINT once: checkpoint and exit 75; twice: exit 130; no traceback from the loader workers (2 of them).
+* A script that ends while loader workers (which ignore SIGTERM) are alive exits at once, cleanly.
 * Missing or unreadable weights, a missing split, unknown ``--opt``, ``--batch_size 0``: exit code 2, one
   line each, no ``output_dir`` (an unpaired modality file: tests/test_faults.py).
 * ``run_finetuning_cls.py --on_bad_sample skip`` skips zero-byte images and counts files (4), not
@@ -29,6 +30,30 @@ TORCHRUN = ["tools.torchrun", "--standalone", "--nproc_per_node=2", "run_pretrai
 
 
 # ---------------------------------------------------------------------------------------------- launcher
+_LIVE_WORKERS_AT_EXIT = """
+import sys, torch
+from torch.utils.data import DataLoader, TensorDataset
+from utils.data.loader import track_loader
+loader = track_loader(DataLoader(TensorDataset(torch.arange(64.)), batch_size=4, num_workers=2,
+                                 persistent_workers=sys.argv[1] == 'persistent'))
+it = iter(loader)
+next(it)
+print('leaving with workers alive', flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["persistent", "mid_epoch"])
+def test_exit_with_live_loader_workers_does_not_hang(kind):
+    """multiprocessing stops daemonic children at exit with SIGTERM, which the workers ignore: without the
+    exit hook of utils.engine.preemption this waited forever; no 'killed by signal' report either."""
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", _LIVE_WORKERS_AT_EXIT, kind], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "leaving with workers alive" in out.stdout, out.stderr[-3000:]
+    assert "killed by signal" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert time.monotonic() - start < 30
+
+
 def test_launcher_exit_code_keeps_75_of_a_preempted_group():
     from types import SimpleNamespace as F
 

@@ -12,7 +12,10 @@ a SIGTERM; 130, the shell's "killed by SIGINT", would say the opposite). A secon
 with ``KeyboardInterrupt``, even in the middle of a save (the write is atomic: the previous checkpoint
 stays); the entry runner turns it into one line and exit code 130. Data-loader workers ignore all three
 signals (:func:`ignore_stop_signals`), so a terminal's Ctrl-C, which reaches the whole foreground process
-group, prints no traceback from inside them.
+group, prints no traceback from inside them. Because they ignore SIGTERM, the interpreter's own exit could
+not stop them (``multiprocessing`` terminates daemonic children with SIGTERM, then joins them): a script
+that ends while a loader's workers are alive (persistent workers, an unfinished epoch) would wait forever.
+An exit hook of this module kills the live loader workers first; they only read data, so nothing is lost.
 
 Agreement across ranks. SLURM signals every task, torchrun forwards the signal to every worker, but not
 necessarily at the same instant, so ranks could see the flag at different steps and deadlock in the next
@@ -38,6 +41,9 @@ ignore_stop_signals.
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # its exit hook (terminate + join children) must be registered before ours
 import os
 import signal
 import sys
@@ -76,6 +82,37 @@ def ignore_stop_signals(signals: Sequence[int] = STOP_SIGNALS) -> None:
     a traceback of its own, before it can save)."""
     for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGTERM (Linux ``/proc``; False where that cannot be read)."""
+    try:
+        with open(f'/proc/{pid}/status') as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith('SigIgn:'))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return False
+    return bool(mask >> (signal.SIGTERM - 1) & 1)
+
+
+def _kill_loader_workers() -> None:
+    """Exit hook: SIGKILL the live daemonic children that ignore SIGTERM (DataLoader workers after
+    :func:`ignore_stop_signals`). ``multiprocessing``'s exit hook, which runs after this one (exit hooks run
+    last registered first), would send them SIGTERM and join them forever; torch leaves its workers to it at
+    interpreter exit."""
+    stuck = [p for p in multiprocessing.active_children()
+             if p.daemon and p.pid is not None and _ignores_sigterm(p.pid)]
+    if not stuck:
+        return
+    if hasattr(signal, 'SIGCHLD') and threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler would report each killed worker as a crash ("killed by signal: Killed")
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for proc in stuck:
+        proc.kill()
+    for proc in stuck:
+        proc.join(5)
+
+
+atexit.register(_kill_loader_workers)
 
 
 class StopRequest:
