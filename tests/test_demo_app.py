@@ -190,6 +190,7 @@ def _shown(page, demo: str) -> np.ndarray:
 
 def _move(page, selector: str, value, demo: str) -> float:
     """Set a slider, wait until the demo's picture changes; returns the seconds it took."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     page.wait_for_selector(f"#{demo}_img img", timeout=20000)  # a freshly opened tab mounts its parts
     old = page.locator(f"#{demo}_img img").first.get_attribute("src")
     changed = (f"(old) => {{const i = document.querySelector('#{demo}_img img');"
@@ -205,7 +206,7 @@ def _move(page, selector: str, value, demo: str) -> float:
             if attempt:
                 print(f"\n{selector}: the picture changed after {attempt + 1} fills")
             break
-        except Exception:
+        except PlaywrightTimeout:
             if attempt == 3:
                 raise
     return time.perf_counter() - start

@@ -2,8 +2,9 @@
 
 :class:`PerSampleSeed` wraps a map-style dataset: while sample ``i`` of epoch ``e`` is loaded, the CPU torch
 generator, Python's ``random`` and numpy's global generator are seeded from ``(seed, e, i)`` (and restored
-afterwards; numpy's only in the main process, see :class:`seeded`). Every transform the project uses draws from one of those three (torchvision and this project's
-transforms: torch; timm's RandAugment, random-resized crop and random erasing: ``random``), so a sample
+afterwards; numpy's only in the main process, see :class:`seeded`). Every transform the project uses draws
+from one of those three (torchvision and this project's transforms: torch; timm's RandAugment,
+random-resized crop and random erasing: ``random``), so a sample
 gets the same augmentation whatever the number of processes or data-loader workers, whatever was loaded
 before it, and whether or not the batches before it were loaded at all: a mid-epoch resume skips them.
 
